@@ -1,0 +1,133 @@
+/* pyexec native core: the one C API under both bindings (Cython and cffi).
+ *
+ * Every function returns 0 or a negative errno and never prints.  Structures have
+ * fixed-width fields only, so the Python side can lay them out in memory it owns
+ * (a bytearray, or a memfd page shared with the thaw guardian) and read them back. */
+#ifndef PYEXEC_CORE_H
+#define PYEXEC_CORE_H
+
+#include <stdint.h>
+
+#define PX_MAX_MOUNTS 128
+#define PX_SET_MAGIC 0x50584653u /* "PXFS" */
+#define PX_SET_VERSION 1u
+
+/* Per-mount state, read by the guardian through shared memory. */
+#define PX_M_IDLE 0
+#define PX_M_FREEZING 1 /* FIFREEZE in flight */
+#define PX_M_FROZEN 2   /* frozen by us: ours to thaw */
+#define PX_M_BUSY 3     /* FIFREEZE said EBUSY: someone else holds it, never thaw */
+#define PX_M_THAWED 4
+#define PX_M_FAILED 5   /* FIFREEZE failed otherwise: not frozen */
+
+/* px_freeze flags */
+#define PX_FREEZE_EXPEDITE 1 /* rcu_expedited=1 around the FIFREEZE loop */
+#define PX_FREEZE_PRESYNC 2  /* syncfs() each filesystem before the window */
+
+/* rcu_state values */
+#define PX_RCU_UNTOUCHED 0
+#define PX_RCU_SET 1      /* we wrote 1; rcu_prev holds the value to put back */
+#define PX_RCU_RESTORED 2 /* we put rcu_prev back */
+#define PX_RCU_SKIPPED 3  /* file absent or not writable: freeze ran unexpedited */
+#define PX_RCU_ALREADY 4  /* it was already 1: nothing to do or undo */
+
+/* set phase */
+#define PX_PHASE_IDLE 0
+#define PX_PHASE_FREEZING 1
+#define PX_PHASE_FROZEN 2
+#define PX_PHASE_THAWING 3
+#define PX_PHASE_DONE 4
+
+typedef struct px_mount {
+    int32_t fd;
+    int32_t state;
+    int32_t freeze_errno;
+    int32_t thaw_errno;
+    int32_t sync_errno;
+    int32_t guardian_fd; /* the guardian's own fd for this mount (its table, not ours) */
+    int64_t sync_start_ns;
+    int64_t sync_end_ns;
+    int64_t freeze_start_ns;
+    int64_t freeze_end_ns;
+    int64_t thaw_start_ns;
+    int64_t thaw_end_ns;
+} px_mount;
+
+typedef struct px_set {
+    uint32_t magic;
+    uint32_t version;
+    int32_t n;
+    int32_t flags;
+    int32_t phase;
+    int32_t rcu_state;
+    int32_t rcu_prev;
+    int32_t failed_index; /* -1: none */
+    int32_t failed_errno;
+    int32_t controller_pid;
+    int32_t guardian_pid;
+    int32_t guardian_state; /* written by the guardian */
+    int64_t deadline_ns;    /* absolute CLOCK_MONOTONIC bound the guardian enforces; 0 = none */
+    int64_t window_start_ns;
+    int64_t window_end_ns;
+    px_mount m[PX_MAX_MOUNTS];
+} px_set;
+
+/* Output capture: the first and last PX_CAP_HALF bytes, and a count of the rest. */
+#define PX_CAP_HALF 65536
+typedef struct px_capture {
+    uint64_t total;
+    uint64_t dropped;
+    uint32_t head_len;
+    uint32_t tail_len;
+    uint32_t tail_pos;
+    uint32_t eof;
+    uint8_t head[PX_CAP_HALF];
+    uint8_t tail[PX_CAP_HALF];
+} px_capture;
+
+typedef struct px_proc {
+    int32_t pid;
+    int32_t pidfd;
+    int32_t out_fd;
+    int32_t err_fd;
+} px_proc;
+
+typedef struct px_status {
+    int32_t code;   /* exit status, or -1 when killed by a signal */
+    int32_t signal; /* terminating signal, or 0 */
+    int32_t core;
+    int32_t pad;
+    int64_t utime_ns;
+    int64_t stime_ns;
+    int64_t maxrss_kb;
+    int64_t exit_seen_ns; /* CLOCK_MONOTONIC when the pidfd reported the exit */
+} px_status;
+
+int64_t px_now_ns(void);
+
+/* Prepare s for n fds (n <= PX_MAX_MOUNTS), all idle. */
+int px_set_init(px_set *s, const int32_t *fds, int32_t n);
+/* FIFREEZE s->m[0..n) in order.  On the first failure thaw, in reverse, exactly the
+ * mounts this call froze and return -errno (s->failed_index says which). */
+int px_freeze(px_set *s, int32_t flags);
+/* FITHAW, in reverse, every mount marked frozen (or freezing); every thaw is tried.
+ * Returns 0 or the first -errno; each mount keeps its own thaw_errno. */
+int px_thaw(px_set *s);
+/* Put rcu_expedited back if s says we set it and did not restore it (crash path). */
+int px_rcu_restore(px_set *s);
+
+/* Spawn argv with envp.  path == NULL executes exec_fd itself (as /proc/self/fd/3 in the
+ * child); path != NULL executes path, with exec_fd (if >= 0) visible as fd 3 in the child.
+ * cgroup_fd >= 0 starts the child inside that cgroup v2 directory (clone3). */
+int px_spawn(const char *path, int exec_fd, char *const argv[], char *const envp[],
+             int cgroup_fd, px_proc *p);
+/* Drain output until the process exits (then reap it) or deadline_ns passes
+ * (-ETIMEDOUT, not reaped).  deadline_ns < 0: no deadline. */
+int px_wait(const px_proc *p, int64_t deadline_ns, px_capture *out, px_capture *err,
+            px_status *st);
+/* SIGTERM the child's process group, wait up to grace_ns, SIGKILL the group (and
+ * cgroup.kill if cgroup_fd >= 0), then wait up to kill_wait_ns and reap. */
+int px_kill_tree(const px_proc *p, int cgroup_fd, int64_t grace_ns, int64_t kill_wait_ns,
+                 px_capture *out, px_capture *err, px_status *st);
+
+#endif

@@ -1,0 +1,174 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Cython binding of the native core: argument conversion only, GIL released around
+every call that can block.  Policy lives in pyexec/; errors are built in pyexec/errors."""
+from libc.stdint cimport int32_t, int64_t
+from libc.stdlib cimport malloc, free
+
+from pyexec import errors
+
+cdef extern from "pyexec_core.h" nogil:
+    ctypedef struct px_set:
+        pass
+    ctypedef struct px_capture:
+        pass
+    ctypedef struct px_proc:
+        int32_t pid
+        int32_t pidfd
+        int32_t out_fd
+        int32_t err_fd
+    ctypedef struct px_status:
+        int32_t code
+        int32_t signal
+        int32_t core
+        int64_t utime_ns
+        int64_t stime_ns
+        int64_t maxrss_kb
+        int64_t exit_seen_ns
+    int PX_MAX_MOUNTS
+    int64_t px_now_ns()
+    int px_set_init(px_set *s, const int32_t *fds, int32_t n)
+    int px_freeze(px_set *s, int32_t flags)
+    int px_thaw(px_set *s)
+    int px_rcu_restore(px_set *s)
+    int px_spawn(const char *path, int exec_fd, char *const *argv, char *const *envp,
+                 int cgroup_fd, px_proc *p)
+    int px_wait(const px_proc *p, int64_t deadline_ns, px_capture *out, px_capture *err,
+                px_status *st)
+    int px_kill_tree(const px_proc *p, int cgroup_fd, int64_t grace_ns, int64_t kill_wait_ns,
+                     px_capture *out, px_capture *err, px_status *st)
+
+NAME = "cython"
+SET_SIZE = sizeof(px_set)
+CAPTURE_SIZE = sizeof(px_capture)
+MAX_MOUNTS = PX_MAX_MOUNTS
+
+
+cdef px_set *_set(unsigned char[::1] buf) except NULL:
+    if buf.shape[0] < sizeof(px_set):
+        raise ValueError("freeze set buffer too small")
+    return <px_set *>&buf[0]
+
+
+cdef px_capture *_cap(object buf) except? NULL:
+    cdef unsigned char[::1] view
+    if buf is None:
+        return NULL
+    view = buf
+    if view.shape[0] < sizeof(px_capture):
+        raise ValueError("capture buffer too small")
+    return <px_capture *>&view[0]
+
+
+cdef char **_strv(list items) except NULL:
+    cdef char **v = <char **>malloc((len(items) + 1) * sizeof(char *))
+    if v == NULL:
+        raise MemoryError()
+    for i, item in enumerate(items):
+        v[i] = <char *>item
+    v[len(items)] = NULL
+    return v
+
+
+cdef tuple _status(px_status *st):
+    return (st.code, st.signal, st.core, st.utime_ns, st.stime_ns, st.maxrss_kb, st.exit_seen_ns)
+
+
+def now_ns():
+    """CLOCK_MONOTONIC in ns, as the core stamps it."""
+    return px_now_ns()
+
+
+def set_init(buf, fds):
+    """Load fds into the freeze set in buf; returns 0 or -errno."""
+    cdef px_set *s = _set(buf)
+    cdef int32_t *arr
+    cdef int n = len(fds)
+    cdef int rc
+    arr = <int32_t *>malloc((n + 1) * sizeof(int32_t))
+    if arr == NULL:
+        raise MemoryError()
+    try:
+        for i in range(n):
+            arr[i] = fds[i]
+        rc = px_set_init(s, arr, n)
+    finally:
+        free(arr)
+    return rc
+
+
+def freeze(buf, int flags):
+    """FIFREEZE the set in order; returns 0 or -errno of the first failure."""
+    cdef px_set *s = _set(buf)
+    cdef int rc
+    with nogil:
+        rc = px_freeze(s, flags)
+    return rc
+
+
+def thaw(buf):
+    """FITHAW the set in reverse; returns 0 or the first -errno."""
+    cdef px_set *s = _set(buf)
+    cdef int rc
+    with nogil:
+        rc = px_thaw(s)
+    return rc
+
+
+def rcu_restore(buf):
+    """Put rcu_expedited back if the set says it is still ours to restore."""
+    cdef px_set *s = _set(buf)
+    return px_rcu_restore(s)
+
+
+def spawn(path, int exec_fd, list argv, list env, int cgroup_fd=-1):
+    """Spawn argv; returns (pid, pidfd, out_fd, err_fd) or raises OSError."""
+    cdef px_proc p
+    cdef char **cargv = NULL
+    cdef char **cenv = NULL
+    cdef const char *cpath = NULL
+    cdef bytes bpath = None
+    cdef int rc
+    if path is not None:
+        bpath = path
+        cpath = bpath
+    cargv = _strv(argv)
+    try:
+        cenv = _strv(env)
+        with nogil:
+            rc = px_spawn(cpath, exec_fd, cargv, cenv, cgroup_fd, &p)
+    finally:
+        free(cargv)
+        free(cenv)
+    if rc < 0:
+        raise errors.oserror(-rc, "spawn", path if path is not None else argv[0])
+    return (p.pid, p.pidfd, p.out_fd, p.err_fd)
+
+
+cdef void _proc(tuple proc, px_proc *p):
+    p.pid, p.pidfd, p.out_fd, p.err_fd = proc
+
+
+def wait(tuple proc, long long deadline_ns, cap_out, cap_err):
+    """Wait for exit or deadline; returns (rc, status tuple or None)."""
+    cdef px_proc p
+    cdef px_status st
+    cdef px_capture *co = _cap(cap_out)
+    cdef px_capture *ce = _cap(cap_err)
+    cdef int rc
+    _proc(proc, &p)
+    with nogil:
+        rc = px_wait(&p, deadline_ns, co, ce, &st)
+    return rc, (_status(&st) if rc == 0 else None)
+
+
+def kill_tree(tuple proc, int cgroup_fd, long long grace_ns, long long kill_wait_ns, cap_out, cap_err):
+    """TERM, grace, KILL the script's tree and reap it; returns (rc, status tuple or None)."""
+    cdef px_proc p
+    cdef px_status st
+    cdef px_capture *co = _cap(cap_out)
+    cdef px_capture *ce = _cap(cap_err)
+    cdef int rc
+    _proc(proc, &p)
+    with nogil:
+        rc = px_kill_tree(&p, cgroup_fd, grace_ns, kill_wait_ns, co, ce, &st)
+    return rc, (_status(&st) if rc == 0 else None)

@@ -1,0 +1,247 @@
+"""Which binding of the native core is in use, and the Python view of its structures.
+
+Both bindings (`pyexec._native`, Cython; `pyexec._native_cffi`, cffi) expose the same raw
+functions over the same C code.  This module picks one (Cython by default, cffi when the
+Cython module is absent, or as `PYEXEC_BACKEND=cython|cffi` says) and wraps it in `Native`,
+which adds the layout of the C structures so results come back as plain Python objects.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import struct
+
+# Flags and states of native/pyexec_core.h.
+FREEZE_EXPEDITE = 1
+FREEZE_PRESYNC = 2
+M_IDLE, M_FREEZING, M_FROZEN, M_BUSY, M_THAWED, M_FAILED = range(6)
+MOUNT_STATES = ("idle", "freezing", "frozen", "busy", "thawed", "failed")
+RCU_STATES = ("untouched", "set", "restored", "skipped", "already")
+PHASES = ("idle", "freezing", "frozen", "thawing", "done")
+
+_SET_HEADER = struct.Struct("=IIiiiiiiiiiiqqq")
+_MOUNT = struct.Struct("=iiiiiiqqqqqq")
+_CAP_HEADER = struct.Struct("=QQIIII")
+CAP_HALF = 65536
+
+_MODULES = {"cython": "pyexec._native", "cffi": "pyexec._native_cffi"}
+
+
+@dataclasses.dataclass(frozen=True)
+class MountRecord:
+    """One mount of a freeze set as the core left it (ns stamps, CLOCK_MONOTONIC)."""
+
+    fd: int
+    state: str
+    freeze_errno: int
+    thaw_errno: int
+    sync_errno: int
+    guardian_fd: int
+    sync_start_ns: int
+    sync_end_ns: int
+    freeze_start_ns: int
+    freeze_end_ns: int
+    thaw_start_ns: int
+    thaw_end_ns: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SetRecord:
+    """The header of a freeze set and its mounts."""
+
+    n: int
+    flags: int
+    phase: str
+    rcu_state: str
+    rcu_prev: int
+    failed_index: int
+    failed_errno: int
+    controller_pid: int
+    guardian_pid: int
+    guardian_state: int
+    deadline_ns: int
+    window_start_ns: int
+    window_end_ns: int
+    mounts: tuple[MountRecord, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Status:
+    """How a reaped process ended."""
+
+    code: int  # exit status, -1 when killed by a signal
+    signal: int
+    core: bool
+    utime_ns: int
+    stime_ns: int
+    maxrss_kb: int
+    exit_seen_ns: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Captured:
+    """Bounded output: the first and last 64 KiB, and how much was dropped between."""
+
+    head: bytes
+    tail: bytes
+    total: int
+    dropped: int
+
+    @property
+    def data(self) -> bytes:
+        """Head and tail joined (the whole output when nothing was dropped)."""
+        return self.head + self.tail
+
+
+@dataclasses.dataclass(frozen=True)
+class Proc:
+    """A spawned child: pid, pidfd and the read ends of its stdout/stderr pipes."""
+
+    pid: int
+    pidfd: int
+    out_fd: int
+    err_fd: int
+
+    def astuple(self) -> tuple:
+        return (self.pid, self.pidfd, self.out_fd, self.err_fd)
+
+    def close(self) -> None:
+        """Close the pidfd and pipes (after the child is reaped)."""
+        for fd in (self.pidfd, self.out_fd, self.err_fd):
+            if fd >= 0:
+                os.close(fd)
+
+
+def read_set(buf) -> SetRecord:
+    """Decode a px_set from buf."""
+    h = _SET_HEADER.unpack_from(buf, 0)
+    magic, _version, n = h[0], h[1], h[2]
+    if magic != 0x50584653:
+        raise ValueError("not a pyexec freeze set")
+    mounts = []
+    for i in range(n):
+        f = _MOUNT.unpack_from(buf, _SET_HEADER.size + i * _MOUNT.size)
+        mounts.append(MountRecord(f[0], MOUNT_STATES[f[1]], *f[2:]))
+    return SetRecord(n, h[3], PHASES[h[4]], RCU_STATES[h[5]], h[6], h[7], h[8], h[9], h[10], h[11],
+                     h[12], h[13], h[14], tuple(mounts))
+
+
+def read_capture(buf) -> Captured:
+    """Decode a px_capture from buf."""
+    total, dropped, head_len, tail_len, tail_pos, _eof = _CAP_HEADER.unpack_from(buf, 0)
+    base = _CAP_HEADER.size
+    head = bytes(buf[base:base + head_len])
+    ring = base + CAP_HALF
+    if tail_len < CAP_HALF:
+        tail = bytes(buf[ring:ring + tail_len])
+    else:
+        tail = bytes(buf[ring + tail_pos:ring + CAP_HALF]) + bytes(buf[ring:ring + tail_pos])
+    return Captured(head, tail, total, dropped)
+
+
+class Native:
+    """One binding of the native core, with results decoded into Python objects."""
+
+    def __init__(self, mod):
+        self.mod = mod
+        self.name = mod.NAME
+        self.set_size = mod.SET_SIZE
+        self.capture_size = mod.CAPTURE_SIZE
+        self.max_mounts = mod.MAX_MOUNTS
+        if self.set_size != _SET_HEADER.size + self.max_mounts * _MOUNT.size:
+            raise ImportError(f"{self.name}: px_set layout does not match pyexec.native")
+        if self.capture_size != _CAP_HEADER.size + 2 * CAP_HALF:
+            raise ImportError(f"{self.name}: px_capture layout does not match pyexec.native")
+
+    def now_ns(self) -> int:
+        """CLOCK_MONOTONIC ns."""
+        return self.mod.now_ns()
+
+    def new_set(self) -> bytearray:
+        """Memory for one freeze set."""
+        return bytearray(self.set_size)
+
+    def new_capture(self) -> bytearray:
+        """Memory for one output capture."""
+        return bytearray(self.capture_size)
+
+    def set_init(self, buf, fds) -> int:
+        """Load fds (in freeze order) into buf: 0 or -errno."""
+        return self.mod.set_init(buf, list(fds))
+
+    def freeze(self, buf, flags: int = 0) -> int:
+        """FIFREEZE every mount of buf in order: 0 or -errno (buf says which failed)."""
+        return self.mod.freeze(buf, flags)
+
+    def thaw(self, buf) -> int:
+        """FITHAW what buf says is ours, in reverse: 0 or the first -errno."""
+        return self.mod.thaw(buf)
+
+    def rcu_restore(self, buf) -> int:
+        """Put rcu_expedited back where buf says it is still ours."""
+        return self.mod.rcu_restore(buf)
+
+    def spawn(self, argv, env, path=None, exec_fd: int = -1, cgroup_fd: int = -1) -> Proc:
+        """Spawn argv with env (a dict): path, else exec_fd, else argv[0]; OSError on exec failure."""
+        if path is None and exec_fd < 0:
+            path = argv[0]
+        bargv = [os.fsencode(a) for a in argv]
+        benv = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
+        bpath = os.fsencode(path) if path is not None else None
+        return Proc(*self.mod.spawn(bpath, exec_fd, bargv, benv, cgroup_fd))
+
+    def wait(self, proc: Proc, deadline_ns: int = -1, out=None, err=None) -> Status | None:
+        """Wait for proc to exit (reaped: Status) or for the deadline (None)."""
+        rc, st = self.mod.wait(proc.astuple(), deadline_ns, out, err)
+        return self._status(rc, st, "wait")
+
+    def kill_tree(self, proc: Proc, grace_ns: int, kill_wait_ns: int, out=None, err=None,
+                  cgroup_fd: int = -1) -> Status | None:
+        """TERM the tree, wait grace_ns, KILL it, reap: Status, or None if it would not die."""
+        rc, st = self.mod.kill_tree(proc.astuple(), cgroup_fd, grace_ns, kill_wait_ns, out, err)
+        return self._status(rc, st, "kill_tree")
+
+    @staticmethod
+    def _status(rc, st, what):
+        if rc == 0:
+            return Status(st[0], st[1], bool(st[2]), *st[3:])
+        if rc == -110:  # ETIMEDOUT
+            return None
+        from pyexec import errors
+        raise errors.oserror(-rc, what)
+
+
+_loaded: dict[str, Native] = {}
+
+
+def load(name: str) -> Native:
+    """The named binding ('cython' or 'cffi'); ImportError if it is not built."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}: choose cython or cffi")
+    if name not in _loaded:
+        _loaded[name] = Native(importlib.import_module(_MODULES[name]))
+    return _loaded[name]
+
+
+def available() -> list[str]:
+    """The bindings that import on this installation."""
+    names = []
+    for name in _MODULES:
+        try:
+            load(name)
+        except ImportError:
+            continue
+        names.append(name)
+    return names
+
+
+def default() -> Native:
+    """The binding in use: PYEXEC_BACKEND if set, else Cython, else cffi."""
+    wanted = os.environ.get("PYEXEC_BACKEND")
+    if wanted:
+        return load(wanted)
+    try:
+        return load("cython")
+    except ImportError:
+        return load("cffi")

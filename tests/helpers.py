@@ -1,0 +1,138 @@
+"""Test helpers: capability marks, loop mounts with a watchdog, a writer process."""
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from pyexec import loopfs, native
+
+IS_ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root: FIFREEZE, loop devices and mount")
+needs_xfs = pytest.mark.skipif(shutil.which("mkfs.xfs") is None, reason="mkfs.xfs (xfsprogs) not installed")
+needs_btrfs = pytest.mark.skipif(shutil.which("mkfs.btrfs") is None, reason="mkfs.btrfs (btrfs-progs) not installed")
+
+WATCHDOG_S = 30.0
+BACKENDS = ["cython", "cffi"]
+
+
+class Mounts:
+    """Factory of loop mounts for one test, with a watchdog thaw and a thorough teardown."""
+
+    def __init__(self, tmp_path):
+        self.tmp = tmp_path
+        self.items: list[loopfs.LoopFS] = []
+        self.writers: list[subprocess.Popen] = []
+        self.fired = False
+        self.timer = threading.Timer(WATCHDOG_S, self._watchdog)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def _watchdog(self):
+        # A test that hangs with a mount frozen would hang every writer after it.
+        self.fired = True
+        for m in self.items:
+            m.thaw()
+
+    def make(self, fstype: str, size_mb: int | None = None) -> loopfs.LoopFS:
+        """A new mounted filesystem of fstype."""
+        i = len(self.items)
+        m = loopfs.LoopFS(str(self.tmp / f"img{i}.{fstype}"), str(self.tmp / f"mnt{i}"), fstype, size_mb)
+        self.items.append(m)
+        return m
+
+    def writer(self, path: str) -> "Writer":
+        """A process writing to path in a tight loop, counting its completed writes."""
+        w = Writer(path, self.tmp / f"counter{len(self.writers)}")
+        self.writers.append(w.proc)
+        return w
+
+    def close(self):
+        self.timer.cancel()
+        for m in self.items:  # thaw first: a writer blocked on a frozen fs ignores SIGKILL
+            m.thaw()
+        for p in self.writers:
+            p.kill()
+            p.wait(timeout=10)
+        for m in reversed(self.items):
+            m.close()
+
+
+WRITER_CODE = r"""
+import mmap, os, struct, sys
+path, counter = sys.argv[1], sys.argv[2]
+cfd = os.open(counter, os.O_RDWR)
+c = mmap.mmap(cfd, 8)
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+n = 0
+block = b"x" * 4096
+while True:
+    os.pwrite(fd, block, (n % 256) * 4096)
+    n += 1
+    struct.pack_into("=Q", c, 0, n)
+"""
+
+
+class Writer:
+    """A child process writing to a file; `count()` is its number of completed writes."""
+
+    def __init__(self, path, counter_path):
+        with open(counter_path, "wb") as f:
+            f.write(b"\0" * 8)
+        fd = os.open(counter_path, os.O_RDWR)
+        self.map = mmap.mmap(fd, 8)
+        os.close(fd)
+        self.proc = subprocess.Popen([sys.executable, "-c", WRITER_CODE, path, str(counter_path)])
+        deadline = time.monotonic() + 10
+        while self.count() == 0:
+            assert time.monotonic() < deadline, "writer never started"
+            time.sleep(0.005)
+
+    def count(self) -> int:
+        return struct.unpack_from("=Q", self.map, 0)[0]
+
+
+def open_fds() -> set[int]:
+    """This process's open fds."""
+    return {int(x) for x in os.listdir("/proc/self/fd")}
+
+
+# Fixtures, registered by tests/conftest.py and benchmarks/conftest.py importing them.
+@pytest.fixture(params=BACKENDS)
+def nat(request) -> native.Native:
+    """Each test that takes `nat` runs once per binding."""
+    try:
+        return native.load(request.param)
+    except ImportError as err:
+        pytest.fail(f"backend {request.param} is not built: {err}")
+
+
+@pytest.fixture
+def mounts(tmp_path):
+    """Loop mounts that are thawed, unmounted and detached whatever the test does."""
+    if not IS_ROOT:
+        pytest.skip("needs root: loop devices and mount")
+    m = Mounts(tmp_path)
+    try:
+        yield m
+    finally:
+        m.close()
+    assert not m.fired, f"watchdog fired after {WATCHDOG_S}s: the test left a mount frozen"
+
+
+@pytest.fixture
+def no_fd_leak():
+    """Fails the test if it leaves fds open in this process."""
+    before = open_fds()
+    yield
+    leaked = open_fds() - before
+    # listdir's own fd is gone by the time it returns; anything else is a leak.
+    assert not leaked, f"fds leaked: {sorted(leaked)}"
+
