@@ -27,10 +27,10 @@ def is_frozen(path: str) -> bool:
 
 def wait_progress(writer, since: int, timeout: float = 10.0) -> int:
     deadline = time.monotonic() + timeout
-    while writer.count() <= since + 1:
+    while (now := writer.count()) <= since + 1:
         assert time.monotonic() < deadline, "writer made no progress after thaw"
         time.sleep(0.002)
-    return writer.count()
+    return now
 
 
 FSTYPES = ["ext4", pytest.param("xfs", marks=needs_xfs), pytest.param("btrfs", marks=needs_btrfs)]

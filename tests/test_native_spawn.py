@@ -57,12 +57,17 @@ def wait_gone(pids, timeout=2.0) -> list[int]:
     return left
 
 
-def alive(pid: int) -> bool:
+def proc_state(pid: int) -> str:
+    """The state letter of /proc/<pid>/stat, or "" when the process is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            return f.read().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
-        return False
+        return ""
+
+
+def alive(pid: int) -> bool:
+    return proc_state(pid) not in ("", "Z")
 
 
 @pytest.mark.parametrize("code", [0, 3, 255])
@@ -117,11 +122,12 @@ def test_child_gets_no_inherited_fds_and_clean_state(nat, no_fd_leak, tmp_path):
         procs.append((nat.spawn(["s"], ENV, path=None, exec_fd=sfd), {0, 1, 2, 3}))
         for p, expected in procs:
             deadline = time.monotonic() + 5
-            while open(f"/proc/{p.pid}/comm").read().strip() != "sleep":
+            # Wait until sleep sleeps: while ld.so loads libc, the process holds fds of its own.
+            while not (open(f"/proc/{p.pid}/comm").read().strip() == "sleep" and proc_state(p.pid) == "S"):
                 assert time.monotonic() < deadline
                 time.sleep(0.001)
             fds = {int(x) for x in os.listdir(f"/proc/{p.pid}/fd")}
-            assert fds == expected
+            assert fds == expected, {fd: os.readlink(f"/proc/{p.pid}/fd/{fd}") for fd in fds - expected}
             assert os.readlink(f"/proc/{p.pid}/fd/0") == "/dev/null"
             assert os.readlink(f"/proc/{p.pid}/cwd") == "/"
             assert os.getsid(p.pid) == p.pid and os.getpgid(p.pid) == p.pid
