@@ -28,5 +28,5 @@ fi
 # A clean build each time: setuptools does not notice every change to the static core.
 rm -rf build
 "$VENV/bin/pip" install -q --disable-pip-version-check --no-build-isolation --no-deps .
-PY=$(realpath "$VENV/bin/python")
+case $VENV in /*) PY=$VENV/bin/python ;; *) PY=$PWD/$VENV/bin/python ;; esac
 echo "setup: pyexec built ($(cd / && "$PY" -c 'from pyexec import native; print(", ".join(native.available()))') backends)"
