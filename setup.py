@@ -1,14 +1,31 @@
 """Builds the native core once (static library `pxcore`, strict warnings), and links it
 into both bindings: the Cython module pyexec._native and the cffi module pyexec._pxcffi."""
+import os
+
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 STRICT = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror"]
 CORE = ["native/freeze.c", "native/spawn.c"]
 # Relink a binding whenever the core changes: build_ext only looks at `depends`.
-DEPENDS = CORE + ["native/pyexec_core.h"]
+DEPENDS = CORE + ["native/pyexec_core.h", "native/guardian.c"]
+
+
+
+class BuildExt(build_ext):
+    """Also builds the thaw guardian, a plain C program shipped inside the package."""
+
+    def run(self):
+        super().run()
+        objs = self.compiler.compile(["native/guardian.c"] + CORE, output_dir=os.path.join(self.build_temp, "guardian"),
+                                     include_dirs=["native"], extra_postargs=STRICT)
+        out_dir = "pyexec" if self.inplace else os.path.join(self.build_lib, "pyexec")
+        self.compiler.link_executable(objs, "pyexec-guardian", output_dir=out_dir)
+
 
 setup(
+    cmdclass={"build_ext": BuildExt},
     libraries=[("pxcore", {"sources": CORE, "include_dirs": ["native"], "cflags": STRICT})],
     ext_modules=cythonize(
         [Extension("pyexec._native", ["pyexec/_native.pyx"], include_dirs=["native"], depends=DEPENDS)],

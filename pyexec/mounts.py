@@ -1,0 +1,125 @@
+"""/proc/self/mountinfo → which filesystems to freeze, once each, in a safe order.
+
+Reads text only; never issues an ioctl.  Order: a filesystem is frozen before any
+filesystem it lives on (a loop image's backing file, the mount under its mount point),
+so that nothing it needs for writeback is frozen first; `/` last."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+FREEZABLE = ("ext3", "ext4", "xfs", "btrfs")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mount:
+    """One mounted filesystem (one superblock) to freeze."""
+
+    mount_point: str
+    fstype: str
+    dev: str  # major:minor of the superblock
+    source: str
+    root: str  # the mount's root within its filesystem ("/" unless a bind or subvolume)
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """Every mount of a mountinfo text, in order, of any type."""
+    mounts = []
+    for line in text.splitlines():
+        if " - " not in line:
+            continue
+        left, right = line.split(" - ", 1)
+        lf, rf = left.split(), right.split()
+        if len(lf) < 5 or len(rf) < 2:
+            continue
+        mounts.append(Mount(_unescape(lf[4]), rf[0], lf[2], _unescape(rf[1]), _unescape(lf[3])))
+    return mounts
+
+
+def loop_backing_file(source: str) -> str | None:
+    """The backing file of a /dev/loopN source, from sysfs, or None."""
+    name = os.path.basename(source)
+    if not name.startswith("loop"):
+        return None
+    try:
+        with open(f"/sys/block/{name}/loop/backing_file") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _contains(mount_point: str, path: str) -> bool:
+    return mount_point == "/" or path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
+
+
+def select(mounts: list[Mount], skip=(), fstypes=FREEZABLE, backing=loop_backing_file) -> list[Mount]:
+    """The freezable mounts, one per superblock, minus `skip`, in freeze order."""
+    # The last mount over a path hides earlier ones; later lines win.
+    visible: dict[str, Mount] = {}
+    for m in mounts:
+        visible[m.mount_point] = m
+    skip = {os.path.normpath(s) for s in skip}
+    per_dev: dict[str, Mount] = {}
+    for m in visible.values():
+        if m.fstype not in fstypes or m.mount_point in skip:
+            continue
+        cur = per_dev.get(m.dev)
+        # Of a superblock's mounts (binds, subvolumes) freeze through the plainest one.
+        if cur is None or (m.root == "/", -len(m.mount_point)) > (cur.root == "/", -len(cur.mount_point)):
+            per_dev[m.dev] = m
+    chosen = list(per_dev.values())
+    return order(chosen, visible=list(visible.values()), backing=backing)
+
+
+def order(chosen: list[Mount], visible: list[Mount] | None = None, backing=loop_backing_file) -> list[Mount]:
+    """chosen in freeze order: each before what it lives on, deepest first, `/` last."""
+    visible = visible or chosen
+
+    def host_of(path: str) -> Mount | None:
+        best = None
+        for m in visible:
+            if _contains(m.mount_point, path) and (best is None or len(m.mount_point) > len(best.mount_point)):
+                best = m
+        return best
+
+    by_dev = {m.dev: m for m in chosen}
+    lives_on: dict[str, set[str]] = {m.dev: set() for m in chosen}
+    for m in chosen:
+        places = [os.path.dirname(m.mount_point.rstrip("/")) or "/"] if m.mount_point != "/" else []
+        bf = backing(m.source)
+        if bf:
+            places.append(bf)
+        for place in places:
+            host = host_of(place)
+            if host is not None and host.dev in by_dev and host.dev != m.dev:
+                lives_on[m.dev].add(host.dev)
+    # Kahn's algorithm: a mount is ready once nothing still unfrozen lives on it.
+    needed_by = {d: {o for o in lives_on if d in lives_on[o]} for d in lives_on}
+    rank = sorted(chosen, key=lambda m: (m.mount_point == "/", -m.mount_point.count("/"), m.mount_point))
+    done: list[Mount] = []
+    left = list(rank)
+    while left:
+        ready = [m for m in left if not (needed_by[m.dev] - {d.dev for d in done})]
+        pick = ready[0] if ready else left[0]  # a cycle cannot happen on a sane system; stay total
+        done.append(pick)
+        left.remove(pick)
+    return done
+
+
+def discover(skip=(), path: str = "/proc/self/mountinfo") -> list[Mount]:
+    """The freezable filesystems of this machine, in freeze order (read-only)."""
+    with open(path) as f:
+        return select(parse_mountinfo(f.read()), skip=skip)

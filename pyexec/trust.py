@@ -1,0 +1,178 @@
+"""Ownership and permission checks, done on the open file that will be read or executed.
+
+The path is walked one component at a time with O_PATH|O_NOFOLLOW, so every directory and
+every symlink on the way is checked (the OpenSSH StrictModes rule, beyond the reference),
+and the file is then used through the fd that was checked: no check-then-open race."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+
+from pyexec.config import MAX_CONFIG_BYTES
+from pyexec.errors import ConfigError, PyexecError, ScriptError, TrustError
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """What a file is for, and the codes its problems get."""
+
+    label: str
+    not_found: int
+    mode_code: int
+    owner_code: int
+    bad_mode: int  # mode bits that must be clear
+    is_script: bool
+
+
+HOST = Kind("plugin host config", 313, 314, 315, 0o033, False)  # group/other: at most read
+PLUGIN = Kind("plugin config", 316, 317, 318, 0o177, False)     # 600 or 400: no exec, nothing for g/o
+PRE = Kind("pre-script", 302, 306, 306, 0o077 | 0o6000, True)    # nothing for g/o; no setuid/setgid
+POST = Kind("post-script", 303, 307, 307, 0o077 | 0o6000, True)
+
+MAX_SYMLINKS = 40  # as the kernel's path walk (MAXSYMLINKS)
+
+
+@dataclasses.dataclass
+class TrustedFile:
+    """A checked file, open: read it or execute it through `fd`, never by path again."""
+
+    path: str
+    fd: int
+    st: os.stat_result
+
+    @property
+    def executable(self) -> bool:
+        """Has an execute bit (root can exec it directly); else it runs through /bin/sh."""
+        return bool(self.st.st_mode & 0o111)
+
+    def read(self, limit: int = MAX_CONFIG_BYTES) -> bytes:
+        """The content (at most limit+1 bytes, so an oversize file is detected)."""
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.pread(self.fd, 65536, size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _fail(kind: Kind, code: int, detail: str, path: str) -> PyexecError:
+    if code == kind.not_found:
+        return (ScriptError if kind.is_script else ConfigError)(code, detail, path)
+    return TrustError(code, detail, path)
+
+
+def _check_dir(kind: Kind, st: os.stat_result, where: str, path: str) -> None:
+    if st.st_uid != 0:
+        raise _fail(kind, kind.owner_code, f"directory {where} is owned by uid {st.st_uid}, not root", path)
+    # A sticky world-writable directory (/tmp) is fine: nobody but root can replace a
+    # root-owned file in it, and the file itself must be root's.
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise _fail(kind, kind.mode_code,
+                    f"directory {where} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})", path)
+
+
+def open_trusted(path: str, kind: Kind) -> TrustedFile:
+    """Walk path safely, check every step and the file, and return it open."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise _fail(kind, kind.not_found, f"{kind.label} path must be absolute: {path!r}", str(path))
+    todo = [p for p in path.split("/") if p]
+    dirfd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    where = "/"
+    hops = 0
+    try:
+        _check_dir(kind, os.fstat(dirfd), where, path)
+        while True:
+            if not todo:
+                raise _fail(kind, kind.not_found, f"{kind.label} path names a directory", path)
+            name = todo.pop(0)
+            if name == ".":
+                continue
+            try:
+                fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+            except FileNotFoundError as err:
+                raise _fail(kind, kind.not_found, f"{kind.label} not found ({os.path.join(where, name)} "
+                            "does not exist)", path) from err
+            except NotADirectoryError as err:
+                raise _fail(kind, kind.not_found, f"{where} is not a directory", path) from err
+            except OSError as err:
+                raise _fail(kind, kind.not_found, f"cannot open {os.path.join(where, name)}: {err.strerror}",
+                            path) from err
+            st = os.fstat(fd)
+            here = os.path.join(where, name)
+            if stat.S_ISLNK(st.st_mode):
+                try:
+                    # A symlink's own mode is always 777; what matters is who can replace it.
+                    if st.st_uid != 0:
+                        raise _fail(kind, kind.owner_code, f"symlink {here} is owned by uid {st.st_uid}, not root",
+                                    path)
+                    hops += 1
+                    if hops > MAX_SYMLINKS:
+                        raise _fail(kind, kind.not_found, f"too many symlinks resolving {path}", path)
+                    target = os.readlink(name, dir_fd=dirfd)
+                finally:
+                    os.close(fd)
+                todo = [p for p in target.split("/") if p] + todo
+                if target.startswith("/"):
+                    os.close(dirfd)
+                    dirfd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                    where = "/"
+                continue
+            if todo:
+                if not stat.S_ISDIR(st.st_mode):
+                    os.close(fd)
+                    raise _fail(kind, kind.not_found, f"{here} is not a directory", path)
+                try:
+                    if name != "..":
+                        _check_dir(kind, st, here, path)
+                except PyexecError:
+                    os.close(fd)
+                    raise
+                os.close(dirfd)
+                dirfd, where = fd, os.path.normpath(here)
+                continue
+            try:
+                return _open_final(kind, fd, st, here, path)
+            finally:
+                os.close(fd)
+    finally:
+        os.close(dirfd)
+
+
+def _open_final(kind: Kind, pfd: int, st: os.stat_result, here: str, path: str) -> TrustedFile:
+    if not stat.S_ISREG(st.st_mode):
+        what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        code = kind.not_found if kind.is_script else (304 if kind is HOST else 305)
+        if kind.is_script:
+            raise _fail(kind, code, f"{here} is {what}", path)
+        raise ConfigError(code, f"{here} is {what}", path)
+    if st.st_uid != 0:
+        raise _fail(kind, kind.owner_code, f"{here} is owned by uid {st.st_uid}, not root", path)
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & kind.bad_mode:
+        detail = f"{here} has mode {mode:o}"
+        if kind.is_script and mode & 0o6000:
+            detail += " (setuid/setgid scripts are refused)"
+        raise _fail(kind, kind.mode_code, detail, path)
+    if not kind.is_script and st.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(304 if kind is HOST else 305, f"{here} is larger than {MAX_CONFIG_BYTES} bytes", path)
+    # Reopening the O_PATH fd through /proc gives the very inode that was checked.
+    fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+    st2 = os.fstat(fd)
+    if (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):  # cannot happen; refuse if it does
+        os.close(fd)
+        raise _fail(kind, kind.mode_code, f"{here} changed while it was being opened", path)
+    return TrustedFile(path, fd, st2)

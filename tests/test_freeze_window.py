@@ -1,0 +1,134 @@
+"""pyexec.freeze on loop mounts: the window, the guardian's bound, controller and guardian
+death, foreign freezes and the run lock."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import needs_root
+from pyexec import errors, freeze, loopfs
+
+pytestmark = needs_root
+
+
+def writable_within(writer, timeout: float) -> float | None:
+    """Seconds until the writer makes progress again, or None."""
+    t0 = time.monotonic()
+    c0 = writer.count()
+    while time.monotonic() - t0 < timeout:
+        if writer.count() > c0 + 1:
+            return time.monotonic() - t0
+        time.sleep(0.001)
+    return None
+
+
+def test_window_freezes_and_thaws_with_stamps(nat, mounts):
+    a, b = mounts.make("ext4"), mounts.make("ext4")
+    w = mounts.writer(os.path.join(a.mountpoint, "f"))
+    with freeze.freeze([a.mountpoint, b.mountpoint, a.mountpoint], timeout=20, backend=nat) as win:
+        c0 = w.count()
+        time.sleep(0.2)
+        assert w.count() - c0 <= 1
+    assert writable_within(w, 10) is not None
+    assert win.paths == [a.mountpoint, b.mountpoint], "a superblock is frozen once"
+    assert [m.state for m in win.mounts] == ["thawed", "thawed"]
+    assert win.guardian == "idle" and win.error is None
+    assert win.hold_ns >= 0.2e9 and win.length_ns >= win.hold_ns
+    assert win.overhead_ns < win.length_ns
+    assert not os.path.exists(freeze._journal_path())
+
+
+def test_guardian_thaws_at_the_deadline(nat, mounts):
+    a = mounts.make("ext4")
+    w = mounts.writer(os.path.join(a.mountpoint, "f"))
+    with freeze.freeze([a.mountpoint], timeout=0.3, backend=nat) as win:
+        t0 = time.monotonic()
+        took = writable_within(w, 10)  # we hang "forever" inside the window
+        assert took is not None, "the guardian did not thaw at the deadline"
+        assert time.monotonic() - t0 >= 0.2
+    assert win.guardian == "fired:deadline"
+    assert win.error is not None and win.error.code == 122
+
+
+def test_controller_thaws_when_guardian_dies(nat, mounts):
+    a = mounts.make("ext4")
+    w = mounts.writer(os.path.join(a.mountpoint, "f"))
+    with freeze.freeze([a.mountpoint], timeout=20, backend=nat) as win:
+        gpid = _guardian_pid()
+        os.kill(gpid, signal.SIGKILL)
+        assert writable_within(w, 10) is not None, "guardian death did not thaw"
+    assert win.guardian == "lost"
+
+
+def _guardian_pid() -> int:
+    me = os.getpid()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+            except OSError:
+                continue
+            if "(pyexec-guardia" in stat and int(stat.rsplit(")", 1)[1].split()[1]) == me:
+                return int(d)
+    raise AssertionError("no guardian running")
+
+
+CONTROLLER = r"""
+import sys, time
+from pyexec import freeze
+with freeze.freeze(sys.argv[1:], timeout=60) as w:
+    print("frozen", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_sigkill_of_controller_inside_window_thaws(mounts, tmp_path):
+    a = mounts.make("ext4")
+    w = mounts.writer(os.path.join(a.mountpoint, "f"))
+    env = {**os.environ, "PYEXEC_RUN_DIR": str(tmp_path / "run")}
+    ctl = subprocess.Popen([sys.executable, "-c", CONTROLLER, a.mountpoint], stdout=subprocess.PIPE, env=env,
+                           cwd="/")
+    try:
+        assert ctl.stdout.readline().strip() == b"frozen"
+        c0 = w.count()
+        time.sleep(0.1)
+        assert w.count() - c0 <= 1, "not frozen"
+        ctl.kill()
+        took = writable_within(w, 10)
+    finally:
+        ctl.kill()
+        ctl.wait()
+    assert took is not None, "killing the controller left the mount frozen"
+
+
+def test_foreign_freeze_is_reported_and_left_frozen(nat, mounts):
+    a, b = mounts.make("ext4"), mounts.make("ext4")
+    subprocess.run(["fsfreeze", "-f", b.mountpoint], check=True)
+    with pytest.raises(errors.ForeignFreeze) as ei:
+        with freeze.freeze([a.mountpoint, b.mountpoint], timeout=20, backend=nat):
+            pytest.fail("the window must not open")
+    assert ei.value.code == 121 and ei.value.path == b.mountpoint
+    assert loopfs.thaw_path(b.mountpoint), "the foreign freeze was undone"
+    assert not loopfs.thaw_path(a.mountpoint)
+
+
+def test_unopenable_mount_is_123(nat, tmp_path):
+    with pytest.raises(errors.FreezeError) as ei:
+        with freeze.freeze([str(tmp_path / "missing")], backend=nat):
+            pass
+    assert ei.value.code == 123
+
+
+def test_second_run_cannot_freeze_while_first_holds_lock(nat, mounts):
+    a, b = mounts.make("ext4"), mounts.make("ext4")
+    with freeze.freeze([a.mountpoint], timeout=20, backend=nat):
+        with pytest.raises(errors.FreezeError) as ei:
+            with freeze.freeze([b.mountpoint], timeout=20, backend=nat):
+                pass
+        assert "lock" in ei.value.detail
+    assert not loopfs.thaw_path(b.mountpoint)
