@@ -1,0 +1,49 @@
+"""The JSON report of a run (orjson), and its short human summary."""
+from __future__ import annotations
+
+import os
+
+import orjson
+
+from pyexec.errors import TABLE
+
+
+def to_dict(rep) -> dict:
+    """A RunReport as plain data."""
+    return {
+        "outcome": rep.outcome,
+        "code": rep.code,
+        "error": TABLE[rep.code].name if rep.code else None,
+        "problems": rep.check_errors,
+        "warnings": rep.warnings,
+        "snapshot": {"state": rep.snapshot, "detail": rep.snapshot_detail},
+        "mounts": rep.mounts,
+        "phases_ns": rep.phases_ns,
+        "pre": [r.as_dict() for r in rep.pre],
+        "post": [r.as_dict() for r in rep.post],
+        "window": rep.window.as_dict() if rep.window else None,
+        "pid": os.getpid(),
+    }
+
+
+def dumps(rep) -> bytes:
+    """The report as indented JSON."""
+    return orjson.dumps(to_dict(rep), option=orjson.OPT_INDENT_2)
+
+
+def summary(rep) -> str:
+    """A few lines for a person."""
+    lines = [f"outcome: {rep.outcome}" + (f" (code {rep.code} {TABLE[rep.code].name})" if rep.code else "")]
+    for name, ns in rep.phases_ns.items():
+        lines.append(f"  {name:<16} {ns / 1e6:10.3f} ms")
+    if rep.window:
+        w = rep.window
+        lines.append(f"  freeze window    {w.length_ns / 1e3:10.1f} µs  (ioctls {w.ioctl_ns / 1e3:.1f} µs, "
+                     f"snapshot {w.hold_ns / 1e3:.1f} µs, pyexec {w.overhead_ns / 1e3:.1f} µs)")
+    for e in rep.check_errors:
+        lines.append(f"  problem {e['code']} {e['name']}: {e.get('file') or ''} {e.get('detail') or e['message']}")
+    for r in rep.pre + rep.post:
+        status = "ok" if r.ok else f"{r.error_code} {TABLE[r.error_code].name}: {r.detail}"
+        lines.append(f"  {r.phase}-script {r.plugin}: {status} ({r.tries} tr{'y' if r.tries == 1 else 'ies'}, "
+                     f"{r.duration_ns / 1e6:.2f} ms)")
+    return "\n".join(lines)
