@@ -184,3 +184,11 @@ def freeze_error(err: int, path: str, what: str = "FIFREEZE") -> FreezeError:
     """The freeze exception of the right kind for an errno of a freeze ioctl."""
     cls = _FREEZE_KINDS.get(err, FreezeError)
     return cls(121, f"{what} failed: {os.strerror(err)} (errno {err})", path, errno=err)
+
+
+def markdown_table() -> str:
+    """The error table as Markdown, for README.md (a test keeps the two equal)."""
+    rows = ["| code | name | message | recommended action | effect |", "|---|---|---|---|---|"]
+    for e in sorted(TABLE.values(), key=lambda e: e.code):
+        rows.append(f"| {e.code} | {e.name} | {e.message} | {e.action} | {e.effect} |")
+    return "\n".join(rows)
