@@ -75,11 +75,7 @@ int main(int argc, char **argv)
         if (!dead) {
             struct timespec ts, *tsp = NULL;
             if (deadline > 0) {
-                int64_t left = deadline - px_now_ns();
-                if (left < 0)
-                    left = 0;
-                ts.tv_sec = left / 1000000000LL;
-                ts.tv_nsec = left % 1000000000LL;
+                px_left_ts(deadline, px_now_ns(), &ts);
                 tsp = &ts;
             }
             struct pollfd pf = {pidfd, POLLIN, 0};

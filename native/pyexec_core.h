@@ -7,6 +7,7 @@
 #define PYEXEC_CORE_H
 
 #include <stdint.h>
+#include <time.h>
 
 #define PX_MAX_MOUNTS 128
 #define PX_SET_MAGIC 0x50584653u /* "PXFS" */
@@ -104,6 +105,16 @@ typedef struct px_status {
 } px_status;
 
 int64_t px_now_ns(void);
+
+/* The time left until an absolute CLOCK_MONOTONIC deadline, as a ppoll timeout (0 if past). */
+static inline void px_left_ts(int64_t deadline_ns, int64_t now_ns, struct timespec *ts)
+{
+    int64_t left = deadline_ns - now_ns;
+    if (left < 0)
+        left = 0;
+    ts->tv_sec = left / 1000000000LL;
+    ts->tv_nsec = left % 1000000000LL;
+}
 
 /* Prepare s for n fds (n <= PX_MAX_MOUNTS), all idle. */
 int px_set_init(px_set *s, const int32_t *fds, int32_t n);

@@ -306,11 +306,7 @@ static int wait_exit(const px_proc *p, int64_t deadline_ns, px_capture *out, px_
     for (;;) {
         struct timespec ts, *tsp = NULL;
         if (deadline_ns >= 0) {
-            int64_t left = deadline_ns - px_now_ns();
-            if (left < 0)
-                left = 0;
-            ts.tv_sec = left / 1000000000LL;
-            ts.tv_nsec = left % 1000000000LL;
+            px_left_ts(deadline_ns, px_now_ns(), &ts);
             tsp = &ts;
         }
         pf[0].fd = p->pidfd;
@@ -411,10 +407,11 @@ static void cgroup_wait_empty(int cgroup_fd, int64_t deadline_ns)
         buf[got] = 0;
         if (strstr(buf, "populated 0"))
             break;
-        int64_t left = deadline_ns - px_now_ns();
-        if (left <= 0)
+        int64_t now = px_now_ns();
+        if (now >= deadline_ns)
             break;
-        struct timespec ts = {left / 1000000000LL, left % 1000000000LL};
+        struct timespec ts;
+        px_left_ts(deadline_ns, now, &ts);
         struct pollfd pf = {fd, POLLPRI, 0};
         if (ppoll(&pf, 1, &ts, NULL) < 0 && errno != EINTR)
             break;
