@@ -220,10 +220,11 @@ def main(args) -> int:
         if len(windows) > 1:
             print(f"freeze windows over {len(windows)} rounds: median {statistics.median(windows):.0f} µs, "
                   f"max {max(windows):.0f} µs")
-        with open(args.report if getattr(args, "report", None) else "pyexec-demo-report.json", "wb") as f:
-            f.write(orjson.dumps({"rounds": rounds, "ok": ok}, option=orjson.OPT_INDENT_2))
+        doc = orjson.dumps({"rounds": rounds, "ok": ok}, option=orjson.OPT_INDENT_2)
+        with open("pyexec-demo-report.json", "wb") as f:
+            f.write(doc)
         if args.json:
-            sys.stdout.buffer.write(orjson.dumps({"rounds": rounds, "ok": ok}, option=orjson.OPT_INDENT_2) + b"\n")
+            sys.stdout.buffer.write(doc + b"\n")
     except KeyboardInterrupt:
         print("demo: interrupted: cleaning up", file=sys.stderr)
         ok = False

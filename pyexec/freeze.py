@@ -220,9 +220,9 @@ def freeze(paths, timeout: float = DEFAULT_TIMEOUT, expedite: bool = True, presy
         stack.callback(_remove_journal)
         flags = (native.FREEZE_EXPEDITE if expedite else 0) | (native.FREEZE_PRESYNC if presync else 0)
         rc = nat.freeze(page, flags)
-        _fill(window, native.read_set(page))
+        rec = native.read_set(page)
+        _fill(window, rec)
         if rc < 0:
-            rec = native.read_set(page)
             bad = window.paths[rec.failed_index] if rec.failed_index >= 0 else None
             window.error = errors.freeze_error(-rc, bad)
             raise window.error

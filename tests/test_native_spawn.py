@@ -4,12 +4,12 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import stat
 import time
 
 import pytest
 
 from pyexec import native
+from pyexec.scripts import cgroup2_root
 
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"}
 S = 1_000_000_000
@@ -18,10 +18,11 @@ S = 1_000_000_000
 def run(nat, argv, path=None, exec_fd=-1, deadline_ns=-1, env=ENV):
     out, err = nat.new_capture(), nat.new_capture()
     p = nat.spawn(argv, env, path=path or argv[0], exec_fd=exec_fd)
+    st = None
     try:
         st = nat.wait(p, deadline_ns, out, err)
     finally:
-        if st is None:  # noqa: F821 - only reached after wait returned
+        if st is None:  # the deadline passed or wait failed: never leave the child behind
             nat.kill_tree(p, S // 10, 5 * S)
         p.close()
     return st, native.read_capture(out), native.read_capture(err)
@@ -227,14 +228,6 @@ def test_daemonizing_grandchild_does_not_delay_exit(nat, no_fd_leak):
         assert st.exit_seen_ns > 0
     finally:
         os.kill(daemon, signal.SIGKILL)
-
-
-def cgroup2_root() -> str | None:
-    for line in open("/proc/self/mountinfo"):
-        left, right = line.split(" - ", 1)
-        if right.split()[0] == "cgroup2":
-            return left.split()[4]
-    return None
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or cgroup2_root() is None, reason="needs root and a cgroup2 mount")
