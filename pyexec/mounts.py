@@ -72,9 +72,11 @@ def select(mounts: list[Mount], skip=(), fstypes=FREEZABLE, backing=loop_backing
     for m in mounts:
         visible[m.mount_point] = m
     skip = {os.path.normpath(s) for s in skip}
+    # A freeze is per superblock: skipping one of its mounts (a bind, a subvolume) skips them all.
+    skip_devs = {m.dev for m in visible.values() if m.mount_point in skip}
     per_dev: dict[str, Mount] = {}
     for m in visible.values():
-        if m.fstype not in fstypes or m.mount_point in skip:
+        if m.fstype not in fstypes or m.dev in skip_devs:
             continue
         cur = per_dev.get(m.dev)
         # Of a superblock's mounts (binds, subvolumes) freeze through the plainest one.

@@ -41,10 +41,11 @@ class Mounts:
         for m in self.items:
             m.thaw()
 
-    def make(self, fstype: str, size_mb: int | None = None) -> loopfs.LoopFS:
-        """A new mounted filesystem of fstype."""
+    def make(self, fstype: str, size_mb: int | None = None, image_dir=None) -> loopfs.LoopFS:
+        """A new mounted filesystem of fstype (its image in image_dir, default the test's tmp dir)."""
         i = len(self.items)
-        m = loopfs.LoopFS(str(self.tmp / f"img{i}.{fstype}"), str(self.tmp / f"mnt{i}"), fstype, size_mb)
+        image = os.path.join(image_dir or self.tmp, f"img{i}.{fstype}")
+        m = loopfs.LoopFS(image, str(self.tmp / f"mnt{i}"), fstype, size_mb)
         self.items.append(m)
         return m
 
