@@ -142,21 +142,80 @@ def main(argv=None) -> int:
         return 130
 
 
+def cmd_phase(args) -> int:
+    """`pluginhost pre|post`: one phase through the reference-shaped API."""
+    from pyexec import compat
+    ph = compat.PluginHost(_StderrLogger() if not args.json else None)
+    ph.configLocation = args.config
+    try:
+        code, dobackup, fs_freeze = ph.pre_check()
+        res = ph.pre_script() if args.verb == "pre" else ph.post_script(args.snapshot)
+    finally:
+        ph.close()
+    if args.json:
+        doc = {"verb": args.verb, "checkErrorCode": code, "dobackup": dobackup, "fsFreeze_on": fs_freeze,
+               "errorCode": res.errorCode, "anyScriptFailed": res.anyScriptFailed,
+               "continueBackup": res.continueBackup,
+               "errors": [{"errorCode": e.errorCode, "pluginName": e.pluginName} for e in res.errors],
+               "scripts": [r.as_dict() for r in res.scripts]}
+        sys.stdout.buffer.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        print(str(res), end="")
+    if code and not res.scripts:
+        return errors.TABLE[code].exit_status
+    if not res.anyScriptFailed:
+        return 0
+    return 1 if res.continueBackup else 2
+
+
+class _StderrLogger:
+    """The reference's logger interface, printing to stderr."""
+
+    def log(self, msg, local=True, level="Info"):
+        print(f"pluginhost: {level}: {msg}", file=sys.stderr)
+
+
 def pluginhost_main(argv=None) -> int:
-    """`pluginhost [--config PATH] {check,run} [--json]`: the reference host's verbs."""
-    ap = argparse.ArgumentParser(prog="pluginhost")
+    """`pluginhost [--config PATH] {check,pre,post,run} [--json]`: the reference host's verbs."""
+    ap = argparse.ArgumentParser(prog="pluginhost", description="The reference plugin host's verbs, over pyexec.")
     ap.add_argument("--config", default=config.HOST_CONFIG_PATH)
-    ap.add_argument("verb", choices=["check", "run"])
+    ap.add_argument("verb", choices=["check", "pre", "post", "run"])
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--snapshot", choices=["taken", "skipped", "failed"], default="taken",
+                    help="post: what became of the snapshot (the post-scripts see PYEXEC_SNAPSHOT)")
     a = ap.parse_args(argv)
-    rest = [a.verb, "--config", a.config] + (["--json"] if a.json else [])
-    return main(rest)
+    if a.verb in ("pre", "post"):
+        try:
+            return cmd_phase(a)
+        except errors.PyexecError as e:
+            _print_problems([e], out=sys.stderr)
+            return e.entry.exit_status
+    return main([a.verb, "--config", a.config] + (["--json"] if a.json else []))
 
 
 def safefreeze_main(argv=None) -> int:
-    """`safefreeze`: not built yet (see the issue tracker)."""
-    print("safefreeze: not available in this version", file=sys.stderr)
-    return 2
+    """`safefreeze TIMEOUT_SECONDS MOUNT...`: the reference freeze helper, event-driven and guarded."""
+    import math
+    from pyexec import safefreeze
+    argv = sys.argv[1:] if argv is None else argv
+    usage = "usage: safefreeze TIMEOUT_SECONDS MOUNT_POINT [MOUNT_POINT ...]"
+    if len(argv) < 2 or argv[0] in ("-h", "--help"):
+        print(usage, file=sys.stderr)
+        return safefreeze.EXIT_USAGE
+    try:
+        timeout = float(argv[0])
+    except ValueError:
+        timeout = math.nan
+    if not (math.isfinite(timeout) and timeout > 0):
+        print(f"safefreeze: timeout must be a positive number of seconds, not {argv[0]!r}\n{usage}", file=sys.stderr)
+        return safefreeze.EXIT_USAGE
+    print(f"safefreeze: freezing {' '.join(argv[1:])} for at most {timeout:g}s", flush=True)
+    res = safefreeze.run(timeout, argv[1:])
+    for line in res.lines:
+        print(f"safefreeze: {line}")
+    if res.status != safefreeze.EXIT_THAWED:
+        print(f"safefreeze: failed: {res.reason}", file=sys.stderr)
+    return res.status
 
 
 if __name__ == "__main__":

@@ -98,7 +98,9 @@ class RunReport:
     phases_ns: dict = dataclasses.field(default_factory=dict)
 
 
-def _run_phase(checked: CheckResult, phase: str, nat, env_extra=None) -> list[scripts.ScriptResult]:
+def run_phase(checked: CheckResult, phase: str, nat=None, env_extra=None) -> list[scripts.ScriptResult]:
+    """Run every plugin's pre- or post-script in parallel; one result per plugin, in config order."""
+    nat = nat or native.default()
     jobs = []
     for pc in checked.plugins:
         c = pc.config
@@ -155,7 +157,7 @@ def run(host_path: str = config.HOST_CONFIG_PATH, mount_points=None, snapshot=No
         if scripts_ok:
             progress(f"pre-scripts: {len(checked.plugins)} plugin(s) in parallel")
             t = nat.now_ns()
-            rep.pre = _run_phase(checked, "pre", nat)
+            rep.pre = run_phase(checked, "pre", nat)
             rep.phases_ns["pre"] = nat.now_ns() - t
             failed = [r for r in rep.pre if not r.ok]
             if failed:
@@ -182,7 +184,7 @@ def run(host_path: str = config.HOST_CONFIG_PATH, mount_points=None, snapshot=No
         if scripts_ok:
             progress("post-scripts")
             t = nat.now_ns()
-            rep.post = _run_phase(checked, "post", nat, {"PYEXEC_SNAPSHOT": rep.snapshot})
+            rep.post = run_phase(checked, "post", nat, {"PYEXEC_SNAPSHOT": rep.snapshot})
             rep.phases_ns["post"] = nat.now_ns() - t
     finally:
         checked.close()

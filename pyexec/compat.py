@@ -1,0 +1,104 @@
+"""Drop-in for the reference `PluginHost` class: same attribute, methods, result shapes and codes,
+over pyexec's check and script runner (event-driven, killing timed-out scripts, re-running retries)."""
+from __future__ import annotations
+
+from pyexec import config, host, scripts
+
+
+class PluginHostError:
+    """One plugin's code in a phase (0 when its script succeeded)."""
+
+    def __init__(self, errorCode: int, pluginName: str):  # noqa: N803 - the reference's names
+        self.errorCode = errorCode
+        self.pluginName = pluginName
+
+    def __str__(self) -> str:
+        return f"Plugin :- {self.pluginName} ErrorCode :- {self.errorCode}"
+
+
+class PluginHostResult:
+    """A phase's outcome: one error entry per plugin, whether any failed, whether to go on."""
+
+    def __init__(self):
+        self.errors: list[PluginHostError] = []
+        self.anyScriptFailed = False
+        self.continueBackup = True
+        self.errorCode = 0
+        self.fileCode: list = []
+        self.filePath: list = []
+        self.scripts: list[scripts.ScriptResult] = []  # pyexec's detail: tries, exit, output, duration
+
+    def __str__(self) -> str:
+        lines = [str(e) for e in self.errors]
+        lines += [f"Final Error Code :- {self.errorCode}", f"Any script Failed :- {self.anyScriptFailed}",
+                  f"Continue Backup :- {self.continueBackup}"]
+        return "\n".join(lines) + "\n"
+
+
+class _NullLogger:
+    def log(self, *_args, **_kw) -> None:
+        pass
+
+
+class PluginHost:
+    """The reference plugin host's interface: pre_check(), pre_script(), post_script()."""
+
+    def __init__(self, logger=None):
+        self.logger = logger or _NullLogger()
+        self.configLocation = config.HOST_CONFIG_PATH
+        self.timeoutInSeconds = config.HOST_TIMEOUT_MAX
+        self.pluginName: list[str] = []
+        self.noOfPlugins = 0
+        self.modulesLoaded = False
+        self._checked: host.CheckResult | None = None
+
+    def _log(self, msg: str, level: str = "Info") -> None:
+        self.logger.log(msg, True, level)
+
+    def pre_check(self) -> tuple[int, bool, bool]:
+        """Check configs and scripts: (errorCode, dobackup, fsFreeze_on), as the reference returns them."""
+        self.close()
+        self._log(f"config file: {self.configLocation}")
+        checked = self._checked = host.check(self.configLocation)
+        for e in checked.errors:
+            self._log(e.describe(), "Error")
+        if checked.host is not None:
+            self.timeoutInSeconds = checked.host.timeout
+        self.pluginName = [p.entry.name for p in checked.plugins]
+        self.noOfPlugins = len(checked.plugins)
+        self.modulesLoaded = not checked.errors and self.noOfPlugins > 0
+        # A check problem never stops the backup: it goes on file-system consistent (host.run does the same).
+        return checked.code, True, checked.fs_freeze
+
+    def _phase(self, phase: str, env_extra=None) -> PluginHostResult:
+        if self._checked is None:
+            self.pre_check()
+        result = PluginHostResult()
+        if not self.modulesLoaded:
+            result.errorCode = self._checked.code
+            return result
+        self._log(f"Starting {phase}script for all modules.")
+        result.scripts = host.run_phase(self._checked, phase, env_extra=env_extra)
+        for r in result.scripts:
+            result.errors.append(PluginHostError(r.error_code, r.plugin))
+            if not r.ok:
+                result.anyScriptFailed = True
+                self._log(f"{phase}script of {r.plugin} failed: {r.detail}", "Error")
+        result.continueBackup = all(r.continue_backup for r in result.scripts)
+        result.errorCode = next((r.error_code for r in result.scripts if not r.ok), 0)
+        self._log(f"Finished {phase}script execution from PluginHost side. Continue Backup: {result.continueBackup}")
+        return result
+
+    def pre_script(self) -> PluginHostResult:
+        """Run every plugin's pre-script in parallel."""
+        return self._phase("pre")
+
+    def post_script(self, snapshot: str = "taken") -> PluginHostResult:
+        """Run every plugin's post-script in parallel (they see PYEXEC_SNAPSHOT=snapshot)."""
+        return self._phase("post", {"PYEXEC_SNAPSHOT": snapshot})
+
+    def close(self) -> None:
+        """Release the checked script files."""
+        if self._checked is not None:
+            self._checked.close()
+            self._checked = None

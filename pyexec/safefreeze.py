@@ -1,0 +1,106 @@
+"""`safefreeze TIMEOUT_SECONDS MOUNT...`: the reference freeze helper's protocol over pyexec's window.
+
+Freeze the mounts, send SIGUSR1 to the parent, then wait (event-driven: one poll on a signal
+wake-up pipe and the parent's pidfd) for SIGUSR1 (thaw, exit 0), another thaw signal, the
+parent's death or the timeout (thaw, exit 1).  The guardian of `freeze` bounds the window even
+if this process is killed.  Nothing is printed while the mounts are frozen."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import select
+import signal
+import time
+
+from pyexec import errors, freeze
+
+EXIT_THAWED, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# The reference's handled set; every one of them ends the window here.
+THAW_SIGNALS = (signal.SIGUSR1, signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGABRT, signal.SIGPIPE,
+                signal.SIGTERM, signal.SIGUSR2, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+# The guardian's bound sits past ours so that on time we thaw ourselves and it fires only if we hang.
+GUARDIAN_SLACK_S = 0.5
+
+
+@dataclasses.dataclass
+class Result:
+    """How one safefreeze ended: exit status, why, the window, and lines to print after the thaw."""
+
+    status: int
+    reason: str
+    window: freeze.Window | None = None
+    lines: list[str] = dataclasses.field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _signal_pipe():
+    # Handlers that do nothing plus a wake-up fd: each signal becomes a byte to poll for.
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    old = {s: signal.signal(s, lambda *_: None) for s in THAW_SIGNALS}
+    # A parent that blocked SIGUSR1 to sigwait for it passes the mask on through exec.
+    old_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, THAW_SIGNALS)
+    old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    try:
+        yield r
+    finally:
+        signal.set_wakeup_fd(old_fd)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        for s, h in old.items():
+            signal.signal(s, h)
+        os.close(r)
+        os.close(w)
+
+
+def _wait_for_thaw(sig_r: int, parent_fd: int, timeout_s: float) -> str:
+    """Block until a thaw signal, the parent's exit or the timeout; say which."""
+    p = select.poll()
+    p.register(sig_r, select.POLLIN)
+    p.register(parent_fd, select.POLLIN)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left_ms = (deadline - time.monotonic()) * 1000
+        if left_ms <= 0:
+            return "timeout"
+        for fd, _ in p.poll(max(1, int(left_ms + 0.999))):
+            if fd == parent_fd:
+                return "parent-died"
+            data = os.read(sig_r, 64)
+            if data:
+                return signal.Signals(data[0]).name
+
+
+def run(timeout_s: float, paths: list[str], expedite: bool = True) -> Result:
+    """The whole protocol; never raises for a failed freeze (it becomes status 1 and a line)."""
+    ppid = os.getppid()
+    try:
+        parent_fd = os.pidfd_open(ppid)
+    except OSError as err:
+        return Result(EXIT_FAILED, f"cannot watch the parent process {ppid}: {err.strerror}")
+    try:
+        if os.getppid() != ppid:
+            return Result(EXIT_FAILED, "the parent process exited before the freeze")
+        res = Result(EXIT_FAILED, "")
+        with _signal_pipe() as sig_r:
+            try:
+                with freeze.freeze(paths, timeout=timeout_s + GUARDIAN_SLACK_S, expedite=expedite) as win:
+                    res.window = win
+                    try:
+                        os.kill(ppid, signal.SIGUSR1)
+                    except OSError as err:
+                        res.reason = f"failed to send SIGUSR1 to the parent {ppid}: {err.strerror}"
+                    else:
+                        res.reason = _wait_for_thaw(sig_r, parent_fd, timeout_s)
+            except errors.PyexecError as e:
+                res.reason = e.describe()
+                return res
+        if win.error is not None:
+            res.reason = f"{res.reason}; {win.error.describe()}"
+        elif res.reason == "SIGUSR1":
+            res.status = EXIT_THAWED
+        res.lines = [f"{m.path}: {m.state}" + (f" (thaw errno {m.thaw_errno})" if m.thaw_errno else "")
+                     for m in win.mounts]
+        res.lines.append(f"window {win.length_ns / 1e6:.3f} ms, ended by {res.reason}")
+        return res
+    finally:
+        os.close(parent_fd)
