@@ -9,19 +9,21 @@ from setuptools.command.build_ext import build_ext
 STRICT = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror"]
 CORE = ["native/freeze.c", "native/spawn.c"]
 # Relink a binding whenever the core changes: build_ext only looks at `depends`.
-DEPENDS = CORE + ["native/pyexec_core.h", "native/guardian.c"]
+PROGRAMS = {"pyexec-guardian": "native/guardian.c", "pyexec-warden": "native/warden.c"}
+DEPENDS = CORE + ["native/pyexec_core.h", *PROGRAMS.values()]
 
 
 
 class BuildExt(build_ext):
-    """Also builds the thaw guardian, a plain C program shipped inside the package."""
+    """Also builds the thaw guardian and the script warden, plain C programs shipped inside the package."""
 
     def run(self):
         super().run()
-        objs = self.compiler.compile(["native/guardian.c"] + CORE, output_dir=os.path.join(self.build_temp, "guardian"),
-                                     include_dirs=["native"], extra_postargs=STRICT)
         out_dir = "pyexec" if self.inplace else os.path.join(self.build_lib, "pyexec")
-        self.compiler.link_executable(objs, "pyexec-guardian", output_dir=out_dir)
+        for name, main in PROGRAMS.items():
+            objs = self.compiler.compile([main] + CORE, output_dir=os.path.join(self.build_temp, name),
+                                         include_dirs=["native"], extra_postargs=STRICT)
+            self.compiler.link_executable(objs, name, output_dir=out_dir)
 
 
 setup(

@@ -141,4 +141,8 @@ int px_wait(const px_proc *p, int64_t deadline_ns, px_capture *out, px_capture *
 int px_kill_tree(const px_proc *p, int cgroup_fd, int64_t grace_ns, int64_t kill_wait_ns,
                  px_capture *out, px_capture *err, px_status *st);
 
+/* SIGKILL every process in a cgroup and its descendants (cgroup.kill), then wait until it
+ * is empty or the deadline passes.  For the warden; scripts are killed by px_kill_tree. */
+int px_cgroup_kill(int cgroup_fd, int64_t deadline_ns);
+
 #endif

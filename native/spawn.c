@@ -419,6 +419,13 @@ static void cgroup_wait_empty(int cgroup_fd, int64_t deadline_ns)
     close(fd);
 }
 
+int px_cgroup_kill(int cgroup_fd, int64_t deadline_ns)
+{
+    cgroup_kill(cgroup_fd);
+    cgroup_wait_empty(cgroup_fd, deadline_ns);
+    return 0;
+}
+
 int px_kill_tree(const px_proc *p, int cgroup_fd, int64_t grace_ns, int64_t kill_wait_ns,
                  px_capture *out, px_capture *err, px_status *st)
 {

@@ -76,22 +76,13 @@ def cmd_status(args) -> int:
 
 
 def cmd_recover(args) -> int:
-    import glob
-    import os
-    from pyexec import freeze, loopfs
-    n = 0
-    for j in sorted(glob.glob(os.path.join(freeze.RUN_DIR, "journal-*.json"))):
-        with open(j, "rb") as f:
-            doc = orjson.loads(f.read())
-        if os.path.exists(f"/proc/{doc['pid']}"):
-            print(f"pid {doc['pid']} is still running: left alone")
-            continue
-        for p in doc["paths"]:
-            if os.path.isdir(p) and loopfs.thaw_path(p):
-                print(f"thawed {p} (left frozen by dead pid {doc['pid']})")
-                n += 1
-        os.unlink(j)
-    print(f"recover: {n} filesystem(s) thawed")
+    from pyexec import freeze
+    thawed, alive = freeze.recover()
+    for pid in alive:
+        print(f"pid {pid} is still running: left alone")
+    for p in thawed:
+        print(f"thawed {p} (left frozen by a dead run)")
+    print(f"recover: {len(thawed)} filesystem(s) thawed")
     return 0
 
 

@@ -159,6 +159,43 @@ def _run_lock(wait_s: float):
         os.close(fd)
 
 
+def recover() -> tuple[list[str], list[int]]:
+    """Thaw what dead runs' journals say they froze: (paths thawed, pids still running)."""
+    import glob
+    thawed, alive = [], []
+    for j in sorted(glob.glob(os.path.join(RUN_DIR, "journal-*.json"))):
+        try:
+            with open(j, "rb") as f:
+                doc = orjson.loads(f.read())
+        except (OSError, orjson.JSONDecodeError):
+            continue
+        if doc.get("pid") == os.getpid() or os.path.exists(f"/proc/{doc.get('pid')}"):
+            alive.append(doc.get("pid"))
+            continue
+        for p in doc.get("paths", []):
+            with contextlib.suppress(OSError):
+                if thaw_path(p):
+                    thawed.append(p)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(j)
+    return thawed, alive
+
+
+def thaw_path(path: str) -> bool:
+    """FITHAW path if it is frozen; True if it was."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, _FITHAW, 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+_FITHAW = 0xC0045878  # _IOWR('X', 120, int), linux/fs.h
+
+
 def _journal_path() -> str:
     return os.path.join(RUN_DIR, f"journal-{os.getpid()}.json")
 
@@ -200,6 +237,7 @@ def freeze(paths, timeout: float = DEFAULT_TIMEOUT, expedite: bool = True, presy
         if len(fds) > nat.max_mounts:
             raise errors.FreezeError(123, f"{len(fds)} mounts: at most {nat.max_mounts} per window")
         stack.enter_context(_run_lock(lock_wait))
+        recover()  # a run killed together with its guardian left its mounts frozen: thaw them first
         memfd = os.memfd_create("pyexec-window", os.MFD_CLOEXEC)
         stack.callback(os.close, memfd)
         os.ftruncate(memfd, nat.set_size)

@@ -5,11 +5,10 @@ thaws (best effort), unmounts and detaches whatever happens."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import subprocess
 
-FITHAW = 0xC0045878  # _IOWR('X', 120, int), linux/fs.h
+from pyexec.freeze import thaw_path  # noqa: F401 - the tests and the demo thaw through loopfs
 
 # Smallest sizes the mkfs tools accept, with room for a test's data.
 MIN_SIZE_MB = {"ext4": 64, "ext3": 64, "xfs": 320, "btrfs": 128}
@@ -33,18 +32,6 @@ def _run(argv: list[str]) -> str:
     if res.returncode != 0:
         raise LoopFSError(f"{' '.join(argv)} failed: {res.stderr.strip() or res.stdout.strip()}")
     return res.stdout
-
-
-def thaw_path(path: str) -> bool:
-    """FITHAW path if it is frozen; True if it was."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.ioctl(fd, FITHAW, 0)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
 
 
 class LoopFS:

@@ -2,10 +2,12 @@
 deadline, the whole tree killed at the deadline, output captured bounded in memory."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import itertools
 import os
+import threading
 
 from pyexec import native
 from pyexec.errors import TABLE
@@ -67,28 +69,79 @@ def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> str | None:
     return None
 
 
+WARDEN = os.path.join(os.path.dirname(__file__), "pyexec-warden")
+
+
+class _Warden:
+    """This process's cgroup directory for scripts, and the warden that empties it if we die."""
+
+    _lock = threading.Lock()
+    _current: "_Warden | None" = None
+
+    def __init__(self, root: str):
+        self.pid = os.getpid()
+        self.path = os.path.join(root, "pyexec", str(self.pid))
+        os.makedirs(self.path, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.nat = native.default()
+        try:
+            self.proc = self.nat.spawn([WARDEN, str(self.pid)], {}, path=WARDEN, exec_fd=self.fd)
+        except OSError:
+            os.close(self.fd)
+            raise
+        atexit.register(self.stop)
+
+    @classmethod
+    def get(cls) -> "_Warden | None":
+        """The warden of this process (started on first use), or None without a usable cgroup v2."""
+        with cls._lock:
+            cur = cls._current
+            if cur is None or cur.pid != os.getpid():  # a forked child needs its own
+                root = cgroup2_root()
+                try:
+                    cur = cls._current = cls(root) if root else None
+                except OSError:
+                    cur = None
+            return cur
+
+    def stop(self) -> None:
+        """A normal exit: end the warden first, so that it kills nothing."""
+        if self.pid != os.getpid():
+            return
+        with contextlib.suppress(OSError):
+            self.nat.kill_tree(self.proc, 0, KILL_WAIT_NS)
+        self.proc.close()
+        os.close(self.fd)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.path)
+
+
 @contextlib.contextmanager
 def script_cgroup(enabled: bool = True):
-    """A fresh leaf cgroup (its fd) for one script, or -1 where cgroup v2 is unusable."""
-    root = cgroup2_root() if enabled else None
-    path = fd = None
-    if root:
+    """A fresh leaf cgroup (its fd) for one script, or -1 where cgroup v2 is unusable.
+
+    While the script runs the leaf is named run-N, which the warden kills if this process dies;
+    after it, done-N (kept only while a daemon the script started lives in it)."""
+    warden = _Warden.get() if enabled else None
+    name = fd = None
+    if warden:
         try:
-            parent = os.path.join(root, "pyexec")
-            os.makedirs(parent, exist_ok=True)
-            path = os.path.join(parent, f"{os.getpid()}-{next(_cg_seq)}")
-            os.mkdir(path)
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            name = f"{next(_cg_seq)}"
+            os.mkdir(os.path.join(warden.path, "run-" + name))
+            fd = os.open(os.path.join(warden.path, "run-" + name), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
-            path = None  # fall back to process-group kills
+            name = None  # fall back to process-group kills
     try:
         yield fd if fd is not None else -1
     finally:
         if fd is not None:
             os.close(fd)
-        if path:
-            with contextlib.suppress(OSError):
-                os.rmdir(path)
+        if name:
+            try:
+                os.rmdir(os.path.join(warden.path, "run-" + name))
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.rename(os.path.join(warden.path, "run-" + name), os.path.join(warden.path, "done-" + name))
 
 
 def run_script(script: TrustedFile, params, phase: str, timeout_s: float, retries: int,
