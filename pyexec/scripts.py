@@ -144,6 +144,13 @@ def script_cgroup(enabled: bool = True):
                     os.rename(os.path.join(warden.path, "run-" + name), os.path.join(warden.path, "done-" + name))
 
 
+def _runs_directly(script: TrustedFile) -> bool:
+    # The reference runs every script as `sh PATH`.  execve runs only a `#!` script or a binary,
+    # so anything else (no execute bit, no `#!` line, an empty file) goes through sh, from the same fd.
+    head = os.pread(script.fd, 4, 0)
+    return script.executable and (head.startswith(b"#!") or head == b"\x7fELF")
+
+
 def run_script(script: TrustedFile, params, phase: str, timeout_s: float, retries: int,
                continue_on_failure: bool, plugin: str = "", env_extra: dict | None = None,
                nat: native.Native | None = None, use_cgroup: bool = True) -> ScriptResult:
@@ -153,9 +160,9 @@ def run_script(script: TrustedFile, params, phase: str, timeout_s: float, retrie
     res = ScriptResult(plugin, phase, script.path)
     t0 = nat.now_ns()
     deadline = t0 + int(timeout_s * 1e9)
-    if script.executable:
+    if _runs_directly(script):
         argv, path = [script.path, *params], None
-    else:  # as the reference does for a script with no execute bit: through sh, from the same fd
+    else:
         argv, path = ["sh", "/proc/self/fd/3", *params], "/bin/sh"
     for attempt in range(retries + 1):
         res.tries = attempt + 1

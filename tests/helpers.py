@@ -31,6 +31,13 @@ class Mounts:
         self.items: list[loopfs.LoopFS] = []
         self.writers: list[subprocess.Popen] = []
         self.fired = False
+        self.timer = None
+        self.rearm()
+
+    def rearm(self):
+        """Restart the watchdog: a long test calls this per step, so only one step must fit in it."""
+        if self.timer is not None:
+            self.timer.cancel()
         self.timer = threading.Timer(WATCHDOG_S, self._watchdog)
         self.timer.daemon = True
         self.timer.start()

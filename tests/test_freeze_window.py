@@ -8,10 +8,12 @@ import subprocess
 import sys
 import time
 
+import orjson
 import pytest
 
 from helpers import needs_root
 from pyexec import errors, freeze, loopfs
+from test_config_trust import write_setup
 
 pytestmark = needs_root
 
@@ -132,3 +134,42 @@ def test_second_run_cannot_freeze_while_first_holds_lock(nat, mounts):
                 pass
         assert "lock" in ei.value.detail
     assert not loopfs.thaw_path(b.mountpoint)
+
+
+def test_foreign_freeze_during_window_is_left_to_its_owner(nat, mounts):
+    a, c = mounts.make("ext4"), mounts.make("ext4")
+    with freeze.freeze([a.mountpoint], timeout=20, backend=nat) as win:
+        assert subprocess.run(["fsfreeze", "-f", c.mountpoint]).returncode == 0  # not ours: the tool may
+        ours = subprocess.run(["fsfreeze", "-f", a.mountpoint], capture_output=True)
+        assert ours.returncode != 0, "a second freeze of our mount must fail (EBUSY)"
+    assert win.error is None and [m.state for m in win.mounts] == ["thawed"]
+    assert not loopfs.thaw_path(a.mountpoint), "ours was left frozen"
+    assert loopfs.thaw_path(c.mountpoint), "the other tool's freeze was undone by our thaw"
+
+
+def test_foreign_thaw_during_window_is_not_an_error(nat, mounts):
+    a = mounts.make("ext4")
+    with freeze.freeze([a.mountpoint], timeout=20, backend=nat) as win:
+        subprocess.run(["fsfreeze", "-u", a.mountpoint], check=True)
+    assert win.error is None and win.mounts[0].thaw_errno in (0, 22)  # EINVAL: already thawed
+    assert not loopfs.thaw_path(a.mountpoint)
+
+
+def test_two_runs_at_once_one_freezes_the_other_fails_clearly(mounts, tmp_path):
+    a = mounts.make("ext4")
+    env = {**os.environ, "PYEXEC_RUN_DIR": str(tmp_path / "run")}
+    hc = write_setup(tmp_path)
+    cmd = [sys.executable, "-m", "pyexec.cli", "run", "--config", hc, "--mount", a.mountpoint,
+           "--snapshot-cmd", "/bin/sleep 1", "--json", "--quiet"]
+    runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd="/")
+            for _ in range(2)]
+    docs = []
+    for p in runs:
+        out, err = p.communicate(timeout=60)
+        assert b"Traceback" not in err
+        docs.append(orjson.loads(out))
+    outcomes = sorted((d["outcome"], d["code"]) for d in docs)
+    assert outcomes == [("app-consistent", 0), ("failed", 121)], outcomes
+    loser = next(d for d in docs if d["code"] == 121)
+    assert any("lock" in (p.get("detail") or "") for p in loser["problems"])
+    assert not loopfs.thaw_path(a.mountpoint)

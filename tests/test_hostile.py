@@ -1,0 +1,171 @@
+"""Hostile scripts and files, each with the outcome it must produce, through the whole flow on a loop mount.
+
+HOSTILE_SCRIPTS below is the table of hostile pre-scripts (run here).  The hostile files live in
+test_config_trust.py: PLUGIN_CORPUS (33 bad JSON configs → 305), HOST_CORPUS (13 bad INI configs → 304),
+test_file_modes_and_owners (18 owner/mode/setuid cases), test_paths_symlinks_and_parents (symlinks to
+non-root files, parents writable by others or owned by another user), test_fifo_and_oversize_configs,
+test_checked_file_is_the_file_that_is_read; the racing rename during a run and hypothesis over
+`pyexec check` are here.  Whatever the input: one table code, no traceback, nothing left frozen."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import uuid
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from helpers import needs_root
+from pyexec import errors, host, loopfs, report
+from test_config_trust import GOOD_PLUGIN, make, write_setup
+
+pytestmark = needs_root
+
+MARK = f"hostile-{uuid.uuid4().hex[:8]}"
+
+
+def foreign_elf() -> bytes:
+    """/bin/true with its machine field set to an architecture this machine cannot run."""
+    data = bytearray(open("/bin/true", "rb").read())
+    data[18:20] = (0xB7 if platform.machine() != "aarch64" else 0x3E).to_bytes(2, "little")
+    return bytes(data)
+
+
+# name → (pre-script bytes, plugin config changes, expected code, check on the ScriptResult)
+HOSTILE_SCRIPTS = {
+    "ignores SIGTERM": (b"#!/bin/sh\ntrap '' TERM\nwhile :; do sleep 0.05; done\n", {"timeoutInSeconds": 1}, 308,
+                        lambda r: r.timed_out and r.signal == 9),
+    "setsid daemon keeps stdout open": (
+        f"#!/bin/sh\nsetsid sh -c 'sleep 60; :' {MARK} &\necho started\n".encode(), {}, 0,
+        lambda r: r.stdout.data == b"started\n" and r.duration_ns < 30e9),
+    "prints 100 MB": (b"#!/bin/sh\nhead -c 100000000 /dev/zero\n", {}, 0,
+                      lambda r: r.stdout.total == 100_000_000 and r.stdout.dropped > 0
+                      and len(r.stdout.data) <= 128 << 10),
+    "prints invalid UTF-8": (b"#!/bin/sh\nprintf '\\377\\376bad\\n'\n", {}, 0,
+                             lambda r: r.stdout.data == b"\xff\xfebad\n"),
+    "exits by signal": (b"#!/bin/sh\nkill -SEGV $$\n", {}, 300, lambda r: r.signal == 11),
+    "replaces itself with exec sleep": (b"#!/bin/sh\nexec sleep 60\n", {"timeoutInSeconds": 1}, 308,
+                                        lambda r: r.timed_out),
+    "reads stdin": (b"#!/bin/sh\ncat\necho eof\n", {}, 0, lambda r: r.stdout.data == b"eof\n"),
+    "0-byte file": (b"", {}, 0, lambda r: r.exit_code == 0),  # `sh empty` succeeds, as in the reference
+    "a directory": (None, {}, 302, None),
+    "binary for another architecture": (foreign_elf(), {}, 300, lambda r: "format" in r.detail),
+    "no #! line": (b"echo no-shebang\n", {}, 0, lambda r: r.stdout.data == b"no-shebang\n"),
+    "#! names a missing interpreter": (b"#!/nonexistent/interp\nexit 0\n", {}, 300,
+                                       lambda r: "No such file" in r.detail),
+}
+
+
+def strays() -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if MARK.encode() in open(f"/proc/{d}/cmdline", "rb").read():
+                    out.append(int(d))
+            except OSError:
+                pass
+    return out
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_SCRIPTS))
+def test_hostile_pre_script(tmp_path, mounts, name):
+    data, plugin_changes, code, check = HOSTILE_SCRIPTS[name]
+    m = mounts.make("ext4")
+    hc = write_setup(tmp_path, pre=data if data is not None else b"", plugin_doc=plugin_changes)
+    if data is None:
+        os.unlink(tmp_path / "etc" / "pre.sh")
+        os.mkdir(tmp_path / "etc" / "pre.sh", 0o700)
+    try:
+        rep = host.run(hc, mount_points=[m.mountpoint], freeze_timeout=20)
+        assert rep.code == code, (rep.code, rep.pre[0].detail if rep.pre else rep.check_errors)
+        assert rep.outcome == (host.APP if code == 0 else host.FS)
+        if check is not None:
+            assert check(rep.pre[0]), rep.pre[0].as_dict()
+        orjson.loads(report.dumps(rep))  # the report is valid JSON whatever the script printed
+        assert not loopfs.thaw_path(m.mountpoint), "left frozen"
+        if name != "setsid daemon keeps stdout open":
+            assert strays() == [], "a script process outlived its run"
+    finally:
+        for pid in strays():  # the daemon is the script's business, by design; end it here
+            os.kill(pid, 9)
+
+
+def test_script_swapped_during_the_run_is_not_the_one_that_runs(tmp_path, mounts):
+    """A racing thread keeps renaming untrusted (world-writable) scripts over the pre-script while
+    whole runs go on: each run either refuses (306) or runs the file it checked, never the other."""
+    m = mounts.make("ext4")
+    ran = tmp_path / "ran"
+    hc = write_setup(tmp_path, pre=f"#!/bin/sh\necho checked >> {ran}\n".encode())
+    pre = tmp_path / "etc" / "pre.sh"
+    good = pre.read_bytes()
+    stop = threading.Event()
+
+    def swapper():
+        i = 0
+        while not stop.is_set():
+            evil, fine = tmp_path / "etc" / f"evil{i}", tmp_path / "etc" / f"good{i}"
+            make(evil, f"#!/bin/sh\necho evil >> {ran}\n".encode(), mode=0o777)
+            os.rename(evil, pre)
+            make(fine, good)
+            os.rename(fine, pre)
+            i += 1
+
+    t = threading.Thread(target=swapper)
+    t.start()
+    try:
+        reps = [host.run(hc, mount_points=[m.mountpoint], freeze_timeout=20) for _ in range(30)]
+    finally:
+        stop.set()
+        t.join()
+    lines = ran.read_text().split() if ran.exists() else []
+    assert "evil" not in lines, "a file other than the checked one ran"
+    assert all(r.code in (0, 306) for r in reps), [r.code for r in reps]
+    assert len(lines) == sum(r.code == 0 for r in reps), "every checked run ran its script once"
+    assert not loopfs.thaw_path(m.mountpoint)
+
+
+# ---- hypothesis over `pyexec check` -------------------------------------------------------------
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                           lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                           max_leaves=8)
+plugin_docs = st.fixed_dictionaries({}, optional={k: json_values for k in GOOD_PLUGIN}).map(
+    lambda d: {**{k: v for k, v in GOOD_PLUGIN.items() if k not in d}, **d})
+ini_values = st.one_of(st.integers(-5, 5000).map(str), st.text(alphabet="0123456789-x. ", max_size=6))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=plugin_docs, timeout=ini_values, n=ini_values, raw=st.binary(max_size=64))
+def test_check_on_generated_configs_gives_table_errors_only(tmp_path, doc, timeout, n, raw):
+    d = tmp_path / "etc"
+    # stdlib json writes what orjson refuses (huge ints, NaN): hostile input for the parser
+    pj = make(d / "plugin.json", json.dumps(doc).encode() if raw[:1] != b"!" else raw, mode=0o600)
+    hc = make(d / "host.conf", f"[pre_post]\ntimeoutInSeconds = {timeout}\nnumberOfPlugins = {n}\n"
+              f"pluginName0 = p\npluginPath0 = {d}\npluginConfigPath0 = {pj}\n".encode(), mode=0o600)
+    res = host.check(hc)
+    try:
+        assert all(e.code in errors.TABLE for e in res.errors)
+        assert res.errors or res.plugins
+    finally:
+        res.close()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=plugin_docs)
+def test_check_command_on_generated_configs_never_tracebacks(tmp_path, doc):
+    d = tmp_path / "etc"
+    pj = make(d / "plugin.json", json.dumps(doc).encode(), mode=0o600)
+    hc = make(d / "host.conf", f"[pre_post]\nnumberOfPlugins = 1\npluginName0 = p\npluginPath0 = {d}\n"
+              f"pluginConfigPath0 = {pj}\n".encode(), mode=0o600)
+    r = subprocess.run([sys.executable, "-m", "pyexec.cli", "check", "--config", hc, "--json"],
+                       capture_output=True, cwd="/", timeout=60)
+    assert b"Traceback" not in r.stderr
+    out = orjson.loads(r.stdout)
+    assert all(p["code"] in errors.TABLE for p in out["problems"])
+    assert (r.returncode == 0) == out["ok"]

@@ -1,0 +1,189 @@
+"""Kill storm: the full flow on two loop mounts, SIGKILLed at random instants, PYEXEC_KILL_TRIALS times
+(default 200).  Every fifth trial kills the guardian inside the window instead, every fifth kills the
+guardian and the controller together.  After each kill: both mounts take writes again within the bound
+(time from the kill measured), no script process is left, no guardian or warden outlives its controller.
+A summary (trials per phase, worst and median time-to-thaw) goes to results/kill-storm.json."""
+from __future__ import annotations
+
+import os
+import pathlib
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+
+import orjson
+
+from helpers import needs_root
+from pyexec import scripts
+from test_config_trust import write_setup
+from test_freeze_window import writable_within
+
+pytestmark = needs_root
+
+TRIALS = int(os.environ.get("PYEXEC_KILL_TRIALS", "200"))
+BOUND_S = 2.0  # the freeze timeout of every run: no mount may stay frozen longer after a kill
+HOLD_S = 0.04  # the snapshot action's time inside the window
+REPORT = pathlib.Path(__file__).resolve().parent.parent / "results" / "kill-storm.json"
+
+# Phase markers are written to the pipe before each phase (never inside the window).
+CONTROLLER = r"""
+import os, sys, time
+from pyexec import host
+cfg, hold, *mps = sys.argv[1:]
+marks = {"check": b"c", "pre-scripts": b"p", "freeze": b"f", "post-scripts": b"s"}
+def progress(msg):
+    os.write(1, marks.get(msg.split(":")[0], b""))
+os.write(1, b"g")
+rep = host.run(cfg, mount_points=mps, snapshot=lambda w: time.sleep(float(hold)), freeze_timeout=%r,
+               progress=progress)
+os.write(1, b"E" + rep.outcome.encode())
+""" % BOUND_S
+
+
+def procs_matching(pred) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if pred(argv):
+                out.append(int(d))
+    return out
+
+
+def gone_within(pred, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while procs_matching(pred):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def guardian_of(ctl_pid: int, timeout: float) -> int | None:
+    """The guardian of ctl_pid once it runs, or None if the controller ends first."""
+    deadline = time.monotonic() + timeout
+    want = [b"pyexec-guardian", str(ctl_pid).encode()]
+    while time.monotonic() < deadline:
+        found = procs_matching(lambda a: [os.path.basename(a[0]), *a[1:2]] == want)
+        if found:
+            return found[0]
+        if not os.path.exists(f"/proc/{ctl_pid}/fd"):
+            return None
+        time.sleep(0.0005)
+    return None
+
+
+def read_marks(proc) -> bytes:
+    os.set_blocking(proc.stdout.fileno(), False)
+    try:
+        return proc.stdout.read() or b""
+    finally:
+        os.set_blocking(proc.stdout.fileno(), True)
+
+
+def phase_of(marks: bytes) -> str:
+    if b"E" in marks or b"s" in marks:
+        return "after"
+    if b"f" in marks:
+        return "window"
+    return "before"
+
+
+def test_kill_storm(tmp_path, mounts):
+    a, b = mounts.make("ext4"), mounts.make("ext4")
+    writers = [mounts.writer(os.path.join(m.mountpoint, "f")) for m in (a, b)]
+    marker = f"storm-{uuid.uuid4().hex[:8]}"
+    child = b"#!/bin/sh\nsh -c 'sleep 0.04; :' \"$1\"\n"  # a grandchild that carries the marker
+    cfg = write_setup(tmp_path, pre=child, post=child,
+                      plugin_doc={"preScriptParams": [marker], "postScriptParams": [marker]})
+    env = {**os.environ, "PYEXEC_RUN_DIR": str(tmp_path / "run")}
+    argv = [sys.executable, "-c", CONTROLLER, cfg, str(HOLD_S), a.mountpoint, b.mountpoint]
+    is_script = lambda argv_: marker.encode() in argv_  # noqa: E731
+    cg_root = scripts.cgroup2_root()
+
+    def start():
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, env=env, cwd="/")
+        assert p.stdout.read(1) == b"g", "controller did not start"
+        return p
+
+    # One undisturbed run sets the range of kill instants.
+    t0 = time.monotonic()
+    p = start()
+    tail = p.stdout.read()
+    p.wait()
+    span = time.monotonic() - t0
+    assert tail.endswith(b"Eapp-consistent"), tail
+
+    rng = random.Random(int(os.environ.get("PYEXEC_KILL_SEED", "7")))
+    results = []
+    for i in range(TRIALS):
+        mode = ("controller", "controller", "controller", "guardian", "both")[i % 5]
+        mounts.rearm()
+        p = start()
+        try:
+            if mode == "controller":
+                time.sleep(rng.uniform(0, span * 1.2))
+                t_kill = time.monotonic()
+                p.kill()
+            else:
+                g = guardian_of(p.pid, 10)
+                assert g is not None, f"trial {i}: no guardian appeared"
+                time.sleep(rng.uniform(0, HOLD_S))
+                t_kill = time.monotonic()
+                os.kill(g, signal.SIGKILL)
+                if mode == "both":
+                    p.kill()
+            p.wait(timeout=30)
+            marks = read_marks(p)
+            recovered = False
+            if mode == "both":
+                # Nobody is left to thaw: the next run (or `pyexec recover`) does, from the journal.
+                r = subprocess.run([sys.executable, "-m", "pyexec.cli", "recover"], env=env, cwd="/",
+                                   capture_output=True, timeout=60)
+                assert r.returncode == 0, r.stderr
+                recovered = b"thawed" in r.stdout and not r.stdout.startswith(b"recover: 0")
+            writable = all(writable_within(w, BOUND_S + 10) is not None for w in writers)
+            took = time.monotonic() - t_kill
+            assert writable, f"trial {i} ({mode}, {phase_of(marks)}): a mount stayed frozen"
+            assert gone_within(is_script, 5), f"trial {i} ({mode}): a script process outlived its controller"
+            assert gone_within(lambda a_: os.path.basename(a_[0]) in (b"pyexec-guardian", b"pyexec-warden")
+                               and a_[1:2] == [str(p.pid).encode()], 5), f"trial {i}: a helper outlived {p.pid}"
+            if cg_root:
+                assert not os.path.exists(os.path.join(cg_root, "pyexec", str(p.pid))), f"trial {i}: cgroup left"
+            if mode == "guardian":  # the controller saw its guardian die, thawed, and finished the run
+                assert b"E" in marks and b"Efailed" not in marks, marks
+            results.append({"mode": mode, "phase": phase_of(marks), "took": took, "recovered": recovered})
+        finally:
+            p.kill()
+            p.wait()
+
+    summary = summarize(results, span)
+    REPORT.parent.mkdir(exist_ok=True)
+    REPORT.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+    worst = summary["worst_time_to_writable_s"]
+    assert worst < BOUND_S, f"a mount took {worst:.3f}s after a kill to take writes again (bound {BOUND_S}s)"
+    assert summary["by_phase"].get("window", 0) > 0, "no kill landed inside the window"
+
+
+def summarize(results, span) -> dict:
+    took = [r["took"] for r in results]
+    by_phase, by_mode = {}, {}
+    for r in results:
+        by_phase[r["phase"]] = by_phase.get(r["phase"], 0) + 1
+        by_mode[r["mode"]] = by_mode.get(r["mode"], 0) + 1
+    in_window = [r["took"] for r in results if r["phase"] == "window"]
+    return {
+        "trials": len(results), "undisturbed_run_s": span, "bound_s": BOUND_S, "by_mode": by_mode,
+        "by_phase": by_phase, "worst_time_to_writable_s": max(took),
+        "median_time_to_writable_s": statistics.median(took),
+        "worst_in_window_s": max(in_window) if in_window else None,
+        "worst_by_mode_s": {m: max(r["took"] for r in results if r["mode"] == m) for m in by_mode},
+    }
