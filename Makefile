@@ -14,7 +14,9 @@ demo: setup
 	$(VENV)/bin/pyexec demo
 
 bench: setup
+	mkdir -p results
 	$(VENV)/bin/pytest -q --timeout 1800 benchmarks --benchmark-only --benchmark-json results/bench.json
+	$(VENV)/bin/python benchmarks/report.py results/bench.json results
 
 clean:
 	rm -rf build *.egg-info pyexec/*.so pyexec/_native.c pyexec/_pxcffi.c

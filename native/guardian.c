@@ -3,7 +3,9 @@
  * Started by the controller before its first FIFREEZE, with the freeze set's shared page
  * (a memfd) as fd 3 and the controller's pid as argv[1].  It opens its own fd on every
  * mount through /proc/<pid>/fd, says it is ready, then sleeps in ppoll on the controller's
- * pidfd with the page's deadline as timeout.  No Python, no allocation after start. */
+ * pidfd with the page's deadline as timeout.  No Python, no allocation after start.
+ * argv[2], if given, is the run's journal: once the guardian has thawed, it removes it, so that
+ * a journal left behind always means that nobody thawed (what `pyexec recover` looks for). */
 #define _GNU_SOURCE
 #include "pyexec_core.h"
 
@@ -55,7 +57,7 @@ static int thaw_ours(px_set *s, int controller_dead)
 
 int main(int argc, char **argv)
 {
-    if (argc != 2)
+    if (argc != 2 && argc != 3)
         return 2;
     pid_t ctl = (pid_t)atoi(argv[1]);
     px_set *s = mmap(NULL, sizeof(px_set), PROT_READ | PROT_WRITE, MAP_SHARED, PAGE_FD, 0);
@@ -70,6 +72,9 @@ int main(int argc, char **argv)
     }
     s->guardian_pid = getpid();
     STORE(s->guardian_state, G_READY);
+    /* The controller waits for this byte on our stdout pipe: an event, not a poll of the page. */
+    ssize_t w = write(STDOUT_FILENO, "R", 1);
+    (void)w;
     for (;;) {
         int64_t deadline = LOAD(s->deadline_ns);
         if (!dead) {
@@ -106,6 +111,8 @@ int main(int argc, char **argv)
             if (ppoll(&pf, 1, &ts, NULL) > 0)
                 dead = 1;
         }
+        if (argc == 3)
+            unlink(argv[2]);
         break;
     }
     return 0;

@@ -1,12 +1,14 @@
 /* pyexec-warden: kills the scripts a controller leaves running when it dies.
  *
- * Started once per controller process, before its first script, with the controller's
- * cgroup directory (<cgroup2>/pyexec/<pid>) as fd 3 and the controller's pid as argv[1].
- * A running script lives in a leaf cgroup named "run-<n>"; when it ends the controller
- * renames it "done-<n>", which the warden leaves alone, since a post-script may have started
- * a daemon on purpose.  The warden sleeps on the controller's pidfd; when the controller is
- * gone it kills every "run-*" cgroup's whole tree, removes the empty leaves and exits.  A
- * controller that exits normally SIGKILLs its warden first. */
+ * Started once per controller process, before its first script, with the scripts' cgroup
+ * parent (<cgroup2>/pyexec) as fd 3 and the controller's pid as argv[1]; the controller's own
+ * cgroup directory is <pid> under it, made after the warden runs so that no moment leaves it
+ * unwatched.  A running script lives in a leaf cgroup named "run-<n>"; when it ends the
+ * controller renames it "done-<n>", which the warden leaves alone, since a post-script may
+ * have started a daemon on purpose.  The warden sleeps on the controller's pidfd; when the
+ * controller is gone it kills every "run-*" cgroup's whole tree, removes the empty leaves and
+ * the directory, and exits.  It does the same at the controller's normal exit (then there is
+ * no "run-*" left), and at its start for directories of controllers that died unwatched. */
 #define _GNU_SOURCE
 #include "pyexec_core.h"
 
@@ -14,13 +16,60 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define DIR_FD 3
+#define PARENT_FD 3
 #define KILL_WAIT_NS 5000000000LL
+
+/* Kill what runs in <parent>/<name>/run-*, then remove the empty leaves and the directory. */
+static void sweep(const char *name)
+{
+    int dir = openat(PARENT_FD, name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dir < 0)
+        return;
+    DIR *d = fdopendir(dup(dir));
+    if (d != NULL) {
+        struct dirent *e;
+        while ((e = readdir(d)) != NULL) {
+            int running = strncmp(e->d_name, "run-", 4) == 0;
+            if (!running && strncmp(e->d_name, "done-", 5) != 0)
+                continue;
+            if (running) {
+                int cg = openat(dir, e->d_name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+                if (cg >= 0) {
+                    px_cgroup_kill(cg, px_now_ns() + KILL_WAIT_NS);
+                    close(cg);
+                }
+            }
+            unlinkat(dir, e->d_name, AT_REMOVEDIR); /* fails, harmlessly, while a daemon lives there */
+        }
+        closedir(d);
+    }
+    close(dir);
+    unlinkat(PARENT_FD, name, AT_REMOVEDIR);
+}
+
+/* Directories of controllers that died with no warden to clean up after them. */
+static void sweep_dead(pid_t self_ctl)
+{
+    DIR *d = fdopendir(dup(PARENT_FD));
+    if (d == NULL)
+        return;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        char *end;
+        long pid = strtol(e->d_name, &end, 10);
+        if (*end != 0 || pid <= 0 || pid == self_ctl)
+            continue;
+        if (kill((pid_t)pid, 0) < 0 && errno == ESRCH)
+            sweep(e->d_name);
+    }
+    closedir(d);
+}
 
 int main(int argc, char **argv)
 {
@@ -28,35 +77,14 @@ int main(int argc, char **argv)
         return 2;
     pid_t ctl = (pid_t)atoi(argv[1]);
     int pidfd = (int)syscall(SYS_pidfd_open, ctl, 0);
+    sweep_dead(ctl);
     if (pidfd >= 0 && getppid() == ctl) {
         struct pollfd pf = {pidfd, POLLIN, 0};
         while (poll(&pf, 1, -1) < 0 && errno == EINTR)
             ;
     }
-    DIR *d = fdopendir(dup(DIR_FD));
-    if (d == NULL)
-        return 1;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        int running = strncmp(e->d_name, "run-", 4) == 0;
-        if (!running && strncmp(e->d_name, "done-", 5) != 0)
-            continue;
-        if (running) {
-            int cg = openat(DIR_FD, e->d_name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-            if (cg >= 0) {
-                px_cgroup_kill(cg, px_now_ns() + KILL_WAIT_NS);
-                close(cg);
-            }
-        }
-        unlinkat(DIR_FD, e->d_name, AT_REMOVEDIR); /* fails, harmlessly, while a daemon lives there */
-    }
-    closedir(d);
-    /* The controller's own directory goes too once it is empty. */
-    char path[4096];
-    ssize_t n = readlink("/proc/self/fd/3", path, sizeof(path) - 1);
-    if (n > 0) {
-        path[n] = 0;
-        rmdir(path);
-    }
+    /* The controller is gone, killed or at its normal exit: after a normal exit nothing is
+     * "run-*", and the "done-*" leaves with a daemon in them are kept. */
+    sweep(argv[1]);
     return 0;
 }

@@ -77,11 +77,13 @@ def cmd_status(args) -> int:
 
 def cmd_recover(args) -> int:
     from pyexec import freeze
-    thawed, alive = freeze.recover()
+    thawed, alive, rcu = freeze.recover()
     for pid in alive:
         print(f"pid {pid} is still running: left alone")
     for p in thawed:
         print(f"thawed {p} (left frozen by a dead run)")
+    if rcu:
+        print(f"put {freeze.RCU_EXPEDITED} back to 0 (left at 1 by a dead run)")
     print(f"recover: {len(thawed)} filesystem(s) thawed")
     return 0
 

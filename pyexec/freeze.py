@@ -97,7 +97,7 @@ class _Guardian:
 
     def __init__(self, nat: native.Native, page, memfd: int, on_death):
         self.nat = nat
-        self.proc = nat.spawn([GUARDIAN, str(os.getpid())], {}, path=GUARDIAN, exec_fd=memfd)
+        self.proc = nat.spawn([GUARDIAN, str(os.getpid()), _journal_path()], {}, path=GUARDIAN, exec_fd=memfd)
         self.page = page
         self.lost = False
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
@@ -127,16 +127,15 @@ class _Guardian:
         os.close(self._stop_w)
 
 
-def _wait_ready(page, proc_pidfd: int, timeout_s: float = 5.0) -> bool:
-    # The guardian writes G_READY into the shared page once it holds its own mount fds;
-    # there is no event for a memory store, so wait on its pidfd in short slices.
-    deadline = time.monotonic() + timeout_s
+def _wait_ready(page, proc, timeout_s: float = 5.0) -> bool:
+    """Wait for the guardian's ready byte on its stdout (or its death, or timeout_s)."""
     p = select.poll()
-    p.register(proc_pidfd, select.POLLIN)
-    while native.read_set(page).guardian_state < G_READY:
-        if p.poll(1) or time.monotonic() > deadline:
-            return False
-    return True
+    p.register(proc.out_fd, select.POLLIN)
+    p.register(proc.pidfd, select.POLLIN)
+    for fd, _ in p.poll(int(timeout_s * 1000)):
+        if fd == proc.out_fd and os.read(proc.out_fd, 1) == b"R":
+            break
+    return native.read_set(page).guardian_state >= G_READY
 
 
 @contextlib.contextmanager
@@ -159,10 +158,20 @@ def _run_lock(wait_s: float):
         os.close(fd)
 
 
-def recover() -> tuple[list[str], list[int]]:
-    """Thaw what dead runs' journals say they froze: (paths thawed, pids still running)."""
+RCU_EXPEDITED = "/sys/kernel/rcu_expedited"
+
+
+def _read_rcu() -> str | None:
+    with contextlib.suppress(OSError), open(RCU_EXPEDITED) as f:
+        return f.read().strip()
+    return None
+
+
+def recover() -> tuple[list[str], list[int], bool]:
+    """Thaw what dead runs' journals say they froze and put rcu_expedited back:
+    (paths thawed, pids still running, whether rcu_expedited was restored)."""
     import glob
-    thawed, alive = [], []
+    thawed, alive, rcu = [], [], False
     for j in sorted(glob.glob(os.path.join(RUN_DIR, "journal-*.json"))):
         try:
             with open(j, "rb") as f:
@@ -176,9 +185,13 @@ def recover() -> tuple[list[str], list[int]]:
             with contextlib.suppress(OSError):
                 if thaw_path(p):
                     thawed.append(p)
+        if doc.get("rcu_expedited_before") == "0" and _read_rcu() == "1":
+            with contextlib.suppress(OSError), open(RCU_EXPEDITED, "w") as f:
+                f.write("0")
+                rcu = True
         with contextlib.suppress(FileNotFoundError):
             os.unlink(j)
-    return thawed, alive
+    return thawed, alive, rcu
 
 
 def thaw_path(path: str) -> bool:
@@ -201,7 +214,9 @@ def _journal_path() -> str:
 
 
 def _write_journal(window: Window, state: str) -> None:
-    doc = {"pid": os.getpid(), "state": state, "paths": window.paths, "time": time.time()}
+    # The value before we expedite, for `recover` if both we and the guardian die in the window.
+    doc = {"pid": os.getpid(), "state": state, "paths": window.paths, "time": time.time(),
+           "rcu_expedited_before": _read_rcu() if window.expedite else None}
     tmp = _journal_path() + ".tmp"
     with open(tmp, "wb") as f:
         f.write(orjson.dumps(doc))
@@ -251,7 +266,7 @@ def freeze(paths, timeout: float = DEFAULT_TIMEOUT, expedite: bool = True, presy
         if guardian:
             g = _Guardian(nat, page, memfd, on_death=lambda: nat.thaw(page))
             stack.callback(g.stop)
-            if not _wait_ready(page, g.proc.pidfd):
+            if not _wait_ready(page, g.proc):
                 raise errors.FreezeError(121, "the thaw guardian did not start")
             window.guardian = "ready"
         _write_journal(window, "freezing")

@@ -108,7 +108,9 @@ def run_phase(checked: CheckResult, phase: str, nat=None, env_extra=None) -> lis
         params = c.pre_params if phase == "pre" else c.post_params
         retries = c.pre_retries if phase == "pre" else c.post_retries
         jobs.append((script, params, phase, c.timeout, retries, c.continue_on_failure, pc.entry.name))
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(jobs))) as ex:
+    if len(jobs) <= 1:  # no thread to start for the common single plugin
+        return [scripts.run_script(*job, env_extra=env_extra, nat=nat) for job in jobs]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs)) as ex:
         futs = [ex.submit(scripts.run_script, *job, env_extra=env_extra, nat=nat) for job in jobs]
         return [f.result() for f in futs]
 

@@ -2,7 +2,6 @@
 deadline, the whole tree killed at the deadline, output captured bounded in memory."""
 from __future__ import annotations
 
-import atexit
 import contextlib
 import dataclasses
 import itertools
@@ -73,23 +72,25 @@ WARDEN = os.path.join(os.path.dirname(__file__), "pyexec-warden")
 
 
 class _Warden:
-    """This process's cgroup directory for scripts, and the warden that empties it if we die."""
+    """This process's cgroup directory for scripts, and the warden that empties and removes it when
+    this process ends, however it ends (native/warden.c)."""
 
     _lock = threading.Lock()
     _current: "_Warden | None" = None
 
     def __init__(self, root: str):
         self.pid = os.getpid()
-        self.path = os.path.join(root, "pyexec", str(self.pid))
-        os.makedirs(self.path, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        parent = os.path.join(root, "pyexec")
+        self.path = os.path.join(parent, str(self.pid))
+        os.makedirs(parent, exist_ok=True)
         self.nat = native.default()
+        pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            self.proc = self.nat.spawn([WARDEN, str(self.pid)], {}, path=WARDEN, exec_fd=self.fd)
-        except OSError:
-            os.close(self.fd)
-            raise
-        atexit.register(self.stop)
+            # The warden first, then our directory: a kill in between leaves nothing unwatched.
+            self.proc = self.nat.spawn([WARDEN, str(self.pid)], {}, path=WARDEN, exec_fd=pfd)
+        finally:
+            os.close(pfd)
+        os.makedirs(self.path, exist_ok=True)
 
     @classmethod
     def get(cls) -> "_Warden | None":
@@ -103,17 +104,6 @@ class _Warden:
                 except OSError:
                     cur = None
             return cur
-
-    def stop(self) -> None:
-        """A normal exit: end the warden first, so that it kills nothing."""
-        if self.pid != os.getpid():
-            return
-        with contextlib.suppress(OSError):
-            self.nat.kill_tree(self.proc, 0, KILL_WAIT_NS)
-        self.proc.close()
-        os.close(self.fd)
-        with contextlib.suppress(OSError):
-            os.rmdir(self.path)
 
 
 @contextlib.contextmanager

@@ -106,6 +106,29 @@ def test_sigkill_of_controller_inside_window_thaws(mounts, tmp_path):
         ctl.kill()
         ctl.wait()
     assert took is not None, "killing the controller left the mount frozen"
+    # The guardian removed the journal after thawing: nothing is left for `recover`.
+    journals = lambda: list((tmp_path / "run").glob("journal-*.json"))  # noqa: E731
+    deadline = time.monotonic() + 5
+    while journals() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert journals() == []
+
+
+def test_next_freeze_recovers_what_a_dead_run_left_frozen(nat, mounts, tmp_path, monkeypatch):
+    """Controller and guardian both killed: the journal stays, and the next freeze thaws its mounts first."""
+    a, b = mounts.make("ext4"), mounts.make("ext4")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    monkeypatch.setattr(freeze, "RUN_DIR", str(run_dir))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    subprocess.run(["fsfreeze", "-f", b.mountpoint], check=True)
+    (run_dir / f"journal-{dead.pid}.json").write_bytes(orjson.dumps(
+        {"pid": dead.pid, "state": "freezing", "paths": [b.mountpoint], "time": 0}))
+    with freeze.freeze([a.mountpoint], timeout=20, backend=nat):
+        pass
+    assert not loopfs.thaw_path(b.mountpoint), "the dead run's mount was not recovered"
+    assert list(run_dir.glob("journal-*.json")) == []
 
 
 def test_foreign_freeze_is_reported_and_left_frozen(nat, mounts):

@@ -122,6 +122,8 @@ def test_kill_storm(tmp_path, mounts):
     span = time.monotonic() - t0
     assert tail.endswith(b"Eapp-consistent"), tail
 
+    with open("/sys/kernel/rcu_expedited") as f:
+        rcu_before = f.read()
     rng = random.Random(int(os.environ.get("PYEXEC_KILL_SEED", "7")))
     results = []
     for i in range(TRIALS):
@@ -168,6 +170,8 @@ def test_kill_storm(tmp_path, mounts):
             p.kill()
             p.wait()
 
+    with open("/sys/kernel/rcu_expedited") as f:
+        assert f.read() == rcu_before, "rcu_expedited was left changed"
     summary = summarize(results, span)
     REPORT.parent.mkdir(exist_ok=True)
     REPORT.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
