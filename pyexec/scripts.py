@@ -113,25 +113,26 @@ def script_cgroup(enabled: bool = True):
     While the script runs the leaf is named run-N, which the warden kills if this process dies;
     after it, done-N (kept only while a daemon the script started lives in it)."""
     warden = _Warden.get() if enabled else None
-    name = fd = None
+    run = done = fd = None
     if warden:
+        n = next(_cg_seq)
+        run, done = os.path.join(warden.path, f"run-{n}"), os.path.join(warden.path, f"done-{n}")
         try:
-            name = f"{next(_cg_seq)}"
-            os.mkdir(os.path.join(warden.path, "run-" + name))
-            fd = os.open(os.path.join(warden.path, "run-" + name), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            os.mkdir(run)
+            fd = os.open(run, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
-            name = None  # fall back to process-group kills
+            pass  # fall back to process-group kills
     try:
         yield fd if fd is not None else -1
     finally:
         if fd is not None:
             os.close(fd)
-        if name:
+        if run:
             try:
-                os.rmdir(os.path.join(warden.path, "run-" + name))
+                os.rmdir(run)
             except OSError:
                 with contextlib.suppress(OSError):
-                    os.rename(os.path.join(warden.path, "run-" + name), os.path.join(warden.path, "done-" + name))
+                    os.rename(run, done)
 
 
 def _runs_directly(script: TrustedFile) -> bool:
