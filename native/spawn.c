@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <linux/sched.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <spawn.h>
 #include <string.h>
@@ -113,6 +114,81 @@ static int spawn_posix(const char *path, int exec_fd, char *const argv[], char *
     return -rc;
 }
 
+/* What the child of the cgroup path needs between clone3 and execve. */
+struct child_args {
+    const char *path;
+    int exec_fd, out_w, err_w, devnull, ep_w;
+    char *const *argv, *const *envp;
+};
+
+/* The child, until execve: only async-signal-safe calls, as in CPython's child_exec.  On
+ * failure its errno goes to the error pipe. */
+static int child_exec(void *arg)
+{
+    const struct child_args *a = arg;
+    sigset_t none;
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof(dfl));
+    dfl.sa_handler = SIG_DFL;
+    for (int sig = 1; sig < NSIG; sig++)
+        sigaction(sig, &dfl, NULL);
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    if (setsid() < 0 || chdir("/") < 0)
+        goto fail;
+    if (dup2(a->devnull, 0) < 0 || dup2(a->out_w, 1) < 0 || dup2(a->err_w, 2) < 0)
+        goto fail;
+    if (a->exec_fd >= 0) {
+        if (a->exec_fd == CHILD_EXEC_FD) {
+            if (fcntl(a->exec_fd, F_SETFD, 0) < 0)
+                goto fail;
+        } else if (dup2(a->exec_fd, CHILD_EXEC_FD) < 0) {
+            goto fail;
+        }
+    }
+    /* Mark the rest close-on-exec rather than closing it: the error pipe must
+     * survive until execve succeeds. */
+    syscall(SYS_close_range, a->exec_fd >= 0 ? CHILD_EXEC_FD + 1 : 3, ~0U, CLOSE_RANGE_CLOEXEC);
+    execve(a->path ? a->path : CHILD_EXEC_PATH, a->argv, a->envp);
+fail:;
+    int e = errno;
+    ssize_t w = write(a->ep_w, &e, sizeof(e));
+    (void)w;
+    _exit(127);
+}
+
+#if defined(__x86_64__)
+#define CHILD_STACK_SIZE 65536
+/* clone3 with CLONE_VM|CLONE_VFORK, the child on a stack of its own, as posix_spawn does: no
+ * copy of the (large) parent's page tables.  glibc 2.36 exports no clone3 wrapper, and a raw
+ * syscall cannot return into C on a new stack, so the child's first steps are assembly:
+ * call fn(arg) on the new stack, then exit.  fn and arg ride in callee-saved registers, which
+ * the child inherits. */
+static long clone3_on_stack(struct clone_args *ca, int (*fn)(void *), void *arg)
+{
+    register long rax __asm__("rax") = SYS_clone3;
+    register struct clone_args *rdi __asm__("rdi") = ca;
+    register size_t rsi __asm__("rsi") = sizeof(*ca);
+    register int (*r12)(void *) __asm__("r12") = fn;
+    register void *r13 __asm__("r13") = arg;
+    __asm__ volatile("syscall\n\t"
+                     "testq %%rax, %%rax\n\t"
+                     "jnz 1f\n\t"
+                     "xorl %%ebp, %%ebp\n\t"
+                     "movq %%r13, %%rdi\n\t"
+                     "callq *%%r12\n\t"
+                     "movl %%eax, %%edi\n\t"
+                     "movl $60, %%eax\n\t" /* SYS_exit */
+                     "syscall\n\t"
+                     "hlt\n\t"
+                     "1:\n\t"
+                     : "+r"(rax)
+                     : "r"(rdi), "r"(rsi), "r"(r12), "r"(r13)
+                     : "rcx", "r11", "memory");
+    return rax;
+}
+#endif
+
 /* The cgroup path: clone3(CLONE_INTO_CGROUP) places the child in its cgroup before it
  * runs a single instruction of the script, so cgroup.kill reaches every descendant, even
  * one that calls setsid.  glibc 2.36 has no posix_spawnattr_setcgroup_np (2.39). */
@@ -129,6 +205,7 @@ static int spawn_clone3(const char *path, int exec_fd, char *const argv[], char 
         close(ep_w);
         return rc;
     }
+    struct child_args a = {path, exec_fd, out_w, err_w, devnull, ep_w, argv, envp};
     int child_pidfd = -1;
     struct clone_args ca;
     memset(&ca, 0, sizeof(ca));
@@ -136,41 +213,25 @@ static int spawn_clone3(const char *path, int exec_fd, char *const argv[], char 
     ca.pidfd = (uint64_t)(uintptr_t)&child_pidfd;
     ca.exit_signal = SIGCHLD;
     ca.cgroup = (uint64_t)cgroup_fd;
+#if defined(__x86_64__)
+    /* The child shares our memory until it execs: no handler of ours may run in it, so every
+     * signal stays blocked across the clone (the child resets handlers, then unblocks). */
+    _Alignas(16) char stack[CHILD_STACK_SIZE];
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    ca.flags |= CLONE_VM;
+    ca.stack = (uint64_t)(uintptr_t)stack;
+    ca.stack_size = sizeof(stack);
+    long r = clone3_on_stack(&ca, child_exec, &a);
+    int e = r < 0 ? (int)-r : 0;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+#else
     long r = syscall(SYS_clone3, &ca, sizeof(ca));
-    if (r == 0) {
-        /* Child: a copy of the parent (no CLONE_VM), so only async-signal-safe calls
-         * until execve, as in CPython's child_exec. */
-        sigset_t none;
-        struct sigaction dfl;
-        memset(&dfl, 0, sizeof(dfl));
-        dfl.sa_handler = SIG_DFL;
-        for (int sig = 1; sig < NSIG; sig++)
-            sigaction(sig, &dfl, NULL);
-        sigemptyset(&none);
-        sigprocmask(SIG_SETMASK, &none, NULL);
-        if (setsid() < 0 || chdir("/") < 0)
-            goto fail;
-        if (dup2(devnull, 0) < 0 || dup2(out_w, 1) < 0 || dup2(err_w, 2) < 0)
-            goto fail;
-        if (exec_fd >= 0) {
-            if (exec_fd == CHILD_EXEC_FD) {
-                if (fcntl(exec_fd, F_SETFD, 0) < 0)
-                    goto fail;
-            } else if (dup2(exec_fd, CHILD_EXEC_FD) < 0) {
-                goto fail;
-            }
-        }
-        /* Mark the rest close-on-exec rather than closing it: the error pipe must
-         * survive until execve succeeds. */
-        syscall(SYS_close_range, exec_fd >= 0 ? CHILD_EXEC_FD + 1 : 3, ~0U, CLOSE_RANGE_CLOEXEC);
-        execve(path ? path : CHILD_EXEC_PATH, argv, envp);
-    fail:;
-        int e = errno;
-        ssize_t w = write(ep_w, &e, sizeof(e));
-        (void)w;
-        _exit(127);
-    }
-    int e = errno;
+    if (r == 0)
+        child_exec(&a);
+    int e = r < 0 ? errno : 0;
+#endif
     close(ep_w);
     close(devnull);
     if (r < 0) {
