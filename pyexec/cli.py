@@ -60,18 +60,13 @@ def cmd_run(args) -> int:
 
 
 def cmd_status(args) -> int:
-    import glob
-    import os
     from pyexec import freeze
-    journals = sorted(glob.glob(os.path.join(freeze.RUN_DIR, "journal-*.json")))
-    if not journals:
+    found = freeze.journals()
+    if not found:
         print("pyexec holds nothing frozen")
         return 0
-    for j in journals:
-        with open(j, "rb") as f:
-            doc = orjson.loads(f.read())
-        alive = os.path.exists(f"/proc/{doc['pid']}")
-        print(f"pid {doc['pid']} ({'running' if alive else 'dead'}): {doc['state']}: {', '.join(doc['paths'])}")
+    for _, doc, running in found:
+        print(f"pid {doc['pid']} ({'running' if running else 'dead'}): {doc['state']}: {', '.join(doc['paths'])}")
     return 0
 
 

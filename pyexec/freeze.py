@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import glob
 import mmap
 import os
 import select
@@ -167,18 +168,26 @@ def _read_rcu() -> str | None:
     return None
 
 
-def recover() -> tuple[list[str], list[int], bool]:
-    """Thaw what dead runs' journals say they froze and put rcu_expedited back:
-    (paths thawed, pids still running, whether rcu_expedited was restored)."""
-    import glob
-    thawed, alive, rcu = [], [], False
+def journals() -> list[tuple[str, dict, bool]]:
+    """Every readable journal under RUN_DIR: (path, document, whether its pid still runs)."""
+    out = []
     for j in sorted(glob.glob(os.path.join(RUN_DIR, "journal-*.json"))):
         try:
             with open(j, "rb") as f:
                 doc = orjson.loads(f.read())
         except (OSError, orjson.JSONDecodeError):
             continue
-        if doc.get("pid") == os.getpid() or os.path.exists(f"/proc/{doc.get('pid')}"):
+        pid = doc.get("pid")
+        out.append((j, doc, pid == os.getpid() or os.path.exists(f"/proc/{pid}")))
+    return out
+
+
+def recover() -> tuple[list[str], list[int], bool]:
+    """Thaw what dead runs' journals say they froze and put rcu_expedited back:
+    (paths thawed, pids still running, whether rcu_expedited was restored)."""
+    thawed, alive, rcu = [], [], False
+    for j, doc, running in journals():
+        if running:
             alive.append(doc.get("pid"))
             continue
         for p in doc.get("paths", []):

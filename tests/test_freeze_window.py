@@ -125,6 +125,9 @@ def test_next_freeze_recovers_what_a_dead_run_left_frozen(nat, mounts, tmp_path,
     subprocess.run(["fsfreeze", "-f", b.mountpoint], check=True)
     (run_dir / f"journal-{dead.pid}.json").write_bytes(orjson.dumps(
         {"pid": dead.pid, "state": "freezing", "paths": [b.mountpoint], "time": 0}))
+    status = subprocess.run([sys.executable, "-m", "pyexec.cli", "status"], capture_output=True, text=True,
+                            env={**os.environ, "PYEXEC_RUN_DIR": str(run_dir)}, cwd="/", timeout=60)
+    assert f"pid {dead.pid} (dead): freezing: {b.mountpoint}" in status.stdout, status.stdout + status.stderr
     with freeze.freeze([a.mountpoint], timeout=20, backend=nat):
         pass
     assert not loopfs.thaw_path(b.mountpoint), "the dead run's mount was not recovered"
