@@ -107,6 +107,21 @@ class Writer:
         return struct.unpack_from("=Q", self.map, 0)[0]
 
 
+def procs_matching(pred) -> list[int]:
+    """Pids of the live processes whose argv (a list of bytes) satisfies pred."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if pred(argv):
+                out.append(int(d))
+    return out
+
+
 def open_fds() -> set[int]:
     """This process's open fds."""
     return {int(x) for x in os.listdir("/proc/self/fd")}

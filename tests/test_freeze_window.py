@@ -11,7 +11,7 @@ import time
 import orjson
 import pytest
 
-from helpers import needs_root
+from helpers import needs_root, procs_matching
 from pyexec import errors, freeze, loopfs
 from test_config_trust import write_setup
 
@@ -68,16 +68,10 @@ def test_controller_thaws_when_guardian_dies(nat, mounts):
 
 
 def _guardian_pid() -> int:
-    me = os.getpid()
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = open(f"/proc/{d}/stat").read()
-            except OSError:
-                continue
-            if "(pyexec-guardia" in stat and int(stat.rsplit(")", 1)[1].split()[1]) == me:
-                return int(d)
-    raise AssertionError("no guardian running")
+    me = str(os.getpid()).encode()
+    found = procs_matching(lambda argv: os.path.basename(argv[0]) == b"pyexec-guardian" and argv[1:2] == [me])
+    assert found, "no guardian running"
+    return found[0]
 
 
 CONTROLLER = r"""

@@ -20,7 +20,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from helpers import needs_root
+from helpers import needs_root, procs_matching
 from pyexec import errors, host, loopfs, report
 from test_config_trust import GOOD_PLUGIN, make, write_setup
 
@@ -62,15 +62,7 @@ HOSTILE_SCRIPTS = {
 
 
 def strays() -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                if MARK.encode() in open(f"/proc/{d}/cmdline", "rb").read():
-                    out.append(int(d))
-            except OSError:
-                pass
-    return out
+    return procs_matching(lambda argv: any(MARK.encode() in a for a in argv))
 
 
 @pytest.mark.parametrize("name", list(HOSTILE_SCRIPTS))

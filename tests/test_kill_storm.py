@@ -17,7 +17,7 @@ import uuid
 
 import orjson
 
-from helpers import needs_root
+from helpers import needs_root, procs_matching
 from pyexec import scripts
 from test_config_trust import write_setup
 from test_freeze_window import writable_within
@@ -42,20 +42,6 @@ rep = host.run(cfg, mount_points=mps, snapshot=lambda w: time.sleep(float(hold))
                progress=progress)
 os.write(1, b"E" + rep.outcome.encode())
 """ % BOUND_S
-
-
-def procs_matching(pred) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    argv = f.read().split(b"\0")
-            except OSError:
-                continue
-            if pred(argv):
-                out.append(int(d))
-    return out
 
 
 def gone_within(pred, timeout: float) -> bool:
