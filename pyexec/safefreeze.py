@@ -25,11 +25,10 @@ GUARDIAN_SLACK_S = 0.5
 
 @dataclasses.dataclass
 class Result:
-    """How one safefreeze ended: exit status, why, the window, and lines to print after the thaw."""
+    """How one safefreeze ended: exit status, why, and lines to print after the thaw."""
 
     status: int
     reason: str
-    window: freeze.Window | None = None
     lines: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -84,7 +83,6 @@ def run(timeout_s: float, paths: list[str], expedite: bool = True) -> Result:
         with _signal_pipe() as sig_r:
             try:
                 with freeze.freeze(paths, timeout=timeout_s + GUARDIAN_SLACK_S, expedite=expedite) as win:
-                    res.window = win
                     try:
                         os.kill(ppid, signal.SIGUSR1)
                     except OSError as err:

@@ -83,11 +83,11 @@ class _Warden:
         parent = os.path.join(root, "pyexec")
         self.path = os.path.join(parent, str(self.pid))
         os.makedirs(parent, exist_ok=True)
-        self.nat = native.default()
         pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             # The warden first, then our directory: a kill in between leaves nothing unwatched.
-            self.proc = self.nat.spawn([WARDEN, str(self.pid)], {}, path=WARDEN, exec_fd=pfd)
+            # It is never waited for (it outlives us by design), so its fds are of no use here.
+            native.default().spawn([WARDEN, str(self.pid)], {}, path=WARDEN, exec_fd=pfd).close()
         finally:
             os.close(pfd)
         os.makedirs(self.path, exist_ok=True)
