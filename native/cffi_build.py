@@ -22,12 +22,12 @@ ffibuilder.cdef("""
     int64_t px_now_ns(void);
     int px_set_init(px_set *s, const int32_t *fds, int32_t n);
     int px_freeze(px_set *s, int32_t flags);
-    int px_thaw(px_set *s);
+    int px_thaw(px_set *s, int32_t flags);
     int px_rcu_restore(px_set *s);
     int px_spawn(const char *path, int exec_fd, char *const argv[], char *const envp[],
                  int cgroup_fd, px_proc *p);
-    int px_wait(const px_proc *p, int64_t deadline_ns, px_capture *out, px_capture *err,
-                px_status *st);
+    int px_wait(const px_proc *p, int64_t deadline_ns, int cancel_fd, px_capture *out,
+                px_capture *err, px_status *st);
     int px_kill_tree(const px_proc *p, int cgroup_fd, int64_t grace_ns, int64_t kill_wait_ns,
                      px_capture *out, px_capture *err, px_status *st);
 """)

@@ -98,28 +98,47 @@ int px_rcu_restore(px_set *s)
     return rc;
 }
 
-/* Thaw mounts [0, upto) that are ours, last first. */
-static int thaw_range(px_set *s, int32_t upto)
+/* Thaw mounts [0, upto) that are ours, last first.  A mount marked freezing is skipped
+ * unless PX_THAW_IN_FLIGHT says its freezer is gone: a FITHAW issued while that FIFREEZE is
+ * still in the kernel waits for it, and it may wait for a filesystem frozen behind it. */
+static int thaw_range(px_set *s, int32_t upto, int32_t flags)
 {
     int rc = 0;
     for (int32_t i = upto - 1; i >= 0; i--) {
         px_mount *m = &s->m[i];
         int32_t st = LOAD(m->state);
-        if (st != PX_M_FROZEN && st != PX_M_FREEZING)
+        if (st != PX_M_FROZEN && !(st == PX_M_FREEZING && (flags & PX_THAW_IN_FLIGHT)))
             continue;
-        m->thaw_start_ns = px_now_ns();
-        int r = ioctl(m->fd, FITHAW, 0);
+        int fd = (flags & PX_THAW_GUARDIAN_FDS) ? m->guardian_fd : m->fd;
+        if (fd < 0)
+            continue;
+        int64_t t0 = px_now_ns();
+        int r = ioctl(fd, FITHAW, 0);
         int e = r < 0 ? errno : 0;
-        m->thaw_end_ns = px_now_ns();
-        m->thaw_errno = e;
-        /* EINVAL: not frozen any more (thawed behind our back); either way it is
-         * no longer ours.  Any other error leaves it marked frozen for a retry. */
-        if (e == 0 || e == EINVAL)
+        /* EINVAL: not frozen any more (thawed behind our back, or by the other of controller
+         * and guardian); either way it is no longer ours.  Any other error leaves it marked
+         * frozen for a retry. */
+        if (e == 0 || e == EINVAL) {
+            m->thaw_start_ns = t0;
+            m->thaw_end_ns = px_now_ns();
+            m->thaw_errno = e;
             STORE(m->state, PX_M_THAWED);
+        } else {
+            m->thaw_errno = e;
+        }
         if (e && !rc)
             rc = -e;
     }
     return rc;
+}
+
+/* Has the guardian fired, or been lost?  Sequentially consistent, paired with the guardian's
+ * store of its state before it reads the mounts' states: of a mount frozen just as the guardian
+ * fires, either the guardian sees it frozen and thaws it, or px_freeze sees the guardian fired
+ * and thaws it itself (a second FITHAW answers EINVAL, harmlessly). */
+static int guardian_fired(px_set *s)
+{
+    return __atomic_load_n(&s->guardian_state, __ATOMIC_SEQ_CST) >= PX_G_FIRED_DEADLINE;
 }
 
 int px_freeze(px_set *s, int32_t flags)
@@ -148,15 +167,28 @@ int px_freeze(px_set *s, int32_t flags)
     s->window_start_ns = px_now_ns();
     for (int32_t i = 0; i < n; i++) {
         px_mount *m = &s->m[i];
-        STORE(m->state, PX_M_FREEZING);
+        if (guardian_fired(s)) { /* the bound passed before this FIFREEZE (a slow syncfs) */
+            s->failed_index = i;
+            s->failed_errno = ETIMEDOUT;
+            rc = -ETIMEDOUT;
+            break;
+        }
+        __atomic_store_n(&m->state, PX_M_FREEZING, __ATOMIC_SEQ_CST);
         m->freeze_start_ns = px_now_ns();
         int r = ioctl(m->fd, FIFREEZE, 0);
         int e = r < 0 ? errno : 0;
         m->freeze_end_ns = px_now_ns();
         m->freeze_errno = e;
         if (e == 0) {
-            STORE(m->state, PX_M_FROZEN);
-            continue;
+            __atomic_store_n(&m->state, PX_M_FROZEN, __ATOMIC_SEQ_CST);
+            if (!guardian_fired(s))
+                continue;
+            /* The bound passed while this FIFREEZE was in flight (it can wait for a
+             * filesystem the guardian has just thawed): stop and undo our part. */
+            s->failed_index = i + 1; /* thaw up to and including this one */
+            s->failed_errno = ETIMEDOUT;
+            rc = -ETIMEDOUT;
+            break;
         }
         /* EBUSY: already frozen by someone else; it is theirs to thaw, never ours. */
         STORE(m->state, e == EBUSY ? PX_M_BUSY : PX_M_FAILED);
@@ -169,7 +201,7 @@ int px_freeze(px_set *s, int32_t flags)
         rcu_restore_fd(s, rcu_fd);
     if (rc < 0) {
         STORE(s->phase, PX_PHASE_THAWING);
-        thaw_range(s, s->failed_index);
+        thaw_range(s, s->failed_index, 0); /* exactly the mounts this call froze */
         s->window_end_ns = px_now_ns();
         STORE(s->phase, PX_PHASE_DONE);
         return rc;
@@ -178,10 +210,12 @@ int px_freeze(px_set *s, int32_t flags)
     return 0;
 }
 
-int px_thaw(px_set *s)
+int px_thaw(px_set *s, int32_t flags)
 {
+    if (flags & PX_THAW_GUARDIAN_FDS) /* the guardian thaws; the window's phase is the controller's */
+        return thaw_range(s, s->n, flags);
     STORE(s->phase, PX_PHASE_THAWING);
-    int rc = thaw_range(s, s->n);
+    int rc = thaw_range(s, s->n, flags);
     s->window_end_ns = px_now_ns();
     STORE(s->phase, PX_PHASE_DONE);
     return rc;

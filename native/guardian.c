@@ -1,58 +1,65 @@
 /* pyexec-guardian: thaws what the controller froze if the controller dies or overruns.
  *
  * Started by the controller before its first FIFREEZE, with the freeze set's shared page
- * (a memfd) as fd 3 and the controller's pid as argv[1].  It opens its own fd on every
- * mount through /proc/<pid>/fd, says it is ready, then sleeps in ppoll on the controller's
- * pidfd with the page's deadline as timeout.  No Python, no allocation after start.
- * argv[2], if given, is the run's journal: once the guardian has thawed, it removes it, so that
- * a journal left behind always means that nobody thawed (what `pyexec recover` looks for). */
+ * (the run's journal file on tmpfs) as fd 3 and the controller's pid as argv[1].  It opens its
+ * own fd on every mount through /proc/<pid>/fd, says it is ready, then sleeps in ppoll on the
+ * controller's pidfd with the page's deadline as timeout.  No Python, no allocation after start.
+ *
+ * It never blocks behind an ioctl that cannot return: it thaws only mounts marked frozen (last
+ * first) while the controller lives.  A mount marked freezing has a FIFREEZE in flight in the
+ * controller, and a FITHAW issued now would wait for it (both take the superblock's s_umount)
+ * while that FIFREEZE may itself wait for a filesystem frozen behind it (a loop image on a frozen
+ * mount).  That mount is the controller's to undo: px_freeze thaws it itself when its FIFREEZE
+ * returns and sees the guardian fired.  If the controller dies instead (a process dies only once
+ * its ioctl has returned), nothing is in flight any more and the guardian thaws it.
+ * argv[2], if given, is the run's journal: once the guardian has thawed everything, it removes it,
+ * so that a journal left behind always means that nobody thawed (what `pyexec recover` looks for). */
 #define _GNU_SOURCE
 #include "pyexec_core.h"
 
 #include <errno.h>
 #include <fcntl.h>
-#include <linux/fs.h>
 #include <poll.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
 #define PAGE_FD 3
-#define G_READY 1
-#define G_FIRED_DEADLINE 2
-#define G_FIRED_CONTROLLER_DIED 3
-#define G_DONE 4
 
 #define LOAD(field) __atomic_load_n(&(field), __ATOMIC_ACQUIRE)
-#define STORE(field, v) __atomic_store_n(&(field), (v), __ATOMIC_RELEASE)
 
-static int thaw_ours(px_set *s, int controller_dead)
+/* Sleep until the controller dies or the deadline passes: 1 if it died, 0 at the deadline.
+ * deadline_ns <= 0 sleeps until it dies. */
+static int wait_controller(int pidfd, int64_t deadline_ns)
 {
-    int in_flight = 0;
-    for (int32_t i = s->n - 1; i >= 0; i--) {
-        px_mount *m = &s->m[i];
-        int32_t st = LOAD(m->state);
-        if (st != PX_M_FROZEN && st != PX_M_FREEZING)
-            continue;
-        if (m->guardian_fd < 0)
-            continue;
-        int r = ioctl(m->guardian_fd, FITHAW, 0);
-        /* A FREEZING mount of a live controller may still have its FIFREEZE in flight:
-         * EINVAL means it has not frozen yet, so it must be tried again. */
-        if (st == PX_M_FREEZING && !controller_dead && r < 0 && errno == EINVAL) {
-            in_flight = 1;
-            continue;
+    for (;;) {
+        struct timespec ts, *tsp = NULL;
+        if (deadline_ns > 0) {
+            px_left_ts(deadline_ns, px_now_ns(), &ts);
+            tsp = &ts;
         }
-        if (r == 0 || errno == EINVAL)
-            STORE(m->state, PX_M_THAWED);
+        struct pollfd pf = {pidfd, POLLIN, 0};
+        int r = ppoll(&pf, 1, tsp, NULL);
+        if (r > 0)
+            return 1;
+        if (r == 0)
+            return 0;
+        if (errno != EINTR)
+            return 1; /* cannot watch it any more: act as if it died */
     }
-    px_rcu_restore(s);
-    return in_flight;
+}
+
+static int any_ours(px_set *s)
+{
+    for (int32_t i = 0; i < s->n; i++) {
+        int32_t st = LOAD(s->m[i].state);
+        if (st == PX_M_FROZEN || st == PX_M_FREEZING)
+            return 1;
+    }
+    return 0;
 }
 
 int main(int argc, char **argv)
@@ -71,49 +78,45 @@ int main(int argc, char **argv)
         s->m[i].guardian_fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     }
     s->guardian_pid = getpid();
-    STORE(s->guardian_state, G_READY);
+    __atomic_store_n(&s->guardian_state, PX_G_READY, __ATOMIC_SEQ_CST);
     /* The controller waits for this byte on our stdout pipe: an event, not a poll of the page. */
     ssize_t w = write(STDOUT_FILENO, "R", 1);
     (void)w;
-    for (;;) {
+    while (!dead) {
         int64_t deadline = LOAD(s->deadline_ns);
-        if (!dead) {
-            struct timespec ts, *tsp = NULL;
-            if (deadline > 0) {
-                px_left_ts(deadline, px_now_ns(), &ts);
-                tsp = &ts;
-            }
-            struct pollfd pf = {pidfd, POLLIN, 0};
-            int r = ppoll(&pf, 1, tsp, NULL);
-            if (r < 0 && errno == EINTR)
-                continue;
-            if (r > 0)
-                dead = 1;
-            else if (LOAD(s->phase) == PX_PHASE_DONE)
-                break;
-            else if (deadline <= 0 || px_now_ns() < LOAD(s->deadline_ns))
-                continue; /* the controller moved the deadline */
-        }
-        if (LOAD(s->phase) == PX_PHASE_DONE || LOAD(s->phase) == PX_PHASE_IDLE) {
-            if (dead) {
-                /* Between windows: nothing is frozen, but a crash may have left the
-                 * rcu setting behind. */
-                px_rcu_restore(s);
-                break;
-            }
+        dead = wait_controller(pidfd, deadline);
+        if (dead)
+            break;
+        if (px_now_ns() < LOAD(s->deadline_ns))
+            continue; /* the controller moved the deadline */
+        int32_t phase = LOAD(s->phase);
+        if (phase == PX_PHASE_DONE) {
+            /* The window closed in time; the controller is about to stop us. */
+            __atomic_store_n(&s->deadline_ns, 0, __ATOMIC_RELEASE);
             continue;
         }
-        STORE(s->guardian_state, dead ? G_FIRED_CONTROLLER_DIED : G_FIRED_DEADLINE);
-        while (thaw_ours(s, dead)) {
-            /* Rare: wait for the controller's stuck FIFREEZE to land, then thaw it. */
-            struct pollfd pf = {pidfd, POLLIN, 0};
-            struct timespec ts = {0, 1000000};
-            if (ppoll(&pf, 1, &ts, NULL) > 0)
-                dead = 1;
-        }
-        if (argc == 3)
-            unlink(argv[2]);
-        break;
+        /* Fire: publish it before reading the mounts' states (px_freeze does the mirror image). */
+        __atomic_store_n(&s->guardian_state, PX_G_FIRED_DEADLINE, __ATOMIC_SEQ_CST);
+        px_thaw(s, PX_THAW_GUARDIAN_FDS);
+        px_rcu_restore(s);
+        /* What is still marked ours has its FIFREEZE in flight in the live controller: the
+         * controller undoes it, unless it dies first.  Either way stay until it stops us or dies. */
+        dead = wait_controller(pidfd, 0);
     }
+    if (dead) {
+        int32_t phase = LOAD(s->phase);
+        if (phase != PX_PHASE_IDLE && phase != PX_PHASE_DONE) {
+            int32_t expected = PX_G_READY;
+            __atomic_compare_exchange_n(&s->guardian_state, &expected, PX_G_FIRED_DIED, 0,
+                                        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+        }
+        /* The controller is gone, so no ioctl of its is in flight: every mount marked
+         * freezing or frozen is ours to thaw (the one ambiguous instant: killed inside a
+         * FIFREEZE that answered EBUSY, see docs). */
+        px_thaw(s, PX_THAW_GUARDIAN_FDS | PX_THAW_IN_FLIGHT);
+        px_rcu_restore(s);
+    }
+    if (argc == 3 && !any_ours(s))
+        unlink(argv[2]);
     return 0;
 }

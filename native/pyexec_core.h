@@ -25,6 +25,18 @@
 #define PX_FREEZE_EXPEDITE 1 /* rcu_expedited=1 around the FIFREEZE loop */
 #define PX_FREEZE_PRESYNC 2  /* syncfs() each filesystem before the window */
 
+/* px_thaw flags */
+#define PX_THAW_GUARDIAN_FDS 1 /* use each mount's guardian_fd (the guardian's own table) */
+#define PX_THAW_IN_FLIGHT 2    /* also thaw mounts marked freezing: only once their freezer is dead,
+                                * since a FITHAW behind an in-flight FIFREEZE waits for it (s_umount) */
+
+/* guardian_state values (written by the guardian, except PX_G_LOST) */
+#define PX_G_NONE 0
+#define PX_G_READY 1
+#define PX_G_FIRED_DEADLINE 2
+#define PX_G_FIRED_DIED 3 /* the controller died inside the window */
+#define PX_G_LOST 4       /* written by the controller: the guardian died */
+
 /* rcu_state values */
 #define PX_RCU_UNTOUCHED 0
 #define PX_RCU_SET 1      /* we wrote 1; rcu_prev holds the value to put back */
@@ -119,11 +131,13 @@ static inline void px_left_ts(int64_t deadline_ns, int64_t now_ns, struct timesp
 /* Prepare s for n fds (n <= PX_MAX_MOUNTS), all idle. */
 int px_set_init(px_set *s, const int32_t *fds, int32_t n);
 /* FIFREEZE s->m[0..n) in order.  On the first failure thaw, in reverse, exactly the
- * mounts this call froze and return -errno (s->failed_index says which). */
+ * mounts this call froze and return -errno (s->failed_index says which).  If the guardian
+ * fires (or is lost) meanwhile, stop, thaw what this call froze and return -ETIMEDOUT. */
 int px_freeze(px_set *s, int32_t flags);
-/* FITHAW, in reverse, every mount marked frozen (or freezing); every thaw is tried.
- * Returns 0 or the first -errno; each mount keeps its own thaw_errno. */
-int px_thaw(px_set *s);
+/* FITHAW, in reverse, every mount marked frozen (and, with PX_THAW_IN_FLIGHT, freezing);
+ * every thaw is tried.  Returns 0 or the first -errno; each mount keeps its thaw_errno.
+ * The one thaw of pyexec: the controller, the guardian and recover all call it. */
+int px_thaw(px_set *s, int32_t flags);
 /* Put rcu_expedited back if s says we set it and did not restore it (crash path). */
 int px_rcu_restore(px_set *s);
 
@@ -132,10 +146,11 @@ int px_rcu_restore(px_set *s);
  * cgroup_fd >= 0 starts the child inside that cgroup v2 directory (clone3). */
 int px_spawn(const char *path, int exec_fd, char *const argv[], char *const envp[],
              int cgroup_fd, px_proc *p);
-/* Drain output until the process exits (then reap it) or deadline_ns passes
- * (-ETIMEDOUT, not reaped).  deadline_ns < 0: no deadline. */
-int px_wait(const px_proc *p, int64_t deadline_ns, px_capture *out, px_capture *err,
-            px_status *st);
+/* Drain output until the process exits (then reap it), deadline_ns passes (-ETIMEDOUT,
+ * not reaped) or cancel_fd (if >= 0) is readable (-ECANCELED, not reaped; cancel_fd is not
+ * read, so every wait on it wakes).  deadline_ns < 0: no deadline. */
+int px_wait(const px_proc *p, int64_t deadline_ns, int cancel_fd, px_capture *out,
+            px_capture *err, px_status *st);
 /* SIGTERM the child's process group, wait up to grace_ns, SIGKILL the group (and
  * cgroup.kill if cgroup_fd >= 0), then wait up to kill_wait_ns and reap. */
 int px_kill_tree(const px_proc *p, int cgroup_fd, int64_t grace_ns, int64_t kill_wait_ns,

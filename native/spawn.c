@@ -356,12 +356,12 @@ static int drain(int fd, px_capture *c, size_t max_bytes)
     return 0;
 }
 
-/* Wait until the pidfd is readable (the process has exited) or the deadline passes,
- * draining both pipes meanwhile.  Does not reap. */
-static int wait_exit(const px_proc *p, int64_t deadline_ns, px_capture *out, px_capture *err,
-                     int64_t *seen_ns)
+/* Wait until the pidfd is readable (the process has exited), the deadline passes or cancel_fd
+ * is readable, draining both pipes meanwhile.  Does not reap. */
+static int wait_exit(const px_proc *p, int64_t deadline_ns, int cancel_fd, px_capture *out,
+                     px_capture *err, int64_t *seen_ns)
 {
-    struct pollfd pf[3];
+    struct pollfd pf[4];
     int open_out = p->out_fd >= 0 && !(out && out->eof);
     int open_err = p->err_fd >= 0 && !(err && err->eof);
     for (;;) {
@@ -376,8 +376,10 @@ static int wait_exit(const px_proc *p, int64_t deadline_ns, px_capture *out, px_
         pf[1].events = POLLIN;
         pf[2].fd = open_err ? p->err_fd : -1;
         pf[2].events = POLLIN;
-        pf[0].revents = pf[1].revents = pf[2].revents = 0;
-        int r = ppoll(pf, 3, tsp, NULL);
+        pf[3].fd = cancel_fd;
+        pf[3].events = POLLIN;
+        pf[0].revents = pf[1].revents = pf[2].revents = pf[3].revents = 0;
+        int r = ppoll(pf, 4, tsp, NULL);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
@@ -397,6 +399,8 @@ static int wait_exit(const px_proc *p, int64_t deadline_ns, px_capture *out, px_
                 drain(p->err_fd, err, 64u << 20);
             return 0;
         }
+        if (pf[3].revents)
+            return -ECANCELED;
         if (r == 0 && deadline_ns >= 0 && px_now_ns() >= deadline_ns)
             return -ETIMEDOUT;
     }
@@ -424,11 +428,11 @@ static int reap(const px_proc *p, px_status *st)
     return 0;
 }
 
-int px_wait(const px_proc *p, int64_t deadline_ns, px_capture *out, px_capture *err,
-            px_status *st)
+int px_wait(const px_proc *p, int64_t deadline_ns, int cancel_fd, px_capture *out,
+            px_capture *err, px_status *st)
 {
     int64_t seen = 0;
-    int rc = wait_exit(p, deadline_ns, out, err, &seen);
+    int rc = wait_exit(p, deadline_ns, cancel_fd, out, err, &seen);
     if (rc < 0)
         return rc;
     st->exit_seen_ns = seen;
@@ -492,7 +496,7 @@ int px_kill_tree(const px_proc *p, int cgroup_fd, int64_t grace_ns, int64_t kill
 {
     int64_t seen = 0;
     signal_tree(p, SIGTERM);
-    int rc = wait_exit(p, px_now_ns() + grace_ns, out, err, &seen);
+    int rc = wait_exit(p, px_now_ns() + grace_ns, -1, out, err, &seen);
     if (rc < 0 && rc != -ETIMEDOUT)
         return rc;
     /* KILL the group even if the leader went on TERM: descendants that ignore TERM
@@ -503,7 +507,7 @@ int px_kill_tree(const px_proc *p, int cgroup_fd, int64_t grace_ns, int64_t kill
     if (rc == -ETIMEDOUT) {
         /* A process blocked on a frozen filesystem ignores SIGKILL until the thaw:
          * bounded, and the caller never does this inside a freeze window. */
-        rc = wait_exit(p, px_now_ns() + kill_wait_ns, out, err, &seen);
+        rc = wait_exit(p, px_now_ns() + kill_wait_ns, -1, out, err, &seen);
         if (rc < 0)
             return rc;
     }

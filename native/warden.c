@@ -4,8 +4,9 @@
  * parent (<cgroup2>/pyexec) as fd 3 and the controller's pid as argv[1]; the controller's own
  * cgroup directory is <pid> under it, made after the warden runs so that no moment leaves it
  * unwatched.  A running script lives in a leaf cgroup named "run-<n>"; when it ends the
- * controller renames it "done-<n>", which the warden leaves alone, since a post-script may
- * have started a daemon on purpose.  The warden sleeps on the controller's pidfd; when the
+ * controller moves what it left running into the sibling "done" and removes the leaf (cgroup v2
+ * refuses renames).  The warden leaves "done" alone, since a post-script may have started a
+ * daemon on purpose.  The warden sleeps on the controller's pidfd; when the
  * controller is gone it kills every "run-*" cgroup's whole tree, removes the empty leaves and
  * the directory, and exits.  It does the same at the controller's normal exit (then there is
  * no "run-*" left), and at its start for directories of controllers that died unwatched. */
@@ -36,7 +37,7 @@ static void sweep(const char *name)
         struct dirent *e;
         while ((e = readdir(d)) != NULL) {
             int running = strncmp(e->d_name, "run-", 4) == 0;
-            if (!running && strncmp(e->d_name, "done-", 5) != 0)
+            if (!running && strcmp(e->d_name, "done") != 0)
                 continue;
             if (running) {
                 int cg = openat(dir, e->d_name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -84,7 +85,7 @@ int main(int argc, char **argv)
             ;
     }
     /* The controller is gone, killed or at its normal exit: after a normal exit nothing is
-     * "run-*", and the "done-*" leaves with a daemon in them are kept. */
+     * "run-*", and "done" is kept while a daemon lives in it. */
     sweep(argv[1]);
     return 0;
 }

@@ -28,12 +28,12 @@ cdef extern from "pyexec_core.h" nogil:
     int64_t px_now_ns()
     int px_set_init(px_set *s, const int32_t *fds, int32_t n)
     int px_freeze(px_set *s, int32_t flags)
-    int px_thaw(px_set *s)
+    int px_thaw(px_set *s, int32_t flags)
     int px_rcu_restore(px_set *s)
     int px_spawn(const char *path, int exec_fd, char *const *argv, char *const *envp,
                  int cgroup_fd, px_proc *p)
-    int px_wait(const px_proc *p, int64_t deadline_ns, px_capture *out, px_capture *err,
-                px_status *st)
+    int px_wait(const px_proc *p, int64_t deadline_ns, int cancel_fd, px_capture *out,
+                px_capture *err, px_status *st)
     int px_kill_tree(const px_proc *p, int cgroup_fd, int64_t grace_ns, int64_t kill_wait_ns,
                      px_capture *out, px_capture *err, px_status *st)
 
@@ -105,12 +105,12 @@ def freeze(buf, int flags):
     return rc
 
 
-def thaw(buf):
-    """FITHAW the set in reverse; returns 0 or the first -errno."""
+def thaw(buf, int flags):
+    """FITHAW what the set says is ours, in reverse; returns 0 or the first -errno."""
     cdef px_set *s = _set(buf)
     cdef int rc
     with nogil:
-        rc = px_thaw(s)
+        rc = px_thaw(s, flags)
     return rc
 
 
@@ -148,8 +148,8 @@ cdef void _proc(tuple proc, px_proc *p):
     p.pid, p.pidfd, p.out_fd, p.err_fd = proc
 
 
-def wait(tuple proc, long long deadline_ns, cap_out, cap_err):
-    """Wait for exit or deadline; returns (rc, status tuple or None)."""
+def wait(tuple proc, long long deadline_ns, int cancel_fd, cap_out, cap_err):
+    """Wait for exit, deadline or cancel_fd; returns (rc, status tuple or None)."""
     cdef px_proc p
     cdef px_status st
     cdef px_capture *co = _cap(cap_out)
@@ -157,7 +157,7 @@ def wait(tuple proc, long long deadline_ns, cap_out, cap_err):
     cdef int rc
     _proc(proc, &p)
     with nogil:
-        rc = px_wait(&p, deadline_ns, co, ce, &st)
+        rc = px_wait(&p, deadline_ns, cancel_fd, co, ce, &st)
     return rc, (_status(&st) if rc == 0 else None)
 
 

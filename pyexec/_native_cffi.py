@@ -39,10 +39,10 @@ def freeze(buf, flags):
     return lib.px_freeze(s, flags)
 
 
-def thaw(buf):
-    """FITHAW the set in reverse; returns 0 or the first -errno."""
+def thaw(buf, flags):
+    """FITHAW what the set says is ours, in reverse; returns 0 or the first -errno."""
     s, _keep = _ptr("px_set *", buf, SET_SIZE)
-    return lib.px_thaw(s)
+    return lib.px_thaw(s, flags)
 
 
 def rcu_restore(buf):
@@ -73,12 +73,12 @@ def _proc(proc):
     return p
 
 
-def wait(proc, deadline_ns, cap_out, cap_err):
-    """Wait for exit or deadline; returns (rc, status tuple or None)."""
+def wait(proc, deadline_ns, cancel_fd, cap_out, cap_err):
+    """Wait for exit, deadline or cancel_fd; returns (rc, status tuple or None)."""
     st = ffi.new("px_status *")
     co, _k1 = _ptr("px_capture *", cap_out, CAPTURE_SIZE)
     ce, _k2 = _ptr("px_capture *", cap_err, CAPTURE_SIZE)
-    rc = lib.px_wait(_proc(proc), deadline_ns, co, ce, st)
+    rc = lib.px_wait(_proc(proc), deadline_ns, cancel_fd, co, ce, st)
     return rc, (_status(st) if rc == 0 else None)
 
 

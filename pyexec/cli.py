@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 import orjson
@@ -18,13 +19,13 @@ def _print_problems(errs, out=sys.stdout) -> None:
 
 
 def cmd_check(args) -> int:
-    from pyexec import host, mounts
+    from pyexec import host
     res = host.check(args.config)
     try:
         try:
-            found = mounts.discover()
-            would_freeze = [m.mount_point for m in found]
-        except OSError:
+            would_freeze = [m.mount_point for m in host.plan_mounts(res, args.mount)]
+        except (OSError, errors.PyexecError) as e:
+            res.errors.append(e if isinstance(e, errors.PyexecError) else errors.FreezeError(123, str(e)))
             would_freeze = []
         if args.json:
             doc = {"ok": not res.errors, "code": res.code, "problems": [e.as_dict() for e in res.errors],
@@ -46,16 +47,24 @@ def cmd_check(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from pyexec import host, report
-    snapshot = args.snapshot_cmd.split() if args.snapshot_cmd else None
+    from pyexec import host, report, signals
     progress = (lambda m: None) if args.quiet else (lambda m: print(f"pyexec: {m}", file=sys.stderr, flush=True))
-    rep = host.run(args.config, mount_points=args.mount or None, snapshot=snapshot,
-                   freeze_timeout=args.freeze_timeout, expedite=not args.no_expedite, presync=not args.no_presync,
-                   progress=progress)
-    if args.json:
-        sys.stdout.buffer.write(report.dumps(rep) + b"\n")
-    else:
-        print(report.summary(rep))
+    # The scope covers the report too: a signal while it prints does not cut it short.
+    with signals.Cancel() as cancel:
+        try:
+            rep = host.run(args.config, mount_points=args.mount or None, snapshot=args.snapshot_cmd,
+                           freeze_timeout=args.freeze_timeout, expedite=not args.no_expedite,
+                           presync=not args.no_presync, progress=progress, lock_wait=args.lock_wait,
+                           cancel=cancel)
+        except (ValueError, TypeError) as e:
+            raise errors.PyexecError(11, str(e)) from e
+        if args.json:
+            sys.stdout.buffer.write(report.dumps(rep) + b"\n")
+        else:
+            print(report.summary(rep))
+        sys.stdout.flush()
+    if rep.interrupted:
+        return 128 + signal.Signals[rep.interrupted].value
     return {host.APP: 0, host.FS: 1}.get(rep.outcome, 2)
 
 
@@ -66,7 +75,8 @@ def cmd_status(args) -> int:
         print("pyexec holds nothing frozen")
         return 0
     for _, doc, running in found:
-        print(f"pid {doc['pid']} ({'running' if running else 'dead'}): {doc['state']}: {', '.join(doc['paths'])}")
+        mounts = ", ".join(f"{p} {st}" for p, st in zip(doc["paths"], doc["states"]))
+        print(f"pid {doc['pid']} ({'running' if running else 'dead'}): {mounts}")
     return 0
 
 
@@ -93,13 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="validate configs and scripts; run and freeze nothing")
     c.add_argument("--config", default=config.HOST_CONFIG_PATH, help="host config (VMSnapshotPluginHost.conf)")
+    c.add_argument("--mount", action="append", help="mount point to check the freeze order of (repeatable)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=cmd_check)
     r = sub.add_parser("run", help="check, pre-scripts, freeze + snapshot + thaw, post-scripts")
     r.add_argument("--config", default=config.HOST_CONFIG_PATH)
     r.add_argument("--mount", action="append", help="mount point to freeze (repeatable); replaces discovery")
-    r.add_argument("--snapshot-cmd", help="command run inside the freeze window (split on spaces)")
-    r.add_argument("--freeze-timeout", type=float, default=60.0, help="bound of the freeze window, seconds")
+    r.add_argument("--snapshot-cmd", help="command run inside the freeze window (shell quoting rules; a bare "
+                   "name is looked up on PATH; killed with its process tree at the freeze bound)")
+    r.add_argument("--freeze-timeout", default=60.0, help="bound of the freeze window, seconds in (0, 86400]")
+    r.add_argument("--lock-wait", default=0.0,
+                   help="seconds to wait for another run holding one of the filesystems (default 0)")
     r.add_argument("--no-expedite", action="store_true", help="do not set rcu_expedited around FIFREEZE")
     r.add_argument("--no-presync", action="store_true", help="do not syncfs before the window")
     r.add_argument("--json", action="store_true")

@@ -1,30 +1,65 @@
 """The freeze window: `with freeze(mounts, timeout=...) as window:`.
 
-Opens the mount points, dedupes superblocks, takes the run lock, starts the thaw guardian
-(off the critical path), then freezes through the native core, yields, and thaws in
-`finally`.  Inside the window nothing is written to disk and no module is imported."""
+Plans the mounts (mounts.plan: once per superblock, each before what it lives on), takes a
+lock per superblock (and the Azure extension's freeze lock where it exists), opens the mount
+points, starts the thaw guardian (off the critical path), then freezes through the native core,
+yields, and thaws in `finally`.  The freeze set's page is the run's journal, a file on tmpfs:
+each mount's state is a store into it, so `recover` knows what was ours without any write
+inside the window.  Inside the window nothing is written to disk and no module is imported."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import fcntl
 import glob
+import itertools
 import mmap
 import os
+import math
 import select
-import sys
+import struct
 import threading
 import time
 
+from collections.abc import Callable
+
 import orjson
 
-from pyexec import errors, native
+from pyexec import errors, mounts, native
 
 RUN_DIR = os.environ.get("PYEXEC_RUN_DIR", "/run/pyexec")  # tmpfs on a normal system: never frozen
 GUARDIAN = os.path.join(os.path.dirname(__file__), "pyexec-guardian")
-G_READY, G_FIRED_DEADLINE, G_FIRED_DIED = 1, 2, 3
 DEFAULT_TIMEOUT = 30.0
+MAX_TIMEOUT = 86400.0
+DEFAULT_LOCK_WAIT = 0.0
+# The Azure VM extension's freeze lock (its fsfreezer.py takes fcntl.lockf on this file): while it is
+# held, Azure Backup or Site Recovery is freezing.  Only taken where the directory exists.
+AZURE_LOCK_DIR = "/etc/azure/MicrosoftRecoverySvcsSafeFreezeLock"
+AZURE_LOCK_FILE = "SafeFreezeLockFile"
+
+
+def check_timeout(value, what: str = "timeout", zero_ok: bool = False) -> float:
+    """value as seconds: a finite number in (0, 86400] ([0, 86400] if zero_ok), else ValueError."""
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number of seconds, not {value!r}") from None
+    if not (math.isfinite(t) and (0 <= t if zero_ok else 0 < t) and t <= MAX_TIMEOUT):
+        low = "at least 0" if zero_ok else "more than 0"
+        raise ValueError(f"{what} must be {low} and at most {MAX_TIMEOUT:g} seconds, not {value!r}")
+    return t
+
+
+def check_paths(paths) -> list[str]:
+    """paths as a non-empty list of path strings, else TypeError/ValueError."""
+    if isinstance(paths, (str, bytes)) or not hasattr(paths, "__iter__"):
+        raise TypeError(f"mount points must be a list of paths, not {type(paths).__name__} {paths!r}")
+    out = [os.fsdecode(os.fspath(p)) for p in paths]
+    if not out:
+        raise ValueError("no mount point to freeze")
+    return out
 
 
 @dataclasses.dataclass
@@ -59,6 +94,14 @@ class Window:
     rcu: str = "untouched"
     guardian: str = "none"
     error: errors.PyexecError | None = None
+    deadline_ns: int = 0  # the bound the guardian enforces (CLOCK_MONOTONIC)
+    journal: str = ""  # the run journal while the window is open
+    _thaw: Callable[[], None] | None = dataclasses.field(default=None, repr=False)
+
+    def thaw_now(self) -> None:
+        """Thaw at once, before the with-block ends (the snapshot was abandoned)."""
+        if self._thaw is not None:
+            self._thaw()
 
     @property
     def length_ns(self) -> int:
@@ -96,13 +139,12 @@ class Window:
 class _Guardian:
     """The guardian process of one window and a thread that thaws if it dies."""
 
-    def __init__(self, nat: native.Native, page, memfd: int, on_death):
+    def __init__(self, nat: native.Native, page, page_fd: int, journal: str):
         self.nat = nat
-        self.proc = nat.spawn([GUARDIAN, str(os.getpid()), _journal_path()], {}, path=GUARDIAN, exec_fd=memfd)
+        self.proc = nat.spawn([GUARDIAN, str(os.getpid()), journal], {}, path=GUARDIAN, exec_fd=page_fd)
         self.page = page
         self.lost = False
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
-        self._on_death = on_death
         self._thread = threading.Thread(target=self._watch, name="pyexec-guardian-watch", daemon=True)
         self._thread.start()
 
@@ -113,8 +155,11 @@ class _Guardian:
         for fd, _ in p.poll():
             if fd == self.proc.pidfd:
                 self.lost = True
-                self._on_death()
-                return
+                # px_freeze reads this after each FIFREEZE and undoes what it froze; the thaw
+                # here skips a mount whose FIFREEZE is in flight (it would wait behind it).
+                if native.read_set(self.page).guardian_state < native.G_FIRED_DEADLINE:
+                    native.set_header(self.page, guardian_state=native.G_LOST)
+                self.nat.thaw(self.page)
             return
 
     def stop(self) -> None:
@@ -136,75 +181,218 @@ def _wait_ready(page, proc, timeout_s: float = 5.0) -> bool:
     for fd, _ in p.poll(int(timeout_s * 1000)):
         if fd == proc.out_fd and os.read(proc.out_fd, 1) == b"R":
             break
-    return native.read_set(page).guardian_state >= G_READY
+    return native.read_set(page).guardian_state >= native.G_READY
+
+
+_IN_CLOSE_WRITE, _IN_CLOSE_NOWRITE = 0x08, 0x10  # linux/inotify.h
+_libc = None
+
+
+def _inotify_close_watch(path: str) -> int:
+    """An inotify fd that becomes readable when any open file of path is closed: a lock holder's
+    release (flock and lockf locks end with the close of the holder's file)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "inotify_init1")
+    if _libc.inotify_add_watch(fd, os.fsencode(path), _IN_CLOSE_WRITE | _IN_CLOSE_NOWRITE) < 0:
+        e = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(e, f"inotify_add_watch {path}")
+    return fd
+
+
+def _lock(path: str, what: str, deadline: float, posix: bool = False) -> int:
+    """Take an exclusive lock on path (flock, or lockf for the Azure lock), waiting until deadline
+    (time.monotonic) for its holder to let go: woken by the holder's close, never by a timer tick.
+    Returns the fd that holds it; FreezeError 121 naming the holder after the deadline."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    watch = -1
+    try:
+        while True:
+            try:
+                if posix:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                else:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except (BlockingIOError, PermissionError):
+                pass
+            if watch < 0:  # watch, then try once more: a release between the two is not missed
+                watch = _inotify_close_watch(path)
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise errors.FreezeError(121, f"{what} is held by pid {_holder(fd, posix)} "
+                                         f"(lock {path}); gave up waiting")
+            p = select.poll()
+            p.register(watch, select.POLLIN)
+            if p.poll(math.ceil(left * 1000)):
+                with contextlib.suppress(BlockingIOError):
+                    os.read(watch, 65536)
+        if not posix:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    finally:
+        if watch >= 0:
+            os.close(watch)
+
+
+def _holder(fd: int, posix: bool) -> str:
+    if posix:  # F_GETLK names the holder of a POSIX lock
+        req = struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0)
+        with contextlib.suppress(OSError):
+            return str(struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, req))[4])
+        return "?"
+    with contextlib.suppress(OSError, ValueError):
+        return str(int(os.pread(fd, 32, 0)))
+    return "?"
+
+
+_held_lock = threading.Lock()
+_held: dict[str, str] = {}  # superblock (major:minor) → mount point, held by this process
+
+
+@dataclasses.dataclass
+class Held:
+    """Mounts planned (in freeze order) and locked for one run: freeze(held) freezes them."""
+
+    mounts: list[mounts.Mount]
+
+    @property
+    def paths(self) -> list[str]:
+        return [m.mount_point for m in self.mounts]
 
 
 @contextlib.contextmanager
-def _run_lock(wait_s: float):
+def hold(paths, lock_wait: float = DEFAULT_LOCK_WAIT, planned: list[mounts.Mount] | None = None):
+    """Plan paths and lock their superblocks (and the Azure freeze lock where it exists) for the
+    block: a run takes this before its pre-scripts, so it never quiesces what it cannot freeze.
+
+    Runs on other filesystems go on beside it; one that needs a held superblock waits up to
+    lock_wait seconds, then FreezeError 121 names the holder's pid."""
+    lock_wait = check_timeout(lock_wait, "lock_wait", zero_ok=True)
+    plan = planned if planned is not None else mounts.plan(check_paths(paths))
+    devs = [m.dev for m in plan]
     os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(RUN_DIR, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    run_dev = _superblock_of(RUN_DIR)
+    if run_dev in devs:
+        raise errors.FreezeError(123, f"the run directory {RUN_DIR} is on a filesystem to freeze "
+                                 "(set PYEXEC_RUN_DIR to a directory on tmpfs)")
+    with _held_lock:
+        nested = [_held[d] for d in devs if d in _held]
+        if nested:
+            raise errors.FreezeError(121, "this process already holds " + ", ".join(nested)
+                                     + " frozen: a freeze nested in another freeze of the same filesystem")
+        for d, m in zip(devs, plan):
+            _held[d] = m.mount_point
+    fds: list[int] = []
     try:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise errors.FreezeError(121, "another pyexec run holds the freeze lock "
-                                             f"({os.path.join(RUN_DIR, 'lock')})") from None
-                time.sleep(0.01)
-        yield
+        deadline = time.monotonic() + lock_wait
+        if os.path.isdir(AZURE_LOCK_DIR):
+            fds.append(_lock(os.path.join(AZURE_LOCK_DIR, AZURE_LOCK_FILE), "the Azure extension's freeze lock",
+                             deadline, posix=True))
+        for m in sorted(plan, key=lambda m: m.dev):  # one global order: two runs cannot deadlock
+            fds.append(_lock(os.path.join(RUN_DIR, f"sb-{m.dev.replace(':', '-')}.lock"),
+                             f"{m.mount_point} (another pyexec run)", deadline))
+        yield Held(plan)
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
+        with _held_lock:
+            for d in devs:
+                _held.pop(d, None)
 
 
-RCU_EXPEDITED = "/sys/kernel/rcu_expedited"
-
-
-def _read_rcu() -> str | None:
-    with contextlib.suppress(OSError), open(RCU_EXPEDITED) as f:
-        return f.read().strip()
-    return None
+def _superblock_of(path: str) -> str | None:
+    try:
+        return mounts.plan([path])[0].dev
+    except errors.PyexecError:
+        return None
 
 
 def journals() -> list[tuple[str, dict, bool]]:
-    """Every readable journal under RUN_DIR: (path, document, whether its pid still runs)."""
+    """Every readable run journal under RUN_DIR: (path, its metadata with "states", whether its
+    controller or guardian still runs)."""
     out = []
-    for j in sorted(glob.glob(os.path.join(RUN_DIR, "journal-*.json"))):
+    size = native.default().set_size
+    for j in sorted(glob.glob(os.path.join(RUN_DIR, "window-*.journal"))):
         try:
             with open(j, "rb") as f:
-                doc = orjson.loads(f.read())
-        except (OSError, orjson.JSONDecodeError):
+                data = f.read()
+            doc = orjson.loads(data[size:].rstrip(b"\0"))
+            rec = native.read_set(data[:size])
+        except (OSError, ValueError, orjson.JSONDecodeError):
             continue
-        pid = doc.get("pid")
-        out.append((j, doc, pid == os.getpid() or os.path.exists(f"/proc/{pid}")))
+        doc["states"] = [m.state for m in rec.mounts]
+        pids = [p for p in (doc.get("pid"), rec.guardian_pid) if p]
+        running = any(p == os.getpid() or _alive(p) for p in pids)
+        out.append((j, doc, running))
     return out
 
 
-def recover() -> tuple[list[str], list[int], bool]:
-    """Thaw what dead runs' journals say they froze and put rcu_expedited back:
-    (paths thawed, pids still running, whether rcu_expedited was restored)."""
+def _alive(pid: int) -> bool:
+    """Whether pid runs (a zombie, killed but not reaped yet, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
+
+
+def recover(nat: native.Native | None = None) -> tuple[list[str], list[int], bool]:
+    """Thaw what dead runs' journals mark as theirs and put rcu_expedited back:
+    (paths thawed, pids still running, whether rcu_expedited was restored).
+
+    Only mounts the journal marks frozen (or freezing: killed inside a FIFREEZE, the one
+    ambiguous instant) are thawed; a mount another tool froze after the crash is left alone."""
+    nat = nat or native.default()
     thawed, alive, rcu = [], [], False
     for j, doc, running in journals():
         if running:
             alive.append(doc.get("pid"))
             continue
-        for p in doc.get("paths", []):
-            with contextlib.suppress(OSError):
-                if thaw_path(p):
-                    thawed.append(p)
-        if doc.get("rcu_expedited_before") == "0" and _read_rcu() == "1":
-            with contextlib.suppress(OSError), open(RCU_EXPEDITED, "w") as f:
-                f.write("0")
+        with open(j, "rb") as f:
+            page = bytearray(f.read(nat.set_size))
+        opened = []
+        for i, (p, state) in enumerate(zip(doc.get("paths", []), doc["states"])):
+            if state not in ("frozen", "freezing"):
+                continue
+            try:
+                fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            native.set_mount_fd(page, i, fd)
+            opened.append((i, p, fd))
+        for i in range(len(doc.get("paths", []))):
+            if i not in {o[0] for o in opened}:
+                native.set_mount_fd(page, i, -1)
+        try:
+            nat.thaw(page, native.THAW_IN_FLIGHT)
+            rec = native.read_set(page)
+            thawed += [p for i, p, _ in opened if rec.mounts[i].state == "thawed" and rec.mounts[i].thaw_errno == 0]
+            if rec.rcu_state == "set" and nat.rcu_restore(page) == 0:
                 rcu = True
+        finally:
+            for _, _, fd in opened:
+                os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(j)
     return thawed, alive, rcu
 
 
+RCU_EXPEDITED = "/sys/kernel/rcu_expedited"
+
+
 def thaw_path(path: str) -> bool:
-    """FITHAW path if it is frozen; True if it was."""
+    """FITHAW path if it is frozen; True if it was (the sandbox's watchdogs: tests and demo)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.ioctl(fd, _FITHAW, 0)
@@ -218,108 +406,131 @@ def thaw_path(path: str) -> bool:
 _FITHAW = 0xC0045878  # _IOWR('X', 120, int), linux/fs.h
 
 
-def _journal_path() -> str:
-    return os.path.join(RUN_DIR, f"journal-{os.getpid()}.json")
+_journal_seq = itertools.count()
 
 
-def _write_journal(window: Window, state: str) -> None:
-    # The value before we expedite, for `recover` if both we and the guardian die in the window.
-    doc = {"pid": os.getpid(), "state": state, "paths": window.paths, "time": time.time(),
-           "rcu_expedited_before": _read_rcu() if window.expedite else None}
-    tmp = _journal_path() + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(orjson.dumps(doc))
-    os.replace(tmp, _journal_path())
+def journal_path() -> str:
+    """A new run journal of this process (a window's freeze set page, then its metadata)."""
+    return os.path.join(RUN_DIR, f"window-{os.getpid()}-{next(_journal_seq)}.journal")
+
+
+class FreezeTimeout(errors.FreezeError):
+    """The window outlived its bound: the guardian thawed it (code 122).  .window has the detail."""
+
+    def __init__(self, detail: str, window: "Window"):
+        super().__init__(122, detail)
+        self.window = window
 
 
 @contextlib.contextmanager
 def freeze(paths, timeout: float = DEFAULT_TIMEOUT, expedite: bool = True, presync: bool = True,
-           guardian: bool = True, backend: native.Native | None = None, lock_wait: float = 0.0):
-    """Freeze paths (mount points, in freeze order) for the body of the with-block.
+           guardian: bool = True, backend: native.Native | None = None, lock_wait: float = DEFAULT_LOCK_WAIT):
+    """Freeze paths (mount points, or a Held from hold()) for the body of the with-block.
 
-    Raises a FreezeError (121/123) if the freeze cannot be done; nothing is left frozen.
-    The guardian thaws everything at `timeout` seconds even if this process hangs or dies."""
+    Raises ValueError/TypeError for a bad timeout or paths; FreezeError (121/123) if the freeze
+    cannot be done, with nothing left frozen; FreezeTimeout (122) after the block if it outlived
+    `timeout` and the guardian thawed it (a snapshot taken then is not consistent).  The guardian
+    thaws at `timeout` seconds even if this process hangs or dies."""
+    timeout = check_timeout(timeout)
+    with contextlib.ExitStack() as stack:
+        held = paths if isinstance(paths, Held) else stack.enter_context(hold(paths, lock_wait))
+        with window(held.paths, timeout, expedite, presync, guardian, backend) as win:
+            yield win
+
+
+@contextlib.contextmanager
+def window(paths: list[str], timeout: float, expedite: bool = True, presync: bool = True,
+           guardian: bool = True, backend: native.Native | None = None):
+    """The window over paths exactly in the order given, unlocked: freeze() plans and locks first.
+    (Tests call it directly to give an order freeze() would refuse.)"""
     nat = backend or native.default()
-    paths = [os.fspath(p) for p in paths]
-    window = Window(paths=[], backend=nat.name, expedite=expedite, presync=presync, timeout_s=timeout)
+    win = Window(paths=list(paths), backend=nat.name, expedite=expedite, presync=presync, timeout_s=timeout)
     fds: list[int] = []
+    if len(paths) > nat.max_mounts:
+        raise errors.FreezeError(123, f"{len(paths)} mounts: at most {nat.max_mounts} per window")
     with contextlib.ExitStack() as stack:
         stack.callback(lambda: [os.close(fd) for fd in fds])
-        seen = set()
         for p in paths:
             try:
-                fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                fds.append(os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
             except OSError as err:
                 raise errors.FreezeError(123, f"cannot open mount point: {err.strerror}", p, errno=err.errno) from err
-            st = os.fstat(fd)
-            if st.st_dev in seen:  # a second FIFREEZE of one superblock would say EBUSY for our own freeze
-                os.close(fd)
-                continue
-            seen.add(st.st_dev)
-            fds.append(fd)
-            window.paths.append(p)
-        if len(fds) > nat.max_mounts:
-            raise errors.FreezeError(123, f"{len(fds)} mounts: at most {nat.max_mounts} per window")
-        stack.enter_context(_run_lock(lock_wait))
-        recover()  # a run killed together with its guardian left its mounts frozen: thaw them first
-        memfd = os.memfd_create("pyexec-window", os.MFD_CLOEXEC)
-        stack.callback(os.close, memfd)
-        os.ftruncate(memfd, nat.set_size)
-        page = mmap.mmap(memfd, nat.set_size)
+        recover(nat)  # a run killed together with its guardian left its mounts frozen: thaw them first
+        journal = win.journal = journal_path()
+        page_fd = os.open(journal, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        stack.callback(os.close, page_fd)
+        stack.callback(_unlink, journal)
+        meta = orjson.dumps({"pid": os.getpid(), "paths": win.paths, "time": time.time()})
+        os.ftruncate(page_fd, nat.set_size)
+        os.pwrite(page_fd, meta, nat.set_size)
+        page = mmap.mmap(page_fd, nat.set_size)
         stack.callback(page.close)
         nat.set_init(page, fds)
-        # controller pid and the guardian's deadline live in the header (see pyexec_core.h).
-        _set_header_int(page, "controller_pid", os.getpid())
-        _set_header_int(page, "deadline_ns", nat.now_ns() + int(timeout * 1e9))
+        # The bound runs from before the guardian's start: it sleeps on the deadline it reads first.
+        win.deadline_ns = nat.now_ns() + int(timeout * 1e9)
+        native.set_header(page, controller_pid=os.getpid(), deadline_ns=win.deadline_ns)
         g = None
         if guardian:
-            g = _Guardian(nat, page, memfd, on_death=lambda: nat.thaw(page))
+            g = _Guardian(nat, page, page_fd, journal)
             stack.callback(g.stop)
             if not _wait_ready(page, g.proc):
                 raise errors.FreezeError(121, "the thaw guardian did not start")
-            window.guardian = "ready"
-        _write_journal(window, "freezing")
-        stack.callback(_remove_journal)
+            win.guardian = "ready"
+
+        def thaw() -> None:
+            win.thaw_begin_ns = win.thaw_begin_ns or nat.now_ns()
+            nat.thaw(page)
+        win._thaw = thaw
         flags = (native.FREEZE_EXPEDITE if expedite else 0) | (native.FREEZE_PRESYNC if presync else 0)
         rc = nat.freeze(page, flags)
         rec = native.read_set(page)
-        _fill(window, rec)
+        _fill(win, rec)
         if rc < 0:
-            bad = window.paths[rec.failed_index] if rec.failed_index >= 0 else None
-            window.error = errors.freeze_error(-rc, bad)
-            raise window.error
-        window.frozen_ns = max(m.freeze_end_ns for m in window.mounts)
+            if rc == -errno.ETIMEDOUT:
+                win.error = _guardian_error(rec, g, timeout, win) or FreezeTimeout(
+                    f"the {timeout:g}s bound passed while freezing; what was frozen is thawed", win)
+            else:
+                bad = win.paths[rec.failed_index] if rec.failed_index >= 0 else None
+                win.error = errors.freeze_error(-rc, bad)
+            raise win.error
+        win.frozen_ns = max(m.freeze_end_ns for m in win.mounts)
+        ok = False
         try:
-            yield window
+            yield win
+            ok = True
         finally:
-            window.thaw_begin_ns = nat.now_ns()
+            win._thaw = None
+            win.thaw_begin_ns = win.thaw_begin_ns or nat.now_ns()
             trc = nat.thaw(page)
             rec = native.read_set(page)
-            _fill(window, rec)
+            _fill(win, rec)
             if g is not None:
-                state = rec.guardian_state
-                window.guardian = {G_FIRED_DEADLINE: "fired:deadline", G_FIRED_DIED: "fired:controller-died"}.get(
-                    state, "lost" if g.lost else "idle")
-                if state == G_FIRED_DEADLINE:
-                    window.error = errors.FreezeError(122, f"the window passed its {timeout}s bound and was "
-                                                      "thawed by the guardian")
-            if trc < 0 and trc != -errno.EINVAL and window.error is None:
-                window.error = errors.freeze_error(-trc, None, "FITHAW")
+                win.guardian = "idle"
+            win.error = _guardian_error(rec, g, timeout, win)
+            if trc < 0 and trc != -errno.EINVAL and win.error is None:
+                win.error = errors.freeze_error(-trc, None, "FITHAW")
+        if ok and win.error is not None:
+            raise win.error
 
 
-def _remove_journal():
+def _guardian_error(rec: native.SetRecord, g: "_Guardian | None", timeout: float, win: Window):
+    """The error a guardian's intervention means for the window, if any; sets win.guardian."""
+    if g is None:
+        return None
+    state = rec.guardian_state
+    if state == native.G_FIRED_DEADLINE:
+        win.guardian = "fired:deadline"
+        return FreezeTimeout(f"the window passed its {timeout:g}s bound and was thawed by the guardian", win)
+    if state == native.G_LOST or g.lost:
+        win.guardian = "lost"
+        return errors.FreezeError(121, "the thaw guardian died, so the filesystems were thawed at once: "
+                                  "the window did not hold")
+    return None
+
+
+def _unlink(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(_journal_path())
-
-
-# Offsets of header fields in px_set (see pyexec_core.h; checked by native.Native's size check).
-_HEADER_OFFSETS = {"controller_pid": 36, "deadline_ns": 48}
-
-
-def _set_header_int(page, field: str, value: int) -> None:
-    off = _HEADER_OFFSETS[field]
-    size = 8 if field.endswith("_ns") else 4
-    page[off:off + size] = value.to_bytes(size, sys.byteorder, signed=True)
+        os.unlink(path)
 
 
 def _fill(window: Window, rec: native.SetRecord) -> None:

@@ -3,10 +3,10 @@ snapshot, thaw → post-scripts, and the outcome.  Orchestration only."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
-import os
 
-from pyexec import config, errors, freeze, mounts, native, scripts, trust
+from pyexec import config, errors, freeze, mounts, native, scripts, signals, trust
 
 APP = "app-consistent"
 FS = "file-system-consistent"
@@ -87,18 +87,20 @@ class RunReport:
 
     outcome: str = FAILED
     code: int = 0
-    check_errors: list = dataclasses.field(default_factory=list)
+    check_errors: list[errors.PyexecError] = dataclasses.field(default_factory=list)
     warnings: list = dataclasses.field(default_factory=list)
     pre: list = dataclasses.field(default_factory=list)
     post: list = dataclasses.field(default_factory=list)
     window: freeze.Window | None = None
     snapshot: str = "skipped"  # taken | skipped | failed
     snapshot_detail: str = ""
+    snapshot_run: scripts.ScriptResult | None = None  # the snapshot command's result, if one ran
     mounts: list = dataclasses.field(default_factory=list)
     phases_ns: dict = dataclasses.field(default_factory=dict)
+    interrupted: str | None = None  # the signal that cut the run short (SIGINT, SIGTERM, SIGHUP)
 
 
-def run_phase(checked: CheckResult, phase: str, nat=None, env_extra=None) -> list[scripts.ScriptResult]:
+def run_phase(checked: CheckResult, phase: str, nat=None, env_extra=None, cancel_fd: int = -1) -> list[scripts.ScriptResult]:
     """Run every plugin's pre- or post-script in parallel; one result per plugin, in config order."""
     nat = nat or native.default()
     jobs = []
@@ -108,91 +110,154 @@ def run_phase(checked: CheckResult, phase: str, nat=None, env_extra=None) -> lis
         params = c.pre_params if phase == "pre" else c.post_params
         retries = c.pre_retries if phase == "pre" else c.post_retries
         jobs.append((script, params, phase, c.timeout, retries, c.continue_on_failure, pc.entry.name))
+    kw = {"env_extra": env_extra, "nat": nat, "cancel_fd": cancel_fd}
     if len(jobs) <= 1:  # no thread to start for the common single plugin
-        return [scripts.run_script(*job, env_extra=env_extra, nat=nat) for job in jobs]
+        return [scripts.run_script(*job, **kw) for job in jobs]
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs)) as ex:
-        futs = [ex.submit(scripts.run_script, *job, env_extra=env_extra, nat=nat) for job in jobs]
+        futs = [ex.submit(scripts.run_script, *job, **kw) for job in jobs]
         return [f.result() for f in futs]
 
 
-def _snapshot(action, window, nat, timeout_s: float) -> tuple[str, str]:
+def plan_mounts(checked: CheckResult, mount_points=None) -> list[mounts.Mount]:
+    """What a run freezes, in order: mount_points if given, else discovery minus mountsToSkip.
+    `check` and `run` both choose with this."""
+    if mount_points is not None:
+        return mounts.plan(freeze.check_paths(mount_points))
+    skip = checked.host.mounts_to_skip if checked.host else ()
+    return mounts.discover(skip=skip)
+
+
+def _snapshot(action, win, cancel, nat, timeout_s: float, rep: RunReport):
+    """Take the snapshot: None, a callable(window) or an argv.  Its failures become the report's
+    snapshot state; returns a BaseException to re-raise once the post-scripts have run."""
     if action is None:
-        return "taken", "no snapshot action: the window only froze and thawed"
+        rep.snapshot, rep.snapshot_detail = "taken", "no snapshot action: the window only froze and thawed"
+        return None
     if callable(action):
         try:
-            action(window)
+            action(win)
+        except KeyboardInterrupt:
+            rep.snapshot, rep.snapshot_detail = "failed", "interrupted: KeyboardInterrupt in the snapshot action"
+            rep.interrupted = rep.interrupted or "SIGINT"
         except Exception as e:  # the caller's action failing is an outcome, not a crash
-            return "failed", f"{type(e).__name__}: {e}"
-        return "taken", ""
-    proc = nat.spawn(list(action), dict(scripts.BASE_ENV), path=action[0])
-    try:
-        st = nat.wait(proc, nat.now_ns() + int(timeout_s * 1e9))
-        if st is None:
-            nat.kill_tree(proc, 100_000_000, 1_000_000_000)
-            return "failed", f"snapshot command timed out after {timeout_s:g}s"
-    finally:
-        proc.close()
-    if st.code != 0:
-        return "failed", f"snapshot command exited {st.code if st.code >= 0 else 'by signal %d' % st.signal}"
-    return "taken", ""
+            rep.snapshot, rep.snapshot_detail = "failed", f"{type(e).__name__}: {e}"
+        except BaseException as e:  # SystemExit, CancelledError…: resume the application first
+            rep.snapshot, rep.snapshot_detail = "failed", f"{type(e).__name__} in the snapshot action"
+            return e
+        else:
+            rep.snapshot = "taken"
+        return None
+    deadline = win.deadline_ns if win is not None else nat.now_ns() + int(timeout_s * 1e9)
+    res = rep.snapshot_run = scripts.run_command(action, deadline, cancel.fd,
+                                                 on_stop=win.thaw_now if win is not None else None, nat=nat)
+    rep.snapshot, rep.snapshot_detail = ("taken", "") if res.ok else ("failed", res.detail)
+    return None
 
 
 def run(host_path: str = config.HOST_CONFIG_PATH, mount_points=None, snapshot=None, freeze_timeout: float = 60.0,
         expedite: bool = True, presync: bool = True, nat: native.Native | None = None,
-        progress=lambda msg: None) -> RunReport:
-    """The whole flow; never raises for bad input: problems become the report's code."""
+        progress=lambda msg: None, lock_wait: float = freeze.DEFAULT_LOCK_WAIT,
+        cancel: signals.Cancel | None = None) -> RunReport:
+    """The whole flow.  Raises ValueError/TypeError for a bad argument (freeze_timeout, snapshot
+    command, mount list) before anything runs; every other problem becomes the report's code.
+
+    Every plugin whose pre-script started gets its post-script, exactly once, whatever happens
+    after: a failed snapshot or freeze, an exception, SIGINT/SIGTERM/SIGHUP (recorded in
+    `interrupted`; in the main thread they cancel what runs instead of interrupting Python).
+    An exception that is not an outcome is re-raised once the post-scripts have run."""
     nat = nat or native.default()
-    rep = RunReport()
-    t = nat.now_ns()
-    progress("check: host config, plugin configs, scripts")
-    checked = check(host_path)
-    rep.phases_ns["check"] = nat.now_ns() - t
-    rep.check_errors = [e.as_dict() for e in checked.errors]
-    rep.warnings = checked.warnings
-    try:
-        if mount_points is None:
-            skip = checked.host.mounts_to_skip if checked.host else ()
-            mount_points = [m.mount_point for m in mounts.discover(skip=skip)]
-        rep.mounts = list(mount_points)
-        scripts_ok = not checked.errors
-        go_on = True
-        if scripts_ok:
-            progress(f"pre-scripts: {len(checked.plugins)} plugin(s) in parallel")
-            t = nat.now_ns()
-            rep.pre = run_phase(checked, "pre", nat)
-            rep.phases_ns["pre"] = nat.now_ns() - t
-            failed = [r for r in rep.pre if not r.ok]
-            if failed:
-                go_on = all(r.continue_backup for r in failed) and checked.fs_freeze
+    freeze_timeout = freeze.check_timeout(freeze_timeout, "freeze_timeout")
+    lock_wait = freeze.check_timeout(lock_wait, "lock_wait", zero_ok=True)
+    if snapshot is not None and not callable(snapshot):
+        snapshot = scripts.resolve_command(snapshot)
+    if mount_points is not None:
+        freeze.check_paths(mount_points)
+    reraise = None
+    with contextlib.ExitStack() as stack:
+        if cancel is None:
+            cancel = stack.enter_context(signals.Cancel())
+        rep = RunReport()
+        t = nat.now_ns()
+        progress("check: host config, plugin configs, scripts")
+        checked = check(host_path)
+        stack.callback(checked.close)
+        rep.phases_ns["check"] = nat.now_ns() - t
+        rep.check_errors = list(checked.errors)
+        rep.warnings = checked.warnings
         do_freeze = checked.fs_freeze if checked.plugins else True
-        if go_on:
-            t = nat.now_ns()
-            if do_freeze and mount_points:
-                progress(f"freeze: {len(mount_points)} filesystem(s), snapshot, thaw")
-                try:
-                    with freeze.freeze(mount_points, timeout=freeze_timeout, expedite=expedite,
-                                       presync=presync, backend=nat) as win:
-                        rep.snapshot, rep.snapshot_detail = _snapshot(snapshot, win, nat, freeze_timeout)
-                    rep.window = win
-                    if win.error is not None:
-                        rep.check_errors.append(win.error.as_dict())
-                except errors.FreezeError as e:
-                    rep.snapshot, rep.snapshot_detail = "failed", e.describe()
-                    rep.check_errors.append(e.as_dict())
-            else:
-                progress("snapshot without freeze (fsFreezeEnabled is false)")
-                rep.snapshot, rep.snapshot_detail = _snapshot(snapshot, None, nat, freeze_timeout)
-            rep.phases_ns["freeze+snapshot"] = nat.now_ns() - t
-        if scripts_ok:
-            progress("post-scripts")
-            t = nat.now_ns()
-            rep.post = run_phase(checked, "post", nat, {"PYEXEC_SNAPSHOT": rep.snapshot})
-            rep.phases_ns["post"] = nat.now_ns() - t
-    finally:
-        checked.close()
+        held = None
+        try:
+            plan = plan_mounts(checked, mount_points)
+            rep.mounts = [m.mount_point for m in plan]
+            if do_freeze and plan:
+                # Before any pre-script: a run must not quiesce what it then cannot freeze.
+                progress(f"lock: {len(plan)} filesystem(s)")
+                held = stack.enter_context(freeze.hold(None, lock_wait, planned=plan))
+        except errors.FreezeError as e:
+            rep.check_errors.append(e)
+            rep.snapshot, rep.snapshot_detail = "failed", e.describe()
+            return _finish(rep, checked, cancel)
+        pre_started = False
+        try:
+            go_on = not cancel.cancelled
+            if go_on and not checked.errors and checked.plugins:
+                progress(f"pre-scripts: {len(checked.plugins)} plugin(s) in parallel")
+                t = nat.now_ns()
+                pre_started = True
+                rep.pre = run_phase(checked, "pre", nat, cancel_fd=cancel.fd)
+                rep.phases_ns["pre"] = nat.now_ns() - t
+                failed = [r for r in rep.pre if not r.ok]
+                if failed:
+                    go_on = all(r.continue_backup for r in failed) and checked.fs_freeze
+            if cancel.cancelled:
+                rep.snapshot, rep.snapshot_detail = "failed", "interrupted before the snapshot"
+            elif go_on:
+                t = nat.now_ns()
+                reraise = _window(rep, held, snapshot, freeze_timeout, expedite, presync, nat, cancel, progress)
+                rep.phases_ns["freeze+snapshot"] = nat.now_ns() - t
+        except BaseException as e:  # noqa: BLE001 - the post-scripts first, then it goes on up
+            reraise = e
+            if rep.snapshot != "taken":
+                rep.snapshot, rep.snapshot_detail = "failed", f"{type(e).__name__}: {e}"
+        finally:
+            if pre_started:  # resume the application, even when signalled (a second signal included)
+                progress("post-scripts")
+                t = nat.now_ns()
+                rep.post = run_phase(checked, "post", nat, {"PYEXEC_SNAPSHOT": rep.snapshot})
+                rep.phases_ns["post"] = nat.now_ns() - t
+        _finish(rep, checked, cancel)
+    if reraise is not None:
+        raise reraise
+    return rep
+
+
+def _window(rep: RunReport, held, snapshot, timeout: float, expedite: bool, presync: bool, nat, cancel,
+            progress):
+    """Freeze (if held says what), take the snapshot, thaw; the outcome goes into rep.  Returns a
+    BaseException of the snapshot action to re-raise after the post-scripts."""
+    if held is None:
+        progress("snapshot without freeze (fsFreezeEnabled is false, or nothing to freeze)")
+        return _snapshot(snapshot, None, cancel, nat, timeout, rep)
+    progress(f"freeze: {len(held.mounts)} filesystem(s), snapshot, thaw")
+    reraise = None
+    try:
+        with freeze.freeze(held, timeout=timeout, expedite=expedite, presync=presync, backend=nat) as win:
+            rep.window = win
+            reraise = _snapshot(snapshot, win, cancel, nat, timeout, rep)
+    except errors.FreezeError as e:
+        rep.window = getattr(e, "window", rep.window)
+        rep.check_errors.append(e)
+        # Frozen past the bound (122), never frozen, or thawed early: the snapshot is not consistent.
+        rep.snapshot, rep.snapshot_detail = "failed", e.describe()
+    return reraise
+
+
+def _finish(rep: RunReport, checked: CheckResult, cancel: signals.Cancel) -> RunReport:
+    """The reported code (the first problem's) and the outcome."""
+    rep.interrupted = cancel.name or rep.interrupted
     codes = [checked.code] + [r.error_code for r in rep.pre] + [r.error_code for r in rep.post]
-    freeze_codes = [e["code"] for e in rep.check_errors if e["code"] in (121, 122, 123)]
-    rep.code = next((c for c in codes + freeze_codes if c), 0)
+    codes += [e.code for e in rep.check_errors if isinstance(e, errors.FreezeError)]
+    rep.code = next((c for c in codes if c), 0)
     if rep.snapshot != "taken":
         rep.outcome = FAILED
     elif rep.code == 0:

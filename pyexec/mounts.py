@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from pyexec import errors
+
 FREEZABLE = ("ext3", "ext4", "xfs", "btrfs")
 
 
@@ -115,10 +117,41 @@ def order(chosen: list[Mount], visible: list[Mount] | None = None, backing=loop_
     left = list(rank)
     while left:
         ready = [m for m in left if not (needed_by[m.dev] - {d.dev for d in done})]
-        pick = ready[0] if ready else left[0]  # a cycle cannot happen on a sane system; stay total
-        done.append(pick)
-        left.remove(pick)
+        if not ready:
+            # Each of these lives on another of them: whichever goes first, a FIFREEZE would wait
+            # for a filesystem already frozen.  No order is safe.
+            raise errors.FreezeError(123, "no safe freeze order: these filesystems live on each other: "
+                                     + ", ".join(m.mount_point for m in left))
+        done.append(ready[0])
+        left.remove(ready[0])
     return done
+
+
+def plan(paths, text: str | None = None, backing=loop_backing_file) -> list[Mount]:
+    """The filesystems under paths (mount points or any path on one), once per superblock, in
+    freeze order; FreezeError 123 for a path that is not there or an order that cannot be safe.
+
+    The one place every explicit list is ordered (the CLI, the library, safefreeze,
+    pluginhost), with the same rule as discovery."""
+    if text is None:
+        with open("/proc/self/mountinfo") as f:
+            text = f.read()
+    visible: dict[str, Mount] = {}
+    for m in parse_mountinfo(text):
+        visible[m.mount_point] = m
+    per_dev: dict[str, Mount] = {}
+    for p in paths:
+        real = os.path.realpath(p)
+        if not os.path.isdir(real):
+            raise errors.FreezeError(123, "not a directory" if os.path.exists(real) else "no such directory", p)
+        host = max((m for m in visible.values() if _contains(m.mount_point, real)),
+                   key=lambda m: len(m.mount_point), default=None)
+        if host is None:
+            raise errors.FreezeError(123, "on no mounted filesystem", p)
+        # One FIFREEZE per superblock (mountinfo's major:minor is the superblock's: a btrfs
+        # subvolume has an st_dev of its own, but not a superblock): the first path named wins.
+        per_dev.setdefault(host.dev, host)
+    return order(list(per_dev.values()), visible=list(visible.values()), backing=backing)
 
 
 def discover(skip=(), path: str = "/proc/self/mountinfo") -> list[Mount]:

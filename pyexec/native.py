@@ -8,6 +8,7 @@ which adds the layout of the C structures so results come back as plain Python o
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib
 import os
 import struct
@@ -15,6 +16,9 @@ import struct
 # Flags and states of native/pyexec_core.h.
 FREEZE_EXPEDITE = 1
 FREEZE_PRESYNC = 2
+THAW_GUARDIAN_FDS = 1
+THAW_IN_FLIGHT = 2
+G_NONE, G_READY, G_FIRED_DEADLINE, G_FIRED_DIED, G_LOST = range(5)
 M_IDLE, M_FREEZING, M_FROZEN, M_BUSY, M_THAWED, M_FAILED = range(6)
 MOUNT_STATES = ("idle", "freezing", "frozen", "busy", "thawed", "failed")
 RCU_STATES = ("untouched", "set", "restored", "skipped", "already")
@@ -127,6 +131,28 @@ def read_set(buf) -> SetRecord:
                      h[12], h[13], h[14], tuple(mounts))
 
 
+_HEADER_FIELDS = ("magic", "version", "n", "flags", "phase", "rcu_state", "rcu_prev", "failed_index",
+                  "failed_errno", "controller_pid", "guardian_pid", "guardian_state", "deadline_ns",
+                  "window_start_ns", "window_end_ns")
+
+
+def _field_offset(st: struct.Struct, index: int) -> tuple[int, str]:
+    fmt = st.format.lstrip("=")
+    return struct.calcsize("=" + fmt[:index]), "=" + fmt[index]
+
+
+def set_header(buf, **fields: int) -> None:
+    """Store header fields of a px_set in buf (e.g. controller_pid, deadline_ns, guardian_state)."""
+    for name, value in fields.items():
+        off, fmt = _field_offset(_SET_HEADER, _HEADER_FIELDS.index(name))
+        struct.pack_into(fmt, buf, off, value)
+
+
+def set_mount_fd(buf, i: int, fd: int) -> None:
+    """Store the fd of mount i of a px_set in buf (recover reopens a dead run's mounts)."""
+    struct.pack_into("=i", buf, _SET_HEADER.size + i * _MOUNT.size, fd)
+
+
 def read_capture(buf) -> Captured:
     """Decode a px_capture from buf."""
     total, dropped, head_len, tail_len, tail_pos, _eof = _CAP_HEADER.unpack_from(buf, 0)
@@ -174,9 +200,9 @@ class Native:
         """FIFREEZE every mount of buf in order: 0 or -errno (buf says which failed)."""
         return self.mod.freeze(buf, flags)
 
-    def thaw(self, buf) -> int:
+    def thaw(self, buf, flags: int = 0) -> int:
         """FITHAW what buf says is ours, in reverse: 0 or the first -errno."""
-        return self.mod.thaw(buf)
+        return self.mod.thaw(buf, flags)
 
     def rcu_restore(self, buf) -> int:
         """Put rcu_expedited back where buf says it is still ours."""
@@ -191,9 +217,12 @@ class Native:
         bpath = os.fsencode(path) if path is not None else None
         return Proc(*self.mod.spawn(bpath, exec_fd, bargv, benv, cgroup_fd))
 
-    def wait(self, proc: Proc, deadline_ns: int = -1, out=None, err=None) -> Status | None:
-        """Wait for proc to exit (reaped: Status) or for the deadline (None)."""
-        rc, st = self.mod.wait(proc.astuple(), deadline_ns, out, err)
+    def wait(self, proc: Proc, deadline_ns: int = -1, out=None, err=None, cancel_fd: int = -1) -> Status | None:
+        """Wait for proc to exit (reaped: Status) or for the deadline (None); Cancelled when
+        cancel_fd becomes readable first (proc not reaped)."""
+        rc, st = self.mod.wait(proc.astuple(), deadline_ns, cancel_fd, out, err)
+        if rc == -errno.ECANCELED:
+            raise Cancelled()
         return self._status(rc, st, "wait")
 
     def kill_tree(self, proc: Proc, grace_ns: int, kill_wait_ns: int, out=None, err=None,
@@ -206,10 +235,14 @@ class Native:
     def _status(rc, st, what):
         if rc == 0:
             return Status(st[0], st[1], bool(st[2]), *st[3:])
-        if rc == -110:  # ETIMEDOUT
+        if rc == -errno.ETIMEDOUT:
             return None
         from pyexec import errors
         raise errors.oserror(-rc, what)
+
+
+class Cancelled(Exception):
+    """A wait was cut short by its cancel fd (a signal arrived): the process still runs."""
 
 
 _loaded: dict[str, Native] = {}

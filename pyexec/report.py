@@ -14,9 +14,11 @@ def to_dict(rep) -> dict:
         "outcome": rep.outcome,
         "code": rep.code,
         "error": TABLE[rep.code].name if rep.code else None,
-        "problems": rep.check_errors,
+        "interrupted": rep.interrupted,
+        "problems": [e.as_dict() for e in rep.check_errors],
         "warnings": rep.warnings,
-        "snapshot": {"state": rep.snapshot, "detail": rep.snapshot_detail},
+        "snapshot": {"state": rep.snapshot, "detail": rep.snapshot_detail,
+                     "command": rep.snapshot_run.as_dict() if rep.snapshot_run else None},
         "mounts": rep.mounts,
         "phases_ns": rep.phases_ns,
         "pre": [r.as_dict() for r in rep.pre],
@@ -33,7 +35,9 @@ def dumps(rep) -> bytes:
 
 def summary(rep) -> str:
     """A few lines for a person."""
-    lines = [f"outcome: {rep.outcome}" + (f" (code {rep.code} {TABLE[rep.code].name})" if rep.code else "")]
+    lines = [f"outcome: {rep.outcome}" + (f" (code {rep.code} {TABLE[rep.code].name})" if rep.code else "")
+             + (f", interrupted by {rep.interrupted}" if rep.interrupted else "")]
+    lines.append(f"  snapshot: {rep.snapshot}" + (f" ({rep.snapshot_detail})" if rep.snapshot_detail else ""))
     for name, ns in rep.phases_ns.items():
         lines.append(f"  {name:<16} {ns / 1e6:10.3f} ms")
     if rep.window:
@@ -41,7 +45,7 @@ def summary(rep) -> str:
         lines.append(f"  freeze window    {w.length_ns / 1e3:10.1f} µs  (ioctls {w.ioctl_ns / 1e3:.1f} µs, "
                      f"snapshot {w.hold_ns / 1e3:.1f} µs, pyexec {w.overhead_ns / 1e3:.1f} µs)")
     for e in rep.check_errors:
-        lines.append(f"  problem {e['code']} {e['name']}: {e.get('file') or ''} {e.get('detail') or e['message']}")
+        lines.append(f"  problem {e.describe()}")
     for r in rep.pre + rep.post:
         status = "ok" if r.ok else f"{r.error_code} {TABLE[r.error_code].name}: {r.detail}"
         lines.append(f"  {r.phase}-script {r.plugin}: {status} ({r.tries} tr{'y' if r.tries == 1 else 'ies'}, "

@@ -1,11 +1,14 @@
-"""Run one pre- or post-script: the checked fd, a clean environment, retries inside one
-deadline, the whole tree killed at the deadline, output captured bounded in memory."""
+"""Run one pre- or post-script, or the snapshot command: the checked fd, a clean environment,
+retries inside one deadline, the whole tree killed at the deadline or when the run is cancelled,
+output captured bounded in memory."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import itertools
 import os
+import shlex
+import shutil
 import threading
 
 from pyexec import native
@@ -38,6 +41,7 @@ class ScriptResult:
     error_code: int = 0
     continue_backup: bool = True
     detail: str = ""
+    cancelled: bool = False
 
     @property
     def ok(self) -> bool:
@@ -54,7 +58,7 @@ class ScriptResult:
             "exit_code": self.exit_code, "signal": self.signal, "timed_out": self.timed_out,
             "duration_ns": self.duration_ns, "stdout": text(self.stdout), "stderr": text(self.stderr),
             "error_code": self.error_code, "error": TABLE[self.error_code].name if self.error_code else None,
-            "continue_backup": self.continue_backup, "detail": self.detail,
+            "continue_backup": self.continue_backup, "detail": self.detail, "cancelled": self.cancelled,
         }
 
 
@@ -110,13 +114,13 @@ class _Warden:
 def script_cgroup(enabled: bool = True):
     """A fresh leaf cgroup (its fd) for one script, or -1 where cgroup v2 is unusable.
 
-    While the script runs the leaf is named run-N, which the warden kills if this process dies;
-    after it, done-N (kept only while a daemon the script started lives in it)."""
+    While the script runs the leaf is named run-N, which the warden kills if this process dies.
+    After it, whatever the script left running on purpose (a daemon a post-script started) moves
+    to the sibling "done", which the warden leaves alone (cgroup v2 refuses to rename a cgroup)."""
     warden = _Warden.get() if enabled else None
-    run = done = fd = None
+    run = fd = None
     if warden:
-        n = next(_cg_seq)
-        run, done = os.path.join(warden.path, f"run-{n}"), os.path.join(warden.path, f"done-{n}")
+        run = os.path.join(warden.path, f"run-{next(_cg_seq)}")
         try:
             os.mkdir(run)
             fd = os.open(run, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -128,11 +132,28 @@ def script_cgroup(enabled: bool = True):
         if fd is not None:
             os.close(fd)
         if run:
-            try:
-                os.rmdir(run)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    os.rename(run, done)
+            _retire(run, os.path.join(warden.path, "done"))
+
+
+def _retire(leaf: str, done: str) -> None:
+    """Remove a finished script's leaf, moving the processes it left behind into done first."""
+    for _ in range(64):  # each pass moves what is there; a fork during one is caught by the next
+        try:
+            os.rmdir(leaf)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            pass
+        try:
+            with open(os.path.join(leaf, "cgroup.procs")) as f:
+                pids = f.read().split()
+            os.makedirs(done, exist_ok=True)
+            for pid in pids:
+                with contextlib.suppress(OSError), open(os.path.join(done, "cgroup.procs"), "w") as f:
+                    f.write(pid)
+        except OSError:
+            return
 
 
 def _runs_directly(script: TrustedFile) -> bool:
@@ -142,10 +163,35 @@ def _runs_directly(script: TrustedFile) -> bool:
     return script.executable and (head.startswith(b"#!") or head == b"\x7fELF")
 
 
+def _attempt(nat: native.Native, argv, path, exec_fd: int, env: dict, deadline: int, cancel_fd: int,
+             use_cgroup: bool, on_stop=None):
+    """Spawn once and wait: (status or None, out, err, timed_out, cancelled); OSError if it cannot
+    start.  On the deadline or a cancel, on_stop() runs first (the snapshot's window thaws), then
+    the whole tree is killed and reaped."""
+    out, err = nat.new_capture(), nat.new_capture()
+    timed_out = cancelled = False
+    with script_cgroup(use_cgroup) as cgfd:
+        proc = nat.spawn(argv, env, path=path, exec_fd=exec_fd, cgroup_fd=cgfd)
+        try:
+            try:
+                st = nat.wait(proc, deadline, out, err, cancel_fd=cancel_fd)
+                timed_out = st is None
+            except native.Cancelled:
+                st, cancelled = None, True
+            if st is None:
+                if on_stop is not None:
+                    on_stop()
+                st = nat.kill_tree(proc, KILL_GRACE_NS, KILL_WAIT_NS, out, err, cgroup_fd=cgfd)
+        finally:
+            proc.close()
+    return st, native.read_capture(out), native.read_capture(err), timed_out, cancelled
+
+
 def run_script(script: TrustedFile, params, phase: str, timeout_s: float, retries: int,
                continue_on_failure: bool, plugin: str = "", env_extra: dict | None = None,
-               nat: native.Native | None = None, use_cgroup: bool = True) -> ScriptResult:
-    """Run script (already checked and open) until it succeeds, its tries run out or the deadline."""
+               nat: native.Native | None = None, use_cgroup: bool = True, cancel_fd: int = -1) -> ScriptResult:
+    """Run script (already checked and open) until it succeeds, its tries run out, the deadline
+    passes or cancel_fd becomes readable (the run was interrupted: its tree is killed)."""
     nat = nat or native.default()
     env = {**BASE_ENV, "PYEXEC_PHASE": phase, **(env_extra or {})}
     res = ScriptResult(plugin, phase, script.path)
@@ -157,24 +203,19 @@ def run_script(script: TrustedFile, params, phase: str, timeout_s: float, retrie
         argv, path = ["sh", "/proc/self/fd/3", *params], "/bin/sh"
     for attempt in range(retries + 1):
         res.tries = attempt + 1
-        out, err = nat.new_capture(), nat.new_capture()
-        with script_cgroup(use_cgroup) as cgfd:
-            try:
-                proc = nat.spawn(argv, env, path=path, exec_fd=script.fd, cgroup_fd=cgfd)
-            except OSError as e:
-                res.exit_code, res.detail = None, f"cannot execute: {e.strerror}"
-                res.error_code = CODES[phase]["failed"]
-                continue
-            try:
-                st = nat.wait(proc, deadline, out, err)
-                if st is None:
-                    res.timed_out = True
-                    st = nat.kill_tree(proc, KILL_GRACE_NS, KILL_WAIT_NS, out, err, cgroup_fd=cgfd)
-            finally:
-                proc.close()
-        res.stdout, res.stderr = native.read_capture(out), native.read_capture(err)
+        try:
+            st, res.stdout, res.stderr, res.timed_out, res.cancelled = _attempt(
+                nat, argv, path, script.fd, env, deadline, cancel_fd, use_cgroup)
+        except OSError as e:
+            res.exit_code, res.detail = None, f"cannot execute: {e.strerror}"
+            res.error_code = CODES[phase]["failed"]
+            continue
         res.exit_code = st.code if st else None
         res.signal = st.signal if st else 0
+        if res.cancelled:
+            res.error_code = CODES[phase]["failed"]
+            res.detail = f"interrupted (try {res.tries}): pyexec was signalled; its process tree was killed"
+            break
         if res.timed_out:
             res.error_code = CODES[phase]["timeout"]
             res.detail = f"timed out after {timeout_s:g}s (try {res.tries}); its process tree was killed"
@@ -189,4 +230,64 @@ def run_script(script: TrustedFile, params, phase: str, timeout_s: float, retrie
     res.duration_ns = nat.now_ns() - t0
     if res.error_code:
         res.continue_backup = continue_on_failure
+    return res
+
+
+def resolve_command(command) -> list[str]:
+    """A snapshot command (a string split with shell rules, or an argv list) as an argv whose first
+    element is an absolute path to an executable file; ValueError saying what is wrong.
+
+    A bare name is looked up on the caller's PATH; a relative path is taken from the caller's
+    working directory (the command itself runs in `/`)."""
+    if isinstance(command, str):
+        try:
+            argv = shlex.split(command)
+        except ValueError as e:
+            raise ValueError(f"snapshot command {command!r}: {e}") from None
+    else:
+        argv = [os.fsdecode(a) for a in command]
+    if not argv or not argv[0].strip():
+        raise ValueError(f"snapshot command {command!r} is empty")
+    prog = argv[0]
+    if "/" not in prog:
+        found = shutil.which(prog, path=os.environ.get("PATH", os.defpath))
+        if found is None:
+            raise ValueError(f"snapshot command {prog!r}: not found on PATH")
+        prog = found
+    prog = os.path.abspath(prog)
+    if not os.path.exists(prog):
+        raise ValueError(f"snapshot command {prog!r}: no such file")
+    if not os.path.isfile(prog):
+        raise ValueError(f"snapshot command {prog!r}: not a regular file")
+    if not os.access(prog, os.X_OK):
+        raise ValueError(f"snapshot command {prog!r}: not executable")
+    return [prog, *argv[1:]]
+
+
+def run_command(argv: list[str], deadline_ns: int, cancel_fd: int = -1, on_stop=None,
+                nat: native.Native | None = None) -> ScriptResult:
+    """Run the snapshot command (an argv from resolve_command) as a script is run: its own cgroup,
+    bounded output, its tree killed at deadline_ns or on cancel (after on_stop(): the thaw)."""
+    nat = nat or native.default()
+    res = ScriptResult("", "snapshot", argv[0], tries=1)
+    t0 = nat.now_ns()
+    try:
+        st, res.stdout, res.stderr, res.timed_out, res.cancelled = _attempt(
+            nat, argv, argv[0], -1, {**BASE_ENV, "PYEXEC_PHASE": "snapshot"}, deadline_ns, cancel_fd, True, on_stop)
+    except OSError as e:
+        res.detail = f"cannot execute {argv[0]}: {e.strerror}"
+        res.error_code = -1
+        return res
+    res.duration_ns = nat.now_ns() - t0
+    res.exit_code = st.code if st else None
+    res.signal = st.signal if st else 0
+    if res.cancelled:
+        res.detail = "interrupted: pyexec was signalled; the command's process tree was killed"
+    elif res.timed_out:
+        res.detail = "still running at the freeze bound; its process tree was killed"
+    elif res.signal:
+        res.detail = f"killed by signal {res.signal}"
+    elif res.exit_code != 0:
+        res.detail = f"exited with status {res.exit_code}"
+    res.error_code = -1 if res.detail else 0
     return res

@@ -42,28 +42,33 @@ def test_window_freezes_and_thaws_with_stamps(nat, mounts):
     assert win.guardian == "idle" and win.error is None
     assert win.hold_ns >= 0.2e9 and win.length_ns >= win.hold_ns
     assert win.overhead_ns < win.length_ns
-    assert not os.path.exists(freeze._journal_path())
+    assert win.journal and not os.path.exists(win.journal)
 
 
 def test_guardian_thaws_at_the_deadline(nat, mounts):
     a = mounts.make("ext4")
     w = mounts.writer(os.path.join(a.mountpoint, "f"))
-    with freeze.freeze([a.mountpoint], timeout=0.3, backend=nat) as win:
-        t0 = time.monotonic()
-        took = writable_within(w, 10)  # we hang "forever" inside the window
-        assert took is not None, "the guardian did not thaw at the deadline"
-        assert time.monotonic() - t0 >= 0.2
-    assert win.guardian == "fired:deadline"
-    assert win.error is not None and win.error.code == 122
+    with pytest.raises(freeze.FreezeTimeout) as ei:
+        with freeze.freeze([a.mountpoint], timeout=0.3, backend=nat) as win:
+            t0 = time.monotonic()
+            took = writable_within(w, 10)  # we hang "forever" inside the window
+            assert took is not None, "the guardian did not thaw at the deadline"
+            assert time.monotonic() - t0 >= 0.2
+    # The body outlived the bound: the with-statement says so, after the thaw.
+    assert ei.value.code == 122 and ei.value.window is win
+    assert win.guardian == "fired:deadline" and win.error is ei.value
 
 
 def test_controller_thaws_when_guardian_dies(nat, mounts):
     a = mounts.make("ext4")
     w = mounts.writer(os.path.join(a.mountpoint, "f"))
-    with freeze.freeze([a.mountpoint], timeout=20, backend=nat) as win:
-        gpid = _guardian_pid()
-        os.kill(gpid, signal.SIGKILL)
-        assert writable_within(w, 10) is not None, "guardian death did not thaw"
+    with pytest.raises(errors.FreezeError) as ei:
+        with freeze.freeze([a.mountpoint], timeout=20, backend=nat) as win:
+            gpid = _guardian_pid()
+            os.kill(gpid, signal.SIGKILL)
+            assert writable_within(w, 10) is not None, "guardian death did not thaw"
+    # The window did not hold for the whole body: a snapshot taken in it is not consistent.
+    assert ei.value.code == 121 and "guardian died" in ei.value.detail
     assert win.guardian == "lost"
 
 
@@ -101,31 +106,39 @@ def test_sigkill_of_controller_inside_window_thaws(mounts, tmp_path):
         ctl.wait()
     assert took is not None, "killing the controller left the mount frozen"
     # The guardian removed the journal after thawing: nothing is left for `recover`.
-    journals = lambda: list((tmp_path / "run").glob("journal-*.json"))  # noqa: E731
+    journals = lambda: list((tmp_path / "run").glob("window-*.journal"))  # noqa: E731
     deadline = time.monotonic() + 5
     while journals() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert journals() == []
 
 
+DOUBLE_KILL = r"""
+import os, signal, sys
+from pyexec import freeze, native
+paths = sys.argv[1:]
+with freeze.freeze(paths, timeout=60) as w:
+    # Both die inside the window: nobody is left to thaw but the journal.
+    os.kill(native.read_set(open(w.journal, "rb").read()).guardian_pid, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
 def test_next_freeze_recovers_what_a_dead_run_left_frozen(nat, mounts, tmp_path, monkeypatch):
     """Controller and guardian both killed: the journal stays, and the next freeze thaws its mounts first."""
     a, b = mounts.make("ext4"), mounts.make("ext4")
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
     monkeypatch.setattr(freeze, "RUN_DIR", str(run_dir))
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    subprocess.run(["fsfreeze", "-f", b.mountpoint], check=True)
-    (run_dir / f"journal-{dead.pid}.json").write_bytes(orjson.dumps(
-        {"pid": dead.pid, "state": "freezing", "paths": [b.mountpoint], "time": 0}))
+    env = {**os.environ, "PYEXEC_RUN_DIR": str(run_dir), "PYEXEC_BACKEND": nat.name}
+    dead = subprocess.run([sys.executable, "-c", DOUBLE_KILL, b.mountpoint], env=env, cwd="/", timeout=60)
+    assert dead.returncode == -signal.SIGKILL
     status = subprocess.run([sys.executable, "-m", "pyexec.cli", "status"], capture_output=True, text=True,
-                            env={**os.environ, "PYEXEC_RUN_DIR": str(run_dir)}, cwd="/", timeout=60)
-    assert f"pid {dead.pid} (dead): freezing: {b.mountpoint}" in status.stdout, status.stdout + status.stderr
+                            env=env, cwd="/", timeout=60)
+    assert f"(dead): {b.mountpoint} frozen" in status.stdout, status.stdout + status.stderr
     with freeze.freeze([a.mountpoint], timeout=20, backend=nat):
         pass
     assert not loopfs.thaw_path(b.mountpoint), "the dead run's mount was not recovered"
-    assert list(run_dir.glob("journal-*.json")) == []
+    assert list(run_dir.glob("window-*.journal")) == []
 
 
 def test_foreign_freeze_is_reported_and_left_frozen(nat, mounts):
@@ -146,14 +159,32 @@ def test_unopenable_mount_is_123(nat, tmp_path):
     assert ei.value.code == 123
 
 
-def test_second_run_cannot_freeze_while_first_holds_lock(nat, mounts):
+def test_nested_freeze_other_filesystem_proceeds_same_one_says_so(nat, mounts):
     a, b = mounts.make("ext4"), mounts.make("ext4")
     with freeze.freeze([a.mountpoint], timeout=20, backend=nat):
+        with freeze.freeze([b.mountpoint], timeout=20, backend=nat) as inner:
+            assert [m.state for m in inner.mounts] == ["frozen"]
         with pytest.raises(errors.FreezeError) as ei:
-            with freeze.freeze([b.mountpoint], timeout=20, backend=nat):
-                pass
-        assert "lock" in ei.value.detail
-    assert not loopfs.thaw_path(b.mountpoint)
+            with freeze.freeze([b.mountpoint, a.mountpoint], timeout=20, backend=nat):
+                pytest.fail("a nested freeze of a held filesystem must not open")
+        assert ei.value.code == 121 and "already holds" in ei.value.detail and a.mountpoint in ei.value.detail
+        assert not loopfs.thaw_path(b.mountpoint), "the refused nested freeze left b frozen"
+    assert not loopfs.thaw_path(a.mountpoint)
+
+
+def test_bad_arguments_are_clear_errors(nat, mounts):
+    a = mounts.make("ext4")
+    for bad in (0, -1, float("nan"), float("inf"), 1e12, "soon"):
+        with pytest.raises(ValueError, match="timeout"):
+            with freeze.freeze([a.mountpoint], timeout=bad, backend=nat):
+                pytest.fail("must not freeze")
+    with pytest.raises(ValueError, match="no mount point"):
+        with freeze.freeze([], backend=nat):
+            pass
+    with pytest.raises(TypeError, match="list of paths"):
+        with freeze.freeze(a.mountpoint, backend=nat):
+            pass
+    assert not loopfs.thaw_path(a.mountpoint)
 
 
 def test_foreign_freeze_during_window_is_left_to_its_owner(nat, mounts):

@@ -149,8 +149,11 @@ def test_kill_storm(tmp_path, mounts):
                                and a_[1:2] == [str(p.pid).encode()], 5), f"trial {i}: a helper outlived {p.pid}"
             if cg_root:
                 assert not os.path.exists(os.path.join(cg_root, "pyexec", str(p.pid))), f"trial {i}: cgroup left"
-            if mode == "guardian":  # the controller saw its guardian die, thawed, and finished the run
-                assert b"E" in marks and b"Efailed" not in marks, marks
+            if mode == "guardian":
+                # The controller saw its guardian die, thawed, and finished the run (post-scripts
+                # included); a window cut short that way is not a consistent snapshot, so "failed" is
+                # the honest outcome when the kill landed in it.
+                assert b"E" in marks and b"s" in marks, marks
             results.append({"mode": mode, "phase": phase_of(marks), "took": took, "recovered": recovered})
         finally:
             p.kill()
