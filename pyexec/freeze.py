@@ -455,6 +455,7 @@ def window(paths: list[str], timeout: float, expedite: bool = True, presync: boo
                 fds.append(os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
             except OSError as err:
                 raise errors.FreezeError(123, f"cannot open mount point: {err.strerror}", p, errno=err.errno) from err
+        os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
         recover(nat)  # a run killed together with its guardian left its mounts frozen: thaw them first
         journal = win.journal = journal_path()
         page_fd = os.open(journal, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)

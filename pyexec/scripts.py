@@ -38,7 +38,7 @@ class ScriptResult:
     duration_ns: int = 0
     stdout: native.Captured | None = None
     stderr: native.Captured | None = None
-    error_code: int = 0
+    error_code: int = 0  # a table code; -1: the snapshot command failed (it has no code of its own)
     continue_backup: bool = True
     detail: str = ""
     cancelled: bool = False
@@ -57,7 +57,7 @@ class ScriptResult:
             "plugin": self.plugin, "phase": self.phase, "path": self.path, "tries": self.tries,
             "exit_code": self.exit_code, "signal": self.signal, "timed_out": self.timed_out,
             "duration_ns": self.duration_ns, "stdout": text(self.stdout), "stderr": text(self.stderr),
-            "error_code": self.error_code, "error": TABLE[self.error_code].name if self.error_code else None,
+            "error_code": self.error_code, "error": TABLE[self.error_code].name if self.error_code > 0 else None,
             "continue_backup": self.continue_backup, "detail": self.detail, "cancelled": self.cancelled,
         }
 

@@ -8,7 +8,6 @@ the window thaws, the post-scripts run, and the caller exits 128 + signal."""
 from __future__ import annotations
 
 import os
-import select
 import signal
 import threading
 
@@ -28,8 +27,7 @@ class Cancel:
         self._old_wakeup = -1
 
     def _handler(self, signum, _frame) -> None:
-        if self.signum is None:
-            self.signum = signum
+        pass  # the wake-up fd has the signal; the handler only keeps Python from raising
 
     def __enter__(self) -> "Cancel":
         if threading.current_thread() is not threading.main_thread():
@@ -52,27 +50,27 @@ class Cancel:
         os.close(self._w)
         self.fd = self._w = -1
 
+    def _first(self) -> int | None:
+        """The first of SIGNALS to arrive, read from the pipe (ordered by arrival, unlike the
+        handlers, which Python runs by signal number), without draining it: every later wait
+        must still wake."""
+        if self.signum is not None or self.fd < 0:
+            return self.signum
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return None
+        os.write(self._w, data)
+        self.signum = next((b for b in data if b in SIGNALS), None)
+        return self.signum
+
     @property
     def cancelled(self) -> bool:
-        """Whether one of the signals has arrived (its byte is in the pipe, or its handler ran)."""
-        if self.signum is not None:
-            return True
-        if self.fd < 0:
-            return False
-        p = select.poll()
-        p.register(self.fd, select.POLLIN)
-        return bool(p.poll(0))
+        """Whether one of the signals has arrived."""
+        return self._first() is not None
 
     @property
     def name(self) -> str | None:
         """The first signal's name (SIGINT, …), once it has arrived."""
-        if self.signum is None and self.cancelled:
-            # The byte is there but the handler has not run yet: it runs at the next bytecode of
-            # the main thread; read the number from the pipe without waiting for it.
-            try:
-                data = os.read(self.fd, 1)
-                os.write(self._w, data)  # keep the pipe readable: every later wait must wake too
-                self.signum = data[0]
-            except OSError:
-                return None
-        return signal.Signals(self.signum).name if self.signum is not None else None
+        first = self._first()
+        return signal.Signals(first).name if first is not None else None

@@ -1,0 +1,394 @@
+"""The two promises, tried the way users break them: a freeze order that deadlocks, a btrfs subvolume,
+every kind of bad snapshot command, SIGINT/SIGTERM/SIGHUP in each phase, a daemon started by a
+post-script, concurrent runs, and recover after a double kill with a foreign freeze in between."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import orjson
+import pytest
+
+from helpers import needs_btrfs, needs_root, procs_matching
+from pyexec import errors, freeze, host, loopfs, native
+from test_config_trust import write_setup
+from test_freeze_window import writable_within
+
+pytestmark = needs_root
+
+PYEXEC = [sys.executable, "-m", "pyexec.cli"]
+
+
+def nested(mounts):
+    """OUTER (ext4) and INNER, an ext4 whose image file lives on OUTER."""
+    outer = mounts.make("ext4", size_mb=200)
+    inner = mounts.make("ext4", image_dir=outer.mountpoint)
+    return outer, inner
+
+
+def is_frozen(path: str) -> bool:
+    """Whether path is frozen now, probed by a write that must finish within 2 s."""
+    probe = subprocess.Popen(["sh", "-c", f"echo x > {path}/.probe && sync -f {path}/.probe"])
+    try:
+        probe.wait(timeout=2)
+        return False
+    except subprocess.TimeoutExpired:
+        return True
+    finally:
+        if probe.poll() is None:
+            threading.Thread(target=probe.wait, daemon=True).start()  # reaped once thawed
+
+
+# 1 and 2: the order, and a guardian that cannot deadlock
+
+def test_outer_then_inner_given_in_that_order_is_reordered(nat, mounts):
+    outer, inner = nested(mounts)
+    with freeze.freeze([outer.mountpoint, inner.mountpoint], timeout=10, backend=nat) as win:
+        assert [m.state for m in win.mounts] == ["frozen", "frozen"]
+    assert win.paths == [inner.mountpoint, outer.mountpoint], "a filesystem is frozen before what it lives on"
+    assert win.error is None
+    assert not loopfs.thaw_path(outer.mountpoint) and not loopfs.thaw_path(inner.mountpoint)
+
+
+def test_guardian_thaws_outer_when_inner_freeze_blocks_behind_it(nat, mounts):
+    """Ordering bypassed: FIFREEZE of INNER waits for OUTER (its journal is written into OUTER's file).
+    The guardian thaws OUTER at the bound instead of waiting behind INNER's FIFREEZE; INNER's
+    FIFREEZE then lands and the controller undoes it itself."""
+    outer, inner = nested(mounts)
+    w = mounts.writer(os.path.join(outer.mountpoint, "w"))
+    bound = 1.0
+    t0 = time.monotonic()
+    result = {}
+
+    def body():
+        try:
+            with freeze.window([outer.mountpoint, inner.mountpoint], bound, presync=False, backend=nat):
+                result["opened"] = True
+        except errors.PyexecError as e:
+            result["error"] = e
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    took = writable_within(w, bound + 5)
+    t.join(10)
+    assert took is not None and took < bound + 0.5, f"OUTER stayed frozen {took}s with a {bound}s bound"
+    assert not t.is_alive(), "the controller stayed stuck in FIFREEZE"
+    assert "opened" not in result and isinstance(result["error"], freeze.FreezeTimeout)
+    assert time.monotonic() - t0 < bound + 5
+    assert not is_frozen(inner.mountpoint) and not is_frozen(outer.mountpoint)
+
+
+@needs_btrfs
+def test_btrfs_subvolume_is_one_superblock(nat, mounts):
+    b = mounts.make("btrfs")
+    subprocess.run(["btrfs", "-q", "subvolume", "create", f"{b.mountpoint}/sub"], check=True)
+    sub_mp = os.path.join(str(mounts.tmp), "submnt")
+    os.makedirs(sub_mp)
+    subprocess.run(["mount", "-o", "subvol=sub", b.device, sub_mp], check=True)
+    try:
+        assert os.stat(sub_mp).st_dev != os.stat(b.mountpoint).st_dev
+        with freeze.freeze([sub_mp, b.mountpoint], timeout=10, backend=nat) as win:
+            assert [m.state for m in win.mounts] == ["frozen"]
+        assert len(win.paths) == 1 and win.error is None
+    finally:
+        subprocess.run(["umount", sub_mp], check=True)
+
+
+# 3 and 4: the snapshot command, and the post-script after every failure
+
+SLOW_PRE = "#!/bin/sh\necho pre >> {log}\n"
+POST = "#!/bin/sh\necho \"post $PYEXEC_SNAPSHOT\" >> {log}\n"
+
+
+def setup_logged(tmp_path, pre_extra: str = "", post_extra: str = ""):
+    log = tmp_path / "log"
+    hc = write_setup(tmp_path, pre=(SLOW_PRE.format(log=log) + pre_extra).encode(),
+                     post=(POST.format(log=log) + post_extra).encode())
+    return hc, log
+
+
+def cli_run(hc, mount, *extra, cwd="/", timeout=60):
+    res = subprocess.run([*PYEXEC, "run", "--config", hc, "--mount", mount, "--json", *extra],
+                         capture_output=True, cwd=cwd, timeout=timeout)
+    assert b"Traceback" not in res.stderr, res.stderr.decode()
+    return res
+
+
+@pytest.mark.parametrize("cmd,why", [
+    ("no-such-command-xyz", "not found on PATH"),
+    ("/nonexistent/snap", "no such file"),
+    ("/tmp", "not a regular file"),
+    ("NOEXEC", "not executable"),
+    ("   ", "empty"),
+    ("'unclosed", "quotation"),
+])
+def test_bad_snapshot_command_is_refused_before_any_script(tmp_path, mounts, cmd, why):
+    m = mounts.make("ext4")
+    hc, log = setup_logged(tmp_path)
+    if cmd == "NOEXEC":
+        cmd = str(tmp_path / "snap.sh")
+        (tmp_path / "snap.sh").write_text("#!/bin/sh\ntrue\n")
+        os.chmod(cmd, 0o644)
+    res = cli_run(hc, m.mountpoint, "--snapshot-cmd", cmd)
+    assert res.returncode == 2
+    assert b"11  InvalidParameter" in res.stderr and why.encode() in res.stderr, res.stderr
+    assert res.stdout == b""
+    assert not log.exists(), "a pre-script ran although the run was refused"
+    assert not loopfs.thaw_path(m.mountpoint)
+
+
+def test_bare_and_relative_snapshot_commands_run(tmp_path, mounts):
+    m = mounts.make("ext4")
+    hc, log = setup_logged(tmp_path)
+    assert orjson.loads(cli_run(hc, m.mountpoint, "--snapshot-cmd", "true").stdout)["outcome"] == "app-consistent"
+    mark = tmp_path / "snap ran"
+    (tmp_path / "snap.sh").write_text(f'#!/bin/sh\necho "$1" > "{mark}"\n')
+    os.chmod(tmp_path / "snap.sh", 0o755)
+    res = cli_run(hc, m.mountpoint, "--snapshot-cmd", "./snap.sh 'two words'", cwd=tmp_path)
+    doc = orjson.loads(res.stdout)
+    assert res.returncode == 0 and doc["outcome"] == "app-consistent", doc
+    assert mark.read_text() == "two words\n"
+    assert log.read_text() == "pre\npost taken\n" * 2
+
+
+def test_failing_snapshot_command_still_resumes(tmp_path, mounts):
+    m = mounts.make("ext4")
+    hc, log = setup_logged(tmp_path)
+    res = cli_run(hc, m.mountpoint, "--snapshot-cmd", "sh -c 'echo oops >&2; exit 3'")
+    doc = orjson.loads(res.stdout)
+    assert res.returncode == 2 and doc["outcome"] == "failed"
+    assert doc["snapshot"]["state"] == "failed" and "status 3" in doc["snapshot"]["detail"]
+    assert doc["snapshot"]["command"]["stderr"]["text"] == "oops\n"
+    assert log.read_text() == "pre\npost failed\n"
+    assert not loopfs.thaw_path(m.mountpoint)
+
+
+def test_snapshot_command_at_the_bound_is_failed_never_taken(tmp_path, mounts):
+    m = mounts.make("ext4")
+    hc, log = setup_logged(tmp_path)
+    # It writes to the frozen mount, so it blocks until the bound thaws it, then would finish.
+    res = cli_run(hc, m.mountpoint, "--freeze-timeout", "0.5", "--snapshot-cmd",
+                  f"sh -c 'echo x > {m.mountpoint}/during; sync; sleep 0.2'")
+    doc = orjson.loads(res.stdout)
+    assert doc["snapshot"]["state"] == "failed" and doc["code"] == 122, doc
+    assert doc["outcome"] == "failed"
+    assert log.read_text() == "pre\npost failed\n"
+    assert not loopfs.thaw_path(m.mountpoint)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt(), SystemExit(4)])
+def test_snapshot_callable_raising_still_resumes(tmp_path, mounts, exc):
+    m = mounts.make("ext4")
+    hc, log = setup_logged(tmp_path)
+
+    def snap(win):
+        raise exc
+
+    if isinstance(exc, SystemExit):
+        with pytest.raises(SystemExit):
+            host.run(hc, mount_points=[m.mountpoint], snapshot=snap, freeze_timeout=10)
+    else:
+        rep = host.run(hc, mount_points=[m.mountpoint], snapshot=snap, freeze_timeout=10)
+        assert rep.snapshot == "failed" and rep.outcome == host.FAILED
+        assert rep.interrupted == ("SIGINT" if isinstance(exc, KeyboardInterrupt) else None)
+    assert log.read_text() == "pre\npost failed\n"
+    assert not loopfs.thaw_path(m.mountpoint)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e12", "-1", "0", "soon"])
+def test_bad_freeze_timeout_is_refused_before_any_script(tmp_path, mounts, value):
+    m = mounts.make("ext4")
+    hc, log = setup_logged(tmp_path)
+    res = cli_run(hc, m.mountpoint, "--freeze-timeout", value)
+    assert res.returncode == 2 and b"11  InvalidParameter" in res.stderr and b"freeze_timeout" in res.stderr
+    assert not log.exists()
+    with pytest.raises(ValueError):
+        host.run(hc, mount_points=[m.mountpoint], freeze_timeout=float(value) if value != "soon" else value)
+    assert not log.exists()
+
+
+# 3: signals in each phase
+
+SIGNALLED_PRE = "sleep 30 &\nwait\n"
+SIGNALLED_POST = "sleep 1\necho \"post done\" >> {log}\n"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("phase", ["pre", "window", "post"])
+def test_signal_in_each_phase(tmp_path, mounts, sig, phase):
+    m = mounts.make("ext4")
+    w = mounts.writer(os.path.join(m.mountpoint, "w"))
+    log = tmp_path / "log"
+    started = tmp_path / "started"
+    pre = SLOW_PRE.format(log=log) + (f"touch {started}\n" + SIGNALLED_PRE if phase == "pre" else "")
+    post = (POST.format(log=log) + (f"touch {started}\n" + SIGNALLED_POST.format(log=log) if phase == "post" else ""))
+    hc = write_setup(tmp_path, pre=pre.encode(), post=post.encode())
+    snap = f"sh -c 'touch {started}; sleep 30'" if phase == "window" else "true"
+    p = subprocess.Popen([*PYEXEC, "run", "--config", hc, "--mount", m.mountpoint, "--json", "--snapshot-cmd", snap],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
+    try:
+        deadline = time.monotonic() + 20
+        while not started.exists():
+            assert time.monotonic() < deadline and p.poll() is None, "the phase never started"
+            time.sleep(0.002)
+        t_sig = time.monotonic()
+        p.send_signal(sig)
+        took = writable_within(w, 10)
+        took = None if took is None else time.monotonic() - t_sig
+        out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+        p.wait()
+    assert b"Traceback" not in err, err.decode()
+    assert p.returncode == 128 + sig, (p.returncode, err.decode())
+    doc = orjson.loads(out)
+    assert doc["interrupted"] == sig.name
+    assert took is not None and took < 0.1, f"writable {took}s after {sig.name}"
+    lines = log.read_text().splitlines()
+    if phase == "post":
+        assert lines == ["pre", "post taken", "post done"], "a signal during the post-scripts stopped them"
+        assert doc["outcome"] == "app-consistent"
+    else:
+        assert lines == ["pre", "post failed"], lines
+        assert doc["snapshot"]["state"] == "failed" and doc["outcome"] == "failed"
+    assert not loopfs.thaw_path(m.mountpoint)
+
+
+def test_second_signal_does_not_stop_the_post_scripts(tmp_path, mounts):
+    m = mounts.make("ext4")
+    log, started = tmp_path / "log", tmp_path / "started"
+    post = POST.format(log=log) + f"touch {started}\nsleep 1\necho done >> {log}\n"
+    hc = write_setup(tmp_path, pre=SLOW_PRE.format(log=log).encode(), post=post.encode())
+    p = subprocess.Popen([*PYEXEC, "run", "--config", hc, "--mount", m.mountpoint, "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
+    while not started.exists():
+        assert p.poll() is None
+        time.sleep(0.002)
+    p.send_signal(signal.SIGTERM)
+    time.sleep(0.1)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 128 + signal.SIGTERM and b"Traceback" not in err
+    assert log.read_text().splitlines() == ["pre", "post taken", "done"]
+
+
+# 6: daemons a post-script starts survive; scripts do not survive a SIGKILLed pyexec
+
+def test_daemon_started_by_post_script_survives(tmp_path, mounts):
+    m = mounts.make("ext4")
+    tag = f"daemon-{os.getpid()}-{time.monotonic_ns()}"
+    post = f"#!/bin/sh\nsh -c 'sleep 300; : {tag}' &\nsetsid sh -c 'sleep 300; : {tag}' > /dev/null 2>&1 &\n"
+    hc = write_setup(tmp_path, post=post.encode())
+    res = cli_run(hc, m.mountpoint)
+    assert res.returncode == 0
+    time.sleep(5)
+    try:
+        alive = procs_matching(lambda a: any(tag.encode() in x for x in a))
+        assert len(alive) >= 2, "a daemon started by the post-script was killed after pyexec exited"
+    finally:
+        for pid in procs_matching(lambda a: any(tag.encode() in x for x in a)):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_script_dies_with_a_sigkilled_pyexec(tmp_path, mounts):
+    m = mounts.make("ext4")
+    tag = f"hung-{os.getpid()}-{time.monotonic_ns()}"
+    started = tmp_path / "started"
+    hc = write_setup(tmp_path, pre=f"#!/bin/sh\ntouch {started}\nsetsid sh -c 'sleep 300; : {tag}' &\nwait\n".encode())
+    p = subprocess.Popen([*PYEXEC, "run", "--config", hc, "--mount", m.mountpoint, "--quiet"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
+    while not started.exists():
+        time.sleep(0.002)
+    time.sleep(0.05)
+    p.kill()
+    p.wait()
+    deadline = time.monotonic() + 5
+    while procs_matching(lambda a: any(tag.encode() in x for x in a)):
+        assert time.monotonic() < deadline, "a script outlived its SIGKILLed pyexec"
+        time.sleep(0.01)
+
+
+# 7: locks
+
+def test_two_runs_on_unrelated_mounts_both_app_consistent(tmp_path, mounts):
+    a, b = mounts.make("ext4"), mounts.make("ext4")
+    runs = []
+    for i, m in enumerate((a, b)):
+        d = tmp_path / f"r{i}"
+        d.mkdir()
+        hc = write_setup(d)
+        runs.append(subprocess.Popen([*PYEXEC, "run", "--config", hc, "--mount", m.mountpoint, "--json",
+                                      "--snapshot-cmd", "sleep 1"], stdout=subprocess.PIPE, cwd="/"))
+    docs = [orjson.loads(p.communicate(timeout=60)[0]) for p in runs]
+    assert [d["outcome"] for d in docs] == ["app-consistent", "app-consistent"]
+    # They overlapped: each window held for its 1 s snapshot, together in well under 2 s.
+    starts = sorted(d["window"]["start_ns"] for d in docs)
+    assert starts[1] - starts[0] < 1e9
+
+
+def test_run_waits_for_a_held_mount_then_fails_naming_the_holder(tmp_path, mounts):
+    a = mounts.make("ext4")
+    log = tmp_path / "log"
+    hc = write_setup(tmp_path, pre=f"#!/bin/sh\necho pre >> {log}\n".encode())
+    with freeze.hold([a.mountpoint]):
+        t0 = time.monotonic()
+        res = cli_run(hc, a.mountpoint, "--lock-wait", "0.3")
+        waited = time.monotonic() - t0
+        doc = orjson.loads(res.stdout)
+        assert doc["code"] == 121 and doc["outcome"] == "failed"
+        assert f"held by pid {os.getpid()}" in doc["problems"][-1]["detail"]
+        assert waited >= 0.3 and not log.exists(), "the pre-script ran before the lock was taken"
+        waiter = subprocess.Popen([*PYEXEC, "run", "--config", hc, "--mount", a.mountpoint, "--json",
+                                   "--lock-wait", "20"], stdout=subprocess.PIPE, cwd="/")
+        time.sleep(0.5)
+        assert waiter.poll() is None and not log.exists()
+        t_release = time.monotonic()
+    out, _ = waiter.communicate(timeout=30)
+    assert orjson.loads(out)["outcome"] == "app-consistent"
+    assert log.read_text() == "pre\n"
+    assert time.monotonic() - t_release < 5
+
+
+# 8: recover thaws only what pyexec froze
+
+STUCK = r"""
+import sys
+from pyexec import freeze
+with freeze.window(sys.argv[1:], 120, presync=False):
+    pass
+"""
+
+
+def test_recover_after_double_kill_leaves_a_foreign_freeze(mounts, tmp_path):
+    outer, inner = nested(mounts)
+    b = mounts.make("ext4")
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYEXEC_RUN_DIR": str(run_dir)}
+    subprocess.run(["fsfreeze", "-f", outer.mountpoint], check=True)  # INNER's FIFREEZE will wait on it
+    ctl = subprocess.Popen([sys.executable, "-c", STUCK, inner.mountpoint, b.mountpoint], env=env, cwd="/")
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert time.monotonic() < deadline, "the controller never got into FIFREEZE"
+            js = list(run_dir.glob("window-*.journal"))
+            if js:
+                rec = native.read_set(js[0].read_bytes()[:native.default().set_size])
+                if rec.mounts and rec.mounts[0].state == "freezing" and rec.guardian_pid:
+                    break
+            time.sleep(0.01)
+        os.kill(rec.guardian_pid, signal.SIGKILL)
+        ctl.kill()  # it dies once its FIFREEZE returns
+        subprocess.run(["fsfreeze", "-f", b.mountpoint], check=True)  # another tool, after the crash
+    finally:
+        subprocess.run(["fsfreeze", "-u", outer.mountpoint])
+        ctl.wait(timeout=30)
+    r = subprocess.run([*PYEXEC, "recover"], env=env, cwd="/", capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f"thawed {inner.mountpoint}" in r.stdout and b.mountpoint not in r.stdout, r.stdout
+    assert loopfs.thaw_path(b.mountpoint), "recover thawed the other tool's freeze"
+    assert not loopfs.thaw_path(inner.mountpoint), "recover left the dead run's mount frozen"
+    assert list(run_dir.glob("window-*.journal")) == []
