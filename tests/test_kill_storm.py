@@ -1,7 +1,9 @@
 """Kill storm: the full flow on two loop mounts, SIGKILLed at random instants, PYEXEC_KILL_TRIALS times
-(default 200).  Every fifth trial kills the guardian inside the window instead, every fifth kills the
-guardian and the controller together.  After each kill: both mounts take writes again within the bound
-(time from the kill measured), no script process is left, no guardian or warden outlives its controller.
+(default 200).  Of every seven trials three SIGKILL the controller, one the guardian inside the window,
+one the guardian and the controller together, one sends SIGTERM and one SIGINT to the controller.
+After each: both mounts take writes again within the bound (time from the kill or signal measured), no
+script process is left, no guardian or warden outlives its controller, and every pre-script that
+started had its post-script run (except where SIGKILL took the controller itself).
 A summary (trials per phase, worst and median time-to-thaw) goes to results/kill-storm.json."""
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ REPORT = pathlib.Path(__file__).resolve().parent.parent / "results" / "kill-stor
 
 # Phase markers are written to the pipe before each phase (never inside the window).
 CONTROLLER = r"""
-import os, sys, time
+import os, signal, sys, time
 from pyexec import host
 cfg, hold, *mps = sys.argv[1:]
 marks = {"check": b"c", "pre-scripts": b"p", "freeze": b"f", "post-scripts": b"s"}
@@ -41,6 +43,7 @@ os.write(1, b"g")
 rep = host.run(cfg, mount_points=mps, snapshot=lambda w: time.sleep(float(hold)), freeze_timeout=%r,
                progress=progress)
 os.write(1, b"E" + rep.outcome.encode())
+sys.exit(128 + signal.Signals[rep.interrupted] if rep.interrupted else 0)
 """ % BOUND_S
 
 
@@ -87,8 +90,11 @@ def test_kill_storm(tmp_path, mounts):
     a, b = mounts.make("ext4"), mounts.make("ext4")
     writers = [mounts.writer(os.path.join(m.mountpoint, "f")) for m in (a, b)]
     marker = f"storm-{uuid.uuid4().hex[:8]}"
-    child = b"#!/bin/sh\nsh -c 'sleep 0.04; :' \"$1\"\n"  # a grandchild that carries the marker
-    cfg = write_setup(tmp_path, pre=child, post=child,
+    log = tmp_path / "scripts.log"
+    # Each script has a grandchild that carries the marker; the log says which scripts ran.
+    pre = f"#!/bin/sh\necho pre >> {log}\nsh -c 'sleep 0.04; :' \"$1\"\n".encode()
+    post = f"#!/bin/sh\nsh -c 'sleep 0.04; :' \"$1\"\necho post >> {log}\n".encode()
+    cfg = write_setup(tmp_path, pre=pre, post=post,
                       plugin_doc={"preScriptParams": [marker], "postScriptParams": [marker]})
     env = {**os.environ, "PYEXEC_RUN_DIR": str(tmp_path / "run")}
     argv = [sys.executable, "-c", CONTROLLER, cfg, str(HOLD_S), a.mountpoint, b.mountpoint]
@@ -113,14 +119,16 @@ def test_kill_storm(tmp_path, mounts):
     rng = random.Random(int(os.environ.get("PYEXEC_KILL_SEED", "7")))
     results = []
     for i in range(TRIALS):
-        mode = ("controller", "controller", "controller", "guardian", "both")[i % 5]
+        mode = ("controller", "controller", "controller", "guardian", "both", "sigterm", "sigint")[i % 7]
         mounts.rearm()
+        log.write_bytes(b"")
         p = start()
         try:
-            if mode == "controller":
+            if mode in ("controller", "sigterm", "sigint"):
                 time.sleep(rng.uniform(0, span * 1.2))
                 t_kill = time.monotonic()
-                p.kill()
+                p.send_signal({"controller": signal.SIGKILL, "sigterm": signal.SIGTERM,
+                               "sigint": signal.SIGINT}[mode])
             else:
                 g = guardian_of(p.pid, 10)
                 assert g is not None, f"trial {i}: no guardian appeared"
@@ -149,12 +157,16 @@ def test_kill_storm(tmp_path, mounts):
                                and a_[1:2] == [str(p.pid).encode()], 5), f"trial {i}: a helper outlived {p.pid}"
             if cg_root:
                 assert not os.path.exists(os.path.join(cg_root, "pyexec", str(p.pid))), f"trial {i}: cgroup left"
+            ran = log.read_text().split()
+            if mode != "controller" and mode != "both":  # only SIGKILL of the controller may skip it
+                assert ran.count("post") == ran.count("pre"), f"trial {i} ({mode}, {phase_of(marks)}): {ran}"
             if mode == "guardian":
                 # The controller saw its guardian die, thawed, and finished the run (post-scripts
                 # included); a window cut short that way is not a consistent snapshot, so "failed" is
                 # the honest outcome when the kill landed in it.
                 assert b"E" in marks and b"s" in marks, marks
-            results.append({"mode": mode, "phase": phase_of(marks), "took": took, "recovered": recovered})
+            results.append({"mode": mode, "phase": phase_of(marks), "took": took, "recovered": recovered,
+                            "status": p.returncode, "scripts": ran})
         finally:
             p.kill()
             p.wait()
@@ -184,4 +196,10 @@ def summarize(results, span) -> dict:
         "worst_by_mode_s": {m: max(r["took"] for r in results if r["mode"] == m) for m in by_mode},
         "median_by_mode_s": {m: statistics.median(r["took"] for r in results if r["mode"] == m) for m in by_mode},
         "both_killed_thawed_by_recover": sum(r["recovered"] for r in results),
+        # Signalled trials: how the controller ended, and whether it had to resume the application.
+        "signalled": {m: {"trials": sum(1 for r in results if r["mode"] == m),
+                          "exit_statuses": sorted({r["status"] for r in results if r["mode"] == m}),
+                          "pre_scripts_started": sum(1 for r in results if r["mode"] == m and "pre" in r["scripts"]),
+                          "post_scripts_run": sum(1 for r in results if r["mode"] == m and "post" in r["scripts"])}
+                      for m in ("sigterm", "sigint")},
     }
