@@ -392,3 +392,18 @@ def test_recover_after_double_kill_leaves_a_foreign_freeze(mounts, tmp_path):
     assert loopfs.thaw_path(b.mountpoint), "recover thawed the other tool's freeze"
     assert not loopfs.thaw_path(inner.mountpoint), "recover left the dead run's mount frozen"
     assert list(run_dir.glob("window-*.journal")) == []
+
+
+def test_check_and_run_choose_mounts_alike(tmp_path, mounts):
+    """`pyexec check` and `pyexec run` plan with one function: mountsToSkip and the order included."""
+    outer, inner = nested(mounts)
+    hc = write_setup(tmp_path, host_extra=f"mountsToSkip = {inner.mountpoint}\n".encode())
+    res = subprocess.run([*PYEXEC, "check", "--config", hc, "--json"], capture_output=True, cwd="/", timeout=60)
+    would = orjson.loads(res.stdout)["would_freeze"]
+    assert outer.mountpoint in would and inner.mountpoint not in would, would
+    res = subprocess.run([*PYEXEC, "check", "--config", hc, "--json", "--mount", outer.mountpoint,
+                          "--mount", inner.mountpoint], capture_output=True, cwd="/", timeout=60)
+    assert orjson.loads(res.stdout)["would_freeze"] == [inner.mountpoint, outer.mountpoint]
+    doc = orjson.loads(cli_run(hc, outer.mountpoint, "--mount", inner.mountpoint).stdout)
+    assert doc["mounts"] == [inner.mountpoint, outer.mountpoint] == doc["window"]["paths"]
+    assert doc["outcome"] == "app-consistent"
