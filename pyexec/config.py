@@ -66,6 +66,7 @@ class PluginConfig:
     pre_retries: int = 0
     post_retries: int = 0
     timeout: int = PLUGIN_TIMEOUT_DEFAULT
+    host_limit: bool = False  # the host's timeoutInSeconds, lower than the plugin's, is `timeout`
     continue_on_failure: bool = True
     fs_freeze: bool = True
     plugin_name: str = ""
@@ -248,4 +249,5 @@ def parse_plugin(data: bytes, path: str = PLUGIN_CONFIG_PATH, host_timeout: int 
     if fields["timeout"] > host_timeout:
         warnings.append(f"timeoutInSeconds {fields['timeout']} exceeds the host's {host_timeout}; using {host_timeout}")
         fields["timeout"] = host_timeout
+        fields["host_limit"] = True
     return PluginConfig(path=path, warnings=tuple(warnings), **fields)

@@ -107,11 +107,13 @@ def run_phase(checked: CheckResult, phase: str, nat=None, env_extra=None) -> lis
         script = pc.pre if phase == "pre" else pc.post
         params = c.pre_params if phase == "pre" else c.post_params
         retries = c.pre_retries if phase == "pre" else c.post_retries
-        jobs.append((script, params, phase, c.timeout, retries, c.continue_on_failure, pc.entry.name))
+        jobs.append(dict(script=script, params=params, phase=phase, timeout_s=c.timeout, retries=retries,
+                         continue_on_failure=c.continue_on_failure, plugin=pc.entry.name, host_limit=c.host_limit,
+                         env_extra=env_extra, nat=nat))
     if len(jobs) <= 1:  # no thread to start for the common single plugin
-        return [scripts.run_script(*job, env_extra=env_extra, nat=nat) for job in jobs]
+        return [scripts.run_script(**job) for job in jobs]
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs)) as ex:
-        futs = [ex.submit(scripts.run_script, *job, env_extra=env_extra, nat=nat) for job in jobs]
+        futs = [ex.submit(scripts.run_script, **job) for job in jobs]
         return [f.result() for f in futs]
 
 
@@ -124,7 +126,7 @@ def _snapshot(action, window, nat, timeout_s: float) -> tuple[str, str]:
         except Exception as e:  # the caller's action failing is an outcome, not a crash
             return "failed", f"{type(e).__name__}: {e}"
         return "taken", ""
-    proc = nat.spawn(list(action), dict(scripts.BASE_ENV), path=action[0])
+    proc = nat.spawn(list(action), scripts.base_env(), path=action[0])
     try:
         st = nat.wait(proc, nat.now_ns() + int(timeout_s * 1e9))
         if st is None:
