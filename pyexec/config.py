@@ -139,8 +139,8 @@ def parse_host(data: bytes, path: str = HOST_CONFIG_PATH) -> HostConfig:
             values[base] = value
         if all(values.values()):
             plugins.append(PluginEntry(i, values["pluginName"], values["pluginPath"], values["pluginConfigPath"]))
-    if count == 0 and not errors:
-        errors.append(ConfigError(304, "numberOfPlugins is 0: no plugin to run", path, "numberOfPlugins"))
+    if count == 0:  # as the reference: nothing runs, nothing fails
+        warnings.append("numberOfPlugins is 0: no plugins configured, no script will run")
     skip = tuple(s.strip() for s in sec.get("mountsToSkip", "").split(",") if s.strip())
     if errors:
         raise Problems(errors)

@@ -40,6 +40,12 @@ class CheckResult:
     def fs_freeze(self) -> bool:
         return all(p.config.fs_freeze for p in self.plugins if p.config)
 
+    @property
+    def dobackup(self) -> bool:
+        """The reference's pre_check `dobackup`: False when a plugin whose config loaded says
+        continueBackupOnFailure false (its caller then takes no snapshot if the check found a problem)."""
+        return all(p.config.continue_on_failure for p in self.plugins if p.config)
+
     def close(self) -> None:
         for p in self.plugins:
             for f in (p.pre, p.post):

@@ -90,7 +90,8 @@ def test_seed_error_rows_give_the_reference_codes(tmp_path, name, setup, where):
 
 def test_continue_on_failure_false_stops_the_backup(tmp_path):
     ph = host_for(tmp_path, pre=b"#!/bin/sh\nexit 1\n", plugin_doc={"continueBackupOnFailure": False})
-    assert ph.pre_check() == (0, True, True)
+    # The reference's pre_check returns continueBackupOnFailure as dobackup (ScriptRunner.validate_scripts).
+    assert ph.pre_check() == (0, False, True)
     res = ph.pre_script()
     ph.close()
     assert res.anyScriptFailed and res.continueBackup is False and res.errorCode == 300

@@ -1,11 +1,12 @@
 """Hostile scripts and files, each with the outcome it must produce, through the whole flow on a loop mount.
 
 HOSTILE_SCRIPTS below is the table of hostile pre-scripts (run here).  The hostile files live in
-test_config_trust.py: PLUGIN_CORPUS (33 bad JSON configs → 305), HOST_CORPUS (13 bad INI configs → 304),
+test_config_trust.py: PLUGIN_CORPUS (33 bad JSON configs → 305), HOST_CORPUS (12 bad INI configs → 304),
 test_file_modes_and_owners (18 owner/mode/setuid cases), test_paths_symlinks_and_parents (symlinks to
 non-root files, parents writable by others or owned by another user), test_fifo_and_oversize_configs,
-test_checked_file_is_the_file_that_is_read; the racing rename during a run and hypothesis over
-`pyexec check` are here.  Whatever the input: one table code, no traceback, nothing left frozen."""
+test_checked_file_is_the_file_that_is_read; a script changed between the check and its run, and
+hypothesis over `pyexec check`, are here.  Whatever the input: one table code, no traceback, nothing
+left frozen."""
 from __future__ import annotations
 
 import json
@@ -140,7 +141,7 @@ def test_check_on_generated_configs_gives_table_errors_only(tmp_path, doc, timeo
     res = host.check(hc)
     try:
         assert all(e.code in errors.TABLE for e in res.errors)
-        assert res.errors or res.plugins
+        assert res.errors or res.plugins or res.host.plugins == ()  # numberOfPlugins 0 is valid
     finally:
         res.close()
 
