@@ -182,27 +182,22 @@ def pluginhost_main(argv=None) -> int:
 
 
 def safefreeze_main(argv=None) -> int:
-    """`safefreeze TIMEOUT_SECONDS MOUNT...`: the reference freeze helper, event-driven and guarded."""
-    import math
+    """`safefreeze TIMEOUT_SECONDS MOUNT...`: the reference freeze helper, event-driven and guarded.
+
+    Everything goes to stdout, as the reference prints it: its caller logs the helper's stdout."""
     from pyexec import safefreeze
     argv = sys.argv[1:] if argv is None else argv
-    usage = "usage: safefreeze TIMEOUT_SECONDS MOUNT_POINT [MOUNT_POINT ...]"
-    if len(argv) < 2 or argv[0] in ("-h", "--help"):
-        print(usage, file=sys.stderr)
-        return safefreeze.EXIT_USAGE
     try:
-        timeout = float(argv[0])
-    except ValueError:
-        timeout = math.nan
-    if not (math.isfinite(timeout) and timeout > 0):
-        print(f"safefreeze: timeout must be a positive number of seconds, not {argv[0]!r}\n{usage}", file=sys.stderr)
-        return safefreeze.EXIT_USAGE
-    print(f"safefreeze: freezing {' '.join(argv[1:])} for at most {timeout:g}s", flush=True)
-    res = safefreeze.run(timeout, argv[1:])
+        timeout, paths = safefreeze.parse_args(argv)
+    except ValueError as err:
+        print(f"safefreeze: {err}\n{safefreeze.USAGE}")
+        return safefreeze.EXIT_FAILED
+    print(f"safefreeze: freezing {' '.join(paths)} for at most {timeout:g}s", flush=True)
+    res = safefreeze.run(timeout, paths)
     for line in res.lines:
-        print(f"safefreeze: {line}")
+        print(line)
     if res.status != safefreeze.EXIT_THAWED:
-        print(f"safefreeze: failed: {res.reason}", file=sys.stderr)
+        print(f"safefreeze: failed: {res.reason}")
     return res.status
 
 
