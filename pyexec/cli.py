@@ -2,11 +2,25 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import orjson
 
-from pyexec import config, errors
+from pyexec import __version__, config, errors
+
+MOUNT_HELP = ("mount point to freeze (repeatable); without it every local filesystem that discovery "
+              "finds is frozen, as the reference does")
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    # A relative path names a file in the working directory, as every command-line tool reads it.
+    p.add_argument("--config", default=config.HOST_CONFIG_PATH, type=os.path.abspath,
+                   help="host config (VMSnapshotPluginHost.conf)")
+
+
+def _version_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
 
 def _print_problems(errs, out=sys.stdout) -> None:
@@ -90,14 +104,15 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pyexec", description="Application-consistent snapshots with a minimal freeze window.")
+    _version_arg(ap)
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="validate configs and scripts; run and freeze nothing")
-    c.add_argument("--config", default=config.HOST_CONFIG_PATH, help="host config (VMSnapshotPluginHost.conf)")
+    _config_arg(c)
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=cmd_check)
     r = sub.add_parser("run", help="check, pre-scripts, freeze + snapshot + thaw, post-scripts")
-    r.add_argument("--config", default=config.HOST_CONFIG_PATH)
-    r.add_argument("--mount", action="append", help="mount point to freeze (repeatable); replaces discovery")
+    _config_arg(r)
+    r.add_argument("--mount", action="append", help=MOUNT_HELP)
     r.add_argument("--snapshot-cmd", help="command run inside the freeze window (split on spaces)")
     r.add_argument("--freeze-timeout", type=float, default=60.0, help="bound of the freeze window, seconds")
     r.add_argument("--no-expedite", action="store_true", help="do not set rcu_expedited around FIFREEZE")
@@ -166,11 +181,13 @@ class _StderrLogger:
 def pluginhost_main(argv=None) -> int:
     """`pluginhost [--config PATH] {check,pre,post,run} [--json]`: the reference host's verbs."""
     ap = argparse.ArgumentParser(prog="pluginhost", description="The reference plugin host's verbs, over pyexec.")
-    ap.add_argument("--config", default=config.HOST_CONFIG_PATH)
+    _version_arg(ap)
+    _config_arg(ap)
     ap.add_argument("verb", choices=["check", "pre", "post", "run"])
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--snapshot", choices=["taken", "skipped", "failed"], default="taken",
+    ap.add_argument("--snapshot", choices=["taken", "skipped", "failed", "unknown"], default="unknown",
                     help="post: what became of the snapshot (the post-scripts see PYEXEC_SNAPSHOT)")
+    ap.add_argument("--mount", action="append", help="run: " + MOUNT_HELP)
     a = ap.parse_args(argv)
     if a.verb in ("pre", "post"):
         try:
@@ -178,7 +195,10 @@ def pluginhost_main(argv=None) -> int:
         except errors.PyexecError as e:
             _print_problems([e], out=sys.stderr)
             return e.entry.exit_status
-    return main([a.verb, "--config", a.config] + (["--json"] if a.json else []))
+    if a.mount and a.verb != "run":
+        ap.error("--mount applies to run only")
+    mounts = [arg for m in (a.mount or []) for arg in ("--mount", m)] if a.verb == "run" else []
+    return main([a.verb, "--config", a.config, *mounts] + (["--json"] if a.json else []))
 
 
 def safefreeze_main(argv=None) -> int:
