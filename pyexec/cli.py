@@ -205,7 +205,11 @@ def safefreeze_main(argv=None) -> int:
     """`safefreeze TIMEOUT_SECONDS MOUNT...`: the reference freeze helper, event-driven and guarded.
 
     Everything goes to stdout, as the reference prints it: its caller logs the helper's stdout."""
+    import signal
     from pyexec import safefreeze
+    # The caller's thaw request can cross our timeout: a SIGUSR1 after the window must not kill us,
+    # the caller reads the exit status.  (The window itself installs its own handler.)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     argv = sys.argv[1:] if argv is None else argv
     try:
         timeout, paths = safefreeze.parse_args(argv)
