@@ -172,3 +172,14 @@ def test_pluginhost_run_freezes_only_the_given_mounts(tmp_path, mounts):
     bad = subprocess.run([PLUGINHOST, "--config", hc, "check", "--mount", m.mountpoint], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "--mount applies to run only" in bad.stderr
+
+
+@pytest.mark.parametrize("argv,code", [(["--config", "nope.conf", "pre"], 313), (["--config", "etc", "check"], 304),
+                                       (["--config", "etc/pre.sh", "post"], 304)])
+def test_bad_input_is_one_table_error_and_a_nonzero_exit(tmp_path, argv, code):
+    write_setup(tmp_path)
+    res = subprocess.run([PLUGINHOST, *argv], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "Traceback" not in out
+    assert f"{code}  {errors.TABLE[code].name}" in out or f"{code} {errors.TABLE[code].name}" in out, out
+    assert str(tmp_path / argv[1]) in out, "the relative path is reported resolved"
