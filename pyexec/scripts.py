@@ -158,7 +158,7 @@ def base_env() -> dict[str, str]:
 
 def _runs_directly(script: TrustedFile) -> bool:
     # The reference runs every script as `sh PATH`.  execve runs only a `#!` script or a binary,
-    # so anything else (no execute bit, no `#!` line, an empty file) goes through sh, from the same fd.
+    # so anything else (no execute bit, no `#!` line, an empty file) runs as `/bin/sh PATH`.
     head = os.pread(script.fd, 4, 0)
     return script.executable and (head.startswith(b"#!") or head == b"\x7fELF")
 

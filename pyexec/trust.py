@@ -1,8 +1,9 @@
 """Ownership and permission checks, done on the open file that will be read or executed.
 
 The path is walked one component at a time with O_PATH|O_NOFOLLOW, so every directory and
-every symlink on the way is checked (the OpenSSH StrictModes rule, beyond the reference),
-and the file is then used through the fd that was checked: no check-then-open race."""
+every symlink on the way is checked (the OpenSSH StrictModes rule, beyond the reference).
+A config is then read through the fd that was checked: no check-then-open race.  A script is
+executed by its path (for `$0`), after `recheck` has walked it again and found the same inode."""
 from __future__ import annotations
 
 import dataclasses
@@ -35,7 +36,7 @@ MAX_SYMLINKS = 40  # as the kernel's path walk (MAXSYMLINKS)
 
 @dataclasses.dataclass
 class TrustedFile:
-    """A checked file, open: read it or execute it through `fd`, never by path again."""
+    """A checked file, open: read it through `fd`; execute it by path only after `recheck`."""
 
     path: str
     fd: int
