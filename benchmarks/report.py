@@ -104,6 +104,16 @@ def main(path: str = "results/bench.json", out_dir: str = "results") -> int:
             rows.append(f"| {k} | {us(med[n])} | {us(med[n] / k)} |")
         rows.append("")
 
+    start = get("test_script_start")
+    if start:
+        recheck = get("test_script_recheck")
+        rows += ["### Starting a no-op #! script (spawn + wait): through the checked fd, or by path after a re-check",
+                 "", "| how | median |", "|---|---|"]
+        rows += [f"| {b['params']['how']} | {us(med[n])} |" for n, b in sorted(start.items(), key=lambda kv: med[kv[0]])]
+        for n, b in recheck.items():
+            rows += ["", f"The re-check alone (a {b['extra_info']['components']}-component path): {us(med[n])} median."]
+        rows.append("")
+
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "bench.md"), "w") as f:
         f.write("\n".join(rows) + "\n")

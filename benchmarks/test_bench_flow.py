@@ -191,3 +191,32 @@ def test_scale_plugins(benchmark, tmp_path, n):
     finally:
         checked.close()
     benchmark.extra_info["plugins"] = n
+
+
+# ---- 7. how a script is started: through the checked fd, or by its path after a re-check -----------
+
+@pytest.mark.benchmark(group="no-op #! script: start and wait")
+@pytest.mark.parametrize("how", ["checked_fd", "path_rechecked"])
+def test_script_start(benchmark, tmp_path, how):
+    """Before: exec /proc/self/fd/3 (the checked fd; $0 was that /proc path).  Now: trust.recheck walks
+    the configured path again, then exec by path ($0 is the path).  Same spawn, same wait."""
+    nat = native.default()
+    with trust.open_trusted(make(tmp_path / "etc" / "scripts" / "pre.sh", NOOP), trust.PRE) as f:
+        def start():
+            if how == "checked_fd":
+                p = nat.spawn([f.path], {}, exec_fd=f.fd)
+            else:
+                trust.recheck(f)
+                p = nat.spawn([f.path], {}, path=f.path)
+            st = nat.wait(p, -1)
+            p.close()
+            assert st.code == 0
+
+        benchmark.pedantic(start, rounds=200, warmup_rounds=5)
+
+
+@pytest.mark.benchmark(group="re-check of a script's path")
+def test_script_recheck(benchmark, tmp_path):
+    with trust.open_trusted(make(tmp_path / "etc" / "scripts" / "pre.sh", NOOP), trust.PRE) as f:
+        benchmark.extra_info["components"] = f.path.count("/")
+        benchmark.pedantic(trust.recheck, args=(f,), rounds=2000, warmup_rounds=20)

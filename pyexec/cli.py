@@ -2,12 +2,26 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
 import orjson
 
-from pyexec import config, errors
+from pyexec import __version__, config, errors
+
+MOUNT_HELP = ("mount point to freeze (repeatable); without it every local filesystem that discovery "
+              "finds is frozen, as the reference does")
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    # A relative path names a file in the working directory, as every command-line tool reads it.
+    p.add_argument("--config", default=config.HOST_CONFIG_PATH, type=os.path.abspath,
+                   help="host config (VMSnapshotPluginHost.conf)")
+
+
+def _version_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
 
 def _print_problems(errs, out=sys.stdout) -> None:
@@ -100,15 +114,16 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pyexec", description="Application-consistent snapshots with a minimal freeze window.")
+    _version_arg(ap)
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="validate configs and scripts; run and freeze nothing")
-    c.add_argument("--config", default=config.HOST_CONFIG_PATH, help="host config (VMSnapshotPluginHost.conf)")
+    _config_arg(c)
     c.add_argument("--mount", action="append", help="mount point to check the freeze order of (repeatable)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=cmd_check)
     r = sub.add_parser("run", help="check, pre-scripts, freeze + snapshot + thaw, post-scripts")
-    r.add_argument("--config", default=config.HOST_CONFIG_PATH)
-    r.add_argument("--mount", action="append", help="mount point to freeze (repeatable); replaces discovery")
+    _config_arg(r)
+    r.add_argument("--mount", action="append", help=MOUNT_HELP)
     r.add_argument("--snapshot-cmd", help="command run inside the freeze window (shell quoting rules; a bare "
                    "name is looked up on PATH; killed with its process tree at the freeze bound)")
     r.add_argument("--freeze-timeout", default=60.0, help="bound of the freeze window, seconds in (0, 86400]")
@@ -180,11 +195,13 @@ class _StderrLogger:
 def pluginhost_main(argv=None) -> int:
     """`pluginhost [--config PATH] {check,pre,post,run} [--json]`: the reference host's verbs."""
     ap = argparse.ArgumentParser(prog="pluginhost", description="The reference plugin host's verbs, over pyexec.")
-    ap.add_argument("--config", default=config.HOST_CONFIG_PATH)
+    _version_arg(ap)
+    _config_arg(ap)
     ap.add_argument("verb", choices=["check", "pre", "post", "run"])
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--snapshot", choices=["taken", "skipped", "failed"], default="taken",
+    ap.add_argument("--snapshot", choices=["taken", "skipped", "failed", "unknown"], default="unknown",
                     help="post: what became of the snapshot (the post-scripts see PYEXEC_SNAPSHOT)")
+    ap.add_argument("--mount", action="append", help="run: " + MOUNT_HELP)
     a = ap.parse_args(argv)
     if a.verb in ("pre", "post"):
         try:
@@ -192,31 +209,33 @@ def pluginhost_main(argv=None) -> int:
         except errors.PyexecError as e:
             _print_problems([e], out=sys.stderr)
             return e.entry.exit_status
-    return main([a.verb, "--config", a.config] + (["--json"] if a.json else []))
+    if a.mount and a.verb != "run":
+        ap.error("--mount applies to run only")
+    mounts = [arg for m in (a.mount or []) for arg in ("--mount", m)] if a.verb == "run" else []
+    return main([a.verb, "--config", a.config, *mounts] + (["--json"] if a.json else []))
 
 
 def safefreeze_main(argv=None) -> int:
-    """`safefreeze TIMEOUT_SECONDS MOUNT...`: the reference freeze helper, event-driven and guarded."""
-    import math
+    """`safefreeze TIMEOUT_SECONDS MOUNT...`: the reference freeze helper, event-driven and guarded.
+
+    Everything goes to stdout, as the reference prints it: its caller logs the helper's stdout."""
+    import signal
     from pyexec import safefreeze
+    # The caller's thaw request can cross our timeout: a SIGUSR1 after the window must not kill us,
+    # the caller reads the exit status.  (The window itself installs its own handler.)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     argv = sys.argv[1:] if argv is None else argv
-    usage = "usage: safefreeze TIMEOUT_SECONDS MOUNT_POINT [MOUNT_POINT ...]"
-    if len(argv) < 2 or argv[0] in ("-h", "--help"):
-        print(usage, file=sys.stderr)
-        return safefreeze.EXIT_USAGE
     try:
-        timeout = float(argv[0])
-    except ValueError:
-        timeout = math.nan
-    if not (math.isfinite(timeout) and timeout > 0):
-        print(f"safefreeze: timeout must be a positive number of seconds, not {argv[0]!r}\n{usage}", file=sys.stderr)
-        return safefreeze.EXIT_USAGE
-    print(f"safefreeze: freezing {' '.join(argv[1:])} for at most {timeout:g}s", flush=True)
-    res = safefreeze.run(timeout, argv[1:])
+        timeout, paths = safefreeze.parse_args(argv)
+    except ValueError as err:
+        print(f"safefreeze: {err}\n{safefreeze.USAGE}")
+        return safefreeze.EXIT_FAILED
+    print(f"safefreeze: freezing {' '.join(paths)} for at most {timeout:g}s", flush=True)
+    res = safefreeze.run(timeout, paths)
     for line in res.lines:
-        print(f"safefreeze: {line}")
+        print(line)
     if res.status != safefreeze.EXIT_THAWED:
-        print(f"safefreeze: failed: {res.reason}", file=sys.stderr)
+        print(f"safefreeze: failed: {res.reason}")
     return res.status
 
 

@@ -67,8 +67,9 @@ class PluginHost:
         self.pluginName = [p.entry.name for p in checked.plugins]
         self.noOfPlugins = len(checked.plugins)
         self.modulesLoaded = not checked.errors and self.noOfPlugins > 0
-        # A check problem never stops the backup: it goes on file-system consistent (host.run does the same).
-        return checked.code, True, checked.fs_freeze
+        # As the reference computes it; its caller skips the scripts when the code is not 0 and then
+        # snapshots only if dobackup (a problem with continueBackupOnFailure false fails the backup).
+        return checked.code, checked.dobackup, checked.fs_freeze
 
     def _phase(self, phase: str, env_extra=None) -> PluginHostResult:
         if self._checked is None:
@@ -93,8 +94,9 @@ class PluginHost:
         """Run every plugin's pre-script in parallel."""
         return self._phase("pre")
 
-    def post_script(self, snapshot: str = "taken") -> PluginHostResult:
-        """Run every plugin's post-script in parallel (they see PYEXEC_SNAPSHOT=snapshot)."""
+    def post_script(self, snapshot: str = "unknown") -> PluginHostResult:
+        """Run every plugin's post-script in parallel (they see PYEXEC_SNAPSHOT=snapshot; the reference's
+        caller passes nothing, so they see `unknown`)."""
         return self._phase("post", {"PYEXEC_SNAPSHOT": snapshot})
 
     def close(self) -> None:

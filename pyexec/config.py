@@ -66,6 +66,7 @@ class PluginConfig:
     pre_retries: int = 0
     post_retries: int = 0
     timeout: int = PLUGIN_TIMEOUT_DEFAULT
+    host_limit: bool = False  # the host's timeoutInSeconds, lower than the plugin's, is `timeout`
     continue_on_failure: bool = True
     fs_freeze: bool = True
     plugin_name: str = ""
@@ -138,8 +139,8 @@ def parse_host(data: bytes, path: str = HOST_CONFIG_PATH) -> HostConfig:
             values[base] = value
         if all(values.values()):
             plugins.append(PluginEntry(i, values["pluginName"], values["pluginPath"], values["pluginConfigPath"]))
-    if count == 0 and not errors:
-        errors.append(ConfigError(304, "numberOfPlugins is 0: no plugin to run", path, "numberOfPlugins"))
+    if count == 0:  # as the reference: nothing runs, nothing fails
+        warnings.append("numberOfPlugins is 0: no plugins configured, no script will run")
     skip = tuple(s.strip() for s in sec.get("mountsToSkip", "").split(",") if s.strip())
     if errors:
         raise Problems(errors)
@@ -248,4 +249,5 @@ def parse_plugin(data: bytes, path: str = PLUGIN_CONFIG_PATH, host_timeout: int 
     if fields["timeout"] > host_timeout:
         warnings.append(f"timeoutInSeconds {fields['timeout']} exceeds the host's {host_timeout}; using {host_timeout}")
         fields["timeout"] = host_timeout
+        fields["host_limit"] = True
     return PluginConfig(path=path, warnings=tuple(warnings), **fields)

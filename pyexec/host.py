@@ -40,6 +40,12 @@ class CheckResult:
     def fs_freeze(self) -> bool:
         return all(p.config.fs_freeze for p in self.plugins if p.config)
 
+    @property
+    def dobackup(self) -> bool:
+        """The reference's pre_check `dobackup`: False when a plugin whose config loaded says
+        continueBackupOnFailure false (its caller then takes no snapshot if the check found a problem)."""
+        return all(p.config.continue_on_failure for p in self.plugins if p.config)
+
     def close(self) -> None:
         for p in self.plugins:
             for f in (p.pre, p.post):
@@ -109,12 +115,13 @@ def run_phase(checked: CheckResult, phase: str, nat=None, env_extra=None, cancel
         script = pc.pre if phase == "pre" else pc.post
         params = c.pre_params if phase == "pre" else c.post_params
         retries = c.pre_retries if phase == "pre" else c.post_retries
-        jobs.append((script, params, phase, c.timeout, retries, c.continue_on_failure, pc.entry.name))
-    kw = {"env_extra": env_extra, "nat": nat, "cancel_fd": cancel_fd}
+        jobs.append(dict(script=script, params=params, phase=phase, timeout_s=c.timeout, retries=retries,
+                         continue_on_failure=c.continue_on_failure, plugin=pc.entry.name, host_limit=c.host_limit,
+                         env_extra=env_extra, nat=nat, cancel_fd=cancel_fd))
     if len(jobs) <= 1:  # no thread to start for the common single plugin
-        return [scripts.run_script(*job, **kw) for job in jobs]
+        return [scripts.run_script(**job) for job in jobs]
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs)) as ex:
-        futs = [ex.submit(scripts.run_script, *job, **kw) for job in jobs]
+        futs = [ex.submit(scripts.run_script, **job) for job in jobs]
         return [f.result() for f in futs]
 
 
@@ -200,6 +207,11 @@ def run(host_path: str = config.HOST_CONFIG_PATH, mount_points=None, snapshot=No
         pre_started = False
         try:
             go_on = not cancel.cancelled
+            if checked.errors and not checked.dobackup:
+                # As the extension's handle.py: a check problem with continueBackupOnFailure false
+                # means no snapshot at all.
+                go_on = False
+                rep.snapshot_detail = "not taken: the check failed and continueBackupOnFailure is false"
             if go_on and not checked.errors and checked.plugins:
                 progress(f"pre-scripts: {len(checked.plugins)} plugin(s) in parallel")
                 t = nat.now_ns()

@@ -6,6 +6,7 @@ so that nothing it needs for writeback is frozen first; `/` last."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 
 from pyexec import errors
@@ -143,7 +144,9 @@ def plan(paths, text: str | None = None, backing=loop_backing_file) -> list[Moun
     for p in paths:
         real = os.path.realpath(p)
         if not os.path.isdir(real):
-            raise errors.FreezeError(123, "not a directory" if os.path.exists(real) else "no such directory", p)
+            there = os.path.exists(real)
+            raise errors.FreezeError(123, "not a directory" if there else "no such directory", p,
+                                     errno=errno.ENOTDIR if there else errno.ENOENT)
         host = max((m for m in visible.values() if _contains(m.mount_point, real)),
                    key=lambda m: len(m.mount_point), default=None)
         if host is None:

@@ -44,6 +44,8 @@ def summary(rep) -> str:
         w = rep.window
         lines.append(f"  freeze window    {w.length_ns / 1e3:10.1f} µs  (ioctls {w.ioctl_ns / 1e3:.1f} µs, "
                      f"snapshot {w.hold_ns / 1e3:.1f} µs, pyexec {w.overhead_ns / 1e3:.1f} µs)")
+    for w in rep.warnings:
+        lines.append(f"  warning: {w}")
     for e in rep.check_errors:
         lines.append(f"  problem {e.describe()}")
     for r in rep.pre + rep.post:

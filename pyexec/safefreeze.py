@@ -3,11 +3,16 @@
 Freeze the mounts, send SIGUSR1 to the parent, then wait (event-driven: one poll on a signal
 wake-up pipe and the parent's pidfd) for SIGUSR1 (thaw, exit 0), another thaw signal, the
 parent's death or the timeout (thaw, exit 1).  The guardian of `freeze` bounds the window even
-if this process is killed.  Nothing is printed while the mounts are frozen."""
+if this process is killed.  Nothing is printed while the mounts are frozen.
+
+The caller (the extension's fsfreezer.py) reads stdout only after the exit: a line containing
+`Failed to open:` makes it report 123 instead of 121, and it reads exit status 2 as "unable to
+sleep", so every failure here, a usage error included, is exit 1 with its reason on stdout."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import select
 import signal
@@ -15,7 +20,8 @@ import time
 
 from pyexec import errors, freeze
 
-EXIT_THAWED, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_THAWED, EXIT_FAILED = 0, 1
+USAGE = "Usage: safefreeze TimeoutInSeconds MountPoint1 [MountPoint2 [MountPoint3 [..]]]"
 # The reference's handled set; every one of them ends the window here.
 THAW_SIGNALS = (signal.SIGUSR1, signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGABRT, signal.SIGPIPE,
                 signal.SIGTERM, signal.SIGUSR2, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
@@ -25,11 +31,27 @@ GUARDIAN_SLACK_S = 0.5
 
 @dataclasses.dataclass
 class Result:
-    """How one safefreeze ended: exit status, why, and lines to print after the thaw."""
+    """How one safefreeze ended: exit status, why, and the lines to print (on stdout) after the thaw."""
 
     status: int
     reason: str
     lines: list[str] = dataclasses.field(default_factory=list)
+
+
+def parse_args(argv: list[str]) -> tuple[float, list[str]]:
+    """(timeout, mounts) from the command line; ValueError saying what is wrong."""
+    if len(argv) < 2:
+        raise ValueError("a timeout and at least one mount point are required")
+    return freeze.check_timeout(argv[0], "the timeout"), argv[1:]
+
+
+def _protocol_line(err: errors.PyexecError) -> list[str]:
+    # The reference helper's own words for a mount it cannot use; the caller greps for the first.
+    if err.code == 123 and err.path is not None:
+        if getattr(err, "errno", 0) == errno.ENOTDIR:
+            return [f"Path not a directory: {err.path}"]
+        return [f"Failed to open: {err.path}"]
+    return []
 
 
 @contextlib.contextmanager
@@ -91,14 +113,15 @@ def run(timeout_s: float, paths: list[str], expedite: bool = True) -> Result:
                         res.reason = _wait_for_thaw(sig_r, parent_fd, timeout_s)
             except errors.PyexecError as e:
                 res.reason = e.describe()
+                res.lines = _protocol_line(e)
                 return res
         if win.error is not None:
             res.reason = f"{res.reason}; {win.error.describe()}"
         elif res.reason == "SIGUSR1":
             res.status = EXIT_THAWED
-        res.lines = [f"{m.path}: {m.state}" + (f" (thaw errno {m.thaw_errno})" if m.thaw_errno else "")
+        res.lines = [f"safefreeze: {m.path}: {m.state}" + (f" (thaw errno {m.thaw_errno})" if m.thaw_errno else "")
                      for m in win.mounts]
-        res.lines.append(f"window {win.length_ns / 1e6:.3f} ms, ended by {res.reason}")
+        res.lines.append(f"safefreeze: window {win.length_ns / 1e6:.3f} ms, ended by {res.reason}")
         return res
     finally:
         os.close(parent_fd)

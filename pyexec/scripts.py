@@ -1,26 +1,33 @@
-"""Run one pre- or post-script, or the snapshot command: the checked fd, a clean environment,
-retries inside one deadline, the whole tree killed at the deadline or when the run is cancelled,
-output captured bounded in memory."""
+"""Run one pre- or post-script, or the snapshot command: the checked file by its configured path, a
+documented environment, retries inside one deadline, the whole tree killed at the deadline or when the
+run is cancelled, output captured bounded in memory."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import itertools
 import os
+import pwd
 import shlex
 import shutil
 import threading
 
-from pyexec import native
-from pyexec.errors import TABLE
+from pyexec import native, trust
+from pyexec.errors import TABLE, PyexecError
 from pyexec.trust import TrustedFile
 
-BASE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"}
+# systemd's PATH for services (systemd.exec(5), "Environment Variables in Spawned Processes"),
+# for a caller that has none.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 KILL_GRACE_NS = 1_000_000_000  # TERM → KILL
 KILL_WAIT_NS = 5_000_000_000
-# The reference treats exit status 2 (PrePost_ScriptStatus_Warning) as success.
-OK_STATUSES = (0, 2)
-CODES = {"pre": {"failed": 300, "timeout": 308}, "post": {"failed": 301, "timeout": 309}}
+# Only 0 is success.  The reference's ScriptRunner keeps exit status 2 (PrePost_ScriptStatus_Warning)
+# as the plugin's errorCode, which its PluginHost counts as a failed script (anyScriptFailed).
+OK_STATUS = 0
+# "host_timeout": the host config's timeoutInSeconds was the limit that expired (the reference's
+# PluginHost reports FailedPrepostPluginhostPreTimeout/PostTimeout for a plugin still running then).
+CODES = {"pre": {"failed": 300, "timeout": 308, "host_timeout": 310},
+         "post": {"failed": 301, "timeout": 309, "host_timeout": 311}}
 _cg_seq = itertools.count()
 
 
@@ -156,9 +163,23 @@ def _retire(leaf: str, done: str) -> None:
             return
 
 
+def base_env() -> dict[str, str]:
+    """What every script gets from the caller: its PATH (systemd's default if it has none), the user's
+    HOME, USER, LOGNAME and SHELL from the password database, and its LANG, LC_* and TZ."""
+    env = {"PATH": os.environ.get("PATH") or DEFAULT_PATH}
+    try:
+        pw = pwd.getpwuid(os.geteuid())
+    except KeyError:  # a uid without a passwd entry
+        env.update(HOME="/", SHELL="/bin/sh")
+    else:
+        env.update(HOME=pw.pw_dir or "/", USER=pw.pw_name, LOGNAME=pw.pw_name, SHELL=pw.pw_shell or "/bin/sh")
+    env.update({k: v for k, v in os.environ.items() if k in ("LANG", "TZ") or k.startswith("LC_")})
+    return env
+
+
 def _runs_directly(script: TrustedFile) -> bool:
     # The reference runs every script as `sh PATH`.  execve runs only a `#!` script or a binary,
-    # so anything else (no execute bit, no `#!` line, an empty file) goes through sh, from the same fd.
+    # so anything else (no execute bit, no `#!` line, an empty file) runs as `/bin/sh PATH`.
     head = os.pread(script.fd, 4, 0)
     return script.executable and (head.startswith(b"#!") or head == b"\x7fELF")
 
@@ -189,23 +210,34 @@ def _attempt(nat: native.Native, argv, path, exec_fd: int, env: dict, deadline: 
 
 def run_script(script: TrustedFile, params, phase: str, timeout_s: float, retries: int,
                continue_on_failure: bool, plugin: str = "", env_extra: dict | None = None,
-               nat: native.Native | None = None, use_cgroup: bool = True, cancel_fd: int = -1) -> ScriptResult:
+               nat: native.Native | None = None, use_cgroup: bool = True, cancel_fd: int = -1,
+               host_limit: bool = False) -> ScriptResult:
     """Run script (already checked and open) until it succeeds, its tries run out, the deadline
-    passes or cancel_fd becomes readable (the run was interrupted: its tree is killed)."""
+    passes or cancel_fd becomes readable (the run was interrupted: its tree is killed).
+
+    `$0` is the configured path; each try first re-checks that the path still names the checked file
+    (trust.recheck).  host_limit: timeout_s is the host config's limit (a timeout is then 310/311)."""
     nat = nat or native.default()
-    env = {**BASE_ENV, "PYEXEC_PHASE": phase, **(env_extra or {})}
+    env = {**base_env(), "PYEXEC_PHASE": phase, **(env_extra or {})}
     res = ScriptResult(plugin, phase, script.path)
     t0 = nat.now_ns()
     deadline = t0 + int(timeout_s * 1e9)
+    # By path, not through the checked fd: an interpreter given /proc/self/fd/N sees that as $0, and
+    # `. "$(dirname "$0")/common.sh"` then looks in /proc.
     if _runs_directly(script):
-        argv, path = [script.path, *params], None
+        argv, path = [script.path, *params], script.path
     else:
-        argv, path = ["sh", "/proc/self/fd/3", *params], "/bin/sh"
+        argv, path = ["sh", script.path, *params], "/bin/sh"
     for attempt in range(retries + 1):
         res.tries = attempt + 1
         try:
+            trust.recheck(script)
+        except PyexecError as e:  # replaced or made untrustworthy since the check: not run
+            res.exit_code, res.error_code, res.detail = None, e.code, e.detail
+            break
+        try:
             st, res.stdout, res.stderr, res.timed_out, res.cancelled = _attempt(
-                nat, argv, path, script.fd, env, deadline, cancel_fd, use_cgroup)
+                nat, argv, path, -1, env, deadline, cancel_fd, use_cgroup)
         except OSError as e:
             res.exit_code, res.detail = None, f"cannot execute: {e.strerror}"
             res.error_code = CODES[phase]["failed"]
@@ -217,10 +249,11 @@ def run_script(script: TrustedFile, params, phase: str, timeout_s: float, retrie
             res.detail = f"interrupted (try {res.tries}): pyexec was signalled; its process tree was killed"
             break
         if res.timed_out:
-            res.error_code = CODES[phase]["timeout"]
-            res.detail = f"timed out after {timeout_s:g}s (try {res.tries}); its process tree was killed"
+            res.error_code = CODES[phase]["host_timeout" if host_limit else "timeout"]
+            limit = "the plugin host's timeoutInSeconds" if host_limit else "timeoutInSeconds"
+            res.detail = f"timed out after {timeout_s:g}s ({limit}, try {res.tries}); its process tree was killed"
             break
-        if res.exit_code in OK_STATUSES:
+        if res.exit_code == OK_STATUS:
             res.error_code, res.detail = 0, ""
             break
         res.error_code = CODES[phase]["failed"]
@@ -273,7 +306,7 @@ def run_command(argv: list[str], deadline_ns: int, cancel_fd: int = -1, on_stop=
     t0 = nat.now_ns()
     try:
         st, res.stdout, res.stderr, res.timed_out, res.cancelled = _attempt(
-            nat, argv, argv[0], -1, {**BASE_ENV, "PYEXEC_PHASE": "snapshot"}, deadline_ns, cancel_fd, True, on_stop)
+            nat, argv, argv[0], -1, {**base_env(), "PYEXEC_PHASE": "snapshot"}, deadline_ns, cancel_fd, True, on_stop)
     except OSError as e:
         res.detail = f"cannot execute {argv[0]}: {e.strerror}"
         res.error_code = -1

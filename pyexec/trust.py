@@ -1,8 +1,9 @@
 """Ownership and permission checks, done on the open file that will be read or executed.
 
 The path is walked one component at a time with O_PATH|O_NOFOLLOW, so every directory and
-every symlink on the way is checked (the OpenSSH StrictModes rule, beyond the reference),
-and the file is then used through the fd that was checked: no check-then-open race."""
+every symlink on the way is checked (the OpenSSH StrictModes rule, beyond the reference).
+A config is then read through the fd that was checked: no check-then-open race.  A script is
+executed by its path (for `$0`), after `recheck` has walked it again and found the same inode."""
 from __future__ import annotations
 
 import dataclasses
@@ -35,11 +36,12 @@ MAX_SYMLINKS = 40  # as the kernel's path walk (MAXSYMLINKS)
 
 @dataclasses.dataclass
 class TrustedFile:
-    """A checked file, open: read it or execute it through `fd`, never by path again."""
+    """A checked file, open: read it through `fd`; execute it by path only after `recheck`."""
 
     path: str
     fd: int
     st: os.stat_result
+    kind: Kind | None = None
 
     @property
     def executable(self) -> bool:
@@ -175,4 +177,16 @@ def _open_final(kind: Kind, pfd: int, st: os.stat_result, here: str, path: str) 
     if (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):  # cannot happen; refuse if it does
         os.close(fd)
         raise _fail(kind, kind.mode_code, f"{here} changed while it was being opened", path)
-    return TrustedFile(path, fd, st2)
+    return TrustedFile(path, fd, st2, kind)
+
+
+def recheck(f: TrustedFile) -> None:
+    """Walk f.path again with every check and raise unless it still names f's inode.
+
+    Scripts are executed by path (so that `$0` is the configured path), not through f.fd:
+    called right before the spawn, this bounds the time in which the path could name another
+    file to the spawn itself, and the walk proves that at this moment every component of the
+    path is root's and not writable by others, so only root could change it in that time."""
+    with open_trusted(f.path, f.kind) as now:
+        if (now.st.st_dev, now.st.st_ino) != (f.st.st_dev, f.st.st_ino):
+            raise _fail(f.kind, f.kind.mode_code, f"{f.path} was replaced after it was checked", f.path)

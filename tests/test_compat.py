@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tomllib
 
 import orjson
 import pytest
 
+import pyexec
 from helpers import needs_root
-from pyexec import compat, errors
+from pyexec import compat, errors, loopfs
 from test_config_trust import write_setup
 
 pytestmark = needs_root
@@ -90,7 +92,8 @@ def test_seed_error_rows_give_the_reference_codes(tmp_path, name, setup, where):
 
 def test_continue_on_failure_false_stops_the_backup(tmp_path):
     ph = host_for(tmp_path, pre=b"#!/bin/sh\nexit 1\n", plugin_doc={"continueBackupOnFailure": False})
-    assert ph.pre_check() == (0, True, True)
+    # The reference's pre_check returns continueBackupOnFailure as dobackup (ScriptRunner.validate_scripts).
+    assert ph.pre_check() == (0, False, True)
     res = ph.pre_script()
     ph.close()
     assert res.anyScriptFailed and res.continueBackup is False and res.errorCode == 300
@@ -136,3 +139,47 @@ def test_pluginhost_command_exit_statuses(tmp_path):
     assert missing.returncode == errors.TABLE[313].exit_status and orjson.loads(missing.stdout)["errorCode"] == 313
     check = run_verb(hc, "check")
     assert check.returncode == 0 and b"ok:" in check.stdout
+
+
+def test_version_is_declared_once():
+    with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), "rb") as f:
+        declared = tomllib.load(f)["project"]["version"]
+    assert pyexec.__version__ == declared
+    for prog in (PLUGINHOST, os.path.join(os.path.dirname(sys.executable), "pyexec")):
+        res = subprocess.run([prog, "--version"], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0 and res.stdout == f"{os.path.basename(prog)} {declared}\n"
+
+
+def test_relative_config_is_read_from_the_working_directory(tmp_path):
+    write_setup(tmp_path)
+    res = subprocess.run([PLUGINHOST, "--config", "etc/host.conf", "pre", "--json"], capture_output=True,
+                         cwd=tmp_path, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert orjson.loads(res.stdout)["errors"] == [{"errorCode": 0, "pluginName": "ScriptRunner0"}]
+
+
+def test_pluginhost_run_freezes_only_the_given_mounts(tmp_path, mounts):
+    helptext = subprocess.run([PLUGINHOST, "--help"], capture_output=True, text=True, timeout=60).stdout
+    assert "every local filesystem" in " ".join(helptext.split())
+    m = mounts.make("ext4")
+    hc = write_setup(tmp_path)
+    res = subprocess.run([PLUGINHOST, "--config", hc, "run", "--mount", m.mountpoint, "--json"],
+                         capture_output=True, cwd="/", timeout=120)
+    doc = orjson.loads(res.stdout)
+    assert res.returncode == 0 and doc["outcome"] == "app-consistent", res.stderr
+    assert doc["mounts"] == [m.mountpoint] and [x["path"] for x in doc["window"]["mounts"]] == [m.mountpoint]
+    assert not loopfs.thaw_path(m.mountpoint)
+    bad = subprocess.run([PLUGINHOST, "--config", hc, "check", "--mount", m.mountpoint], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "--mount applies to run only" in bad.stderr
+
+
+@pytest.mark.parametrize("argv,code", [(["--config", "nope.conf", "pre"], 313), (["--config", "etc", "check"], 304),
+                                       (["--config", "etc/pre.sh", "post"], 304)])
+def test_bad_input_is_one_table_error_and_a_nonzero_exit(tmp_path, argv, code):
+    write_setup(tmp_path)
+    res = subprocess.run([PLUGINHOST, *argv], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "Traceback" not in out
+    assert f"{code}  {errors.TABLE[code].name}" in out or f"{code} {errors.TABLE[code].name}" in out, out
+    assert str(tmp_path / argv[1]) in out, "the relative path is reported resolved"

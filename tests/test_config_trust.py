@@ -48,7 +48,6 @@ HOST_CORPUS = [
     (b"", "empty"), (b"timeoutInSeconds = 5\n", "no section"), (b"[other]\nx=1\n", "wrong section"),
     (b"[pre_post]\nnumberOfPlugins = two\n", "bad number"), (b"[pre_post]\nnumberOfPlugins = -1\n", "negative"),
     (b"[pre_post]\ntimeoutInSeconds = 1.5\nnumberOfPlugins = 0\n", "fractional timeout"),
-    (b"[pre_post]\nnumberOfPlugins = 0\n", "no plugins"),
     (b"[pre_post]\nnumberOfPlugins = 2\npluginName0 = a\npluginPath0 = /x\npluginConfigPath0 = /x/a.json\n",
      "more plugins than listed"),
     (b"[pre_post]\nnumberOfPlugins = 1\npluginName0 = a\n", "missing keys"),
@@ -85,6 +84,12 @@ def test_defaults_clamp_and_warnings():
     assert config.parse_plugin(orjson.dumps({"preScriptLocation": "/a", "postScriptLocation": "/b"}), "/p").timeout == 30
     h = config.parse_host(b"[pre_post]\ntimeoutInSeconds = 99999\n" + config.DEFAULT_HOST_CONFIG.split("\n", 2)[2].encode())
     assert h.timeout == 1800 and len(h.plugins) == 1
+
+
+def test_no_plugins_is_valid_with_a_warning():
+    # As the reference: numberOfPlugins 0 loads nothing, runs nothing, and fails nothing.
+    h = config.parse_host(b"[pre_post]\ntimeoutInSeconds: 1800\nnumberOfPlugins: 0\n", "/x/h.conf")
+    assert h.plugins == () and any("no plugins configured" in w for w in h.warnings)
 
 
 @settings(max_examples=300, deadline=None)
