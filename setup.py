@@ -7,7 +7,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 STRICT = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror"]
-CORE = ["native/freeze.c", "native/spawn.c"]
+CORE = ["native/freeze.c", "native/spawn.c", "native/wait.c", "native/kill.c", "native/probe.c"]
 # Relink a binding whenever the core changes: build_ext only looks at `depends`.
 PROGRAMS = {"pyexec-guardian": "native/guardian.c", "pyexec-warden": "native/warden.c"}
 DEPENDS = CORE + ["native/pyexec_core.h", *PROGRAMS.values()]

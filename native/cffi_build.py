@@ -18,6 +18,11 @@ ffibuilder.cdef("""
         int64_t utime_ns; int64_t stime_ns; int64_t maxrss_kb; int64_t exit_seen_ns;
         ...;
     } px_status;
+    typedef struct {
+        int32_t pidfd_open; int32_t waitid_pidfd; int32_t clone3_cgroup; int32_t close_range_cloexec;
+        int32_t cgroup_kill; int32_t cgroup_freeze;
+    } px_features;
+    int px_probe(px_features *f);
     #define PX_MAX_MOUNTS ...
     int64_t px_now_ns(void);
     int px_set_init(px_set *s, const int32_t *fds, int32_t n);
@@ -34,7 +39,7 @@ ffibuilder.cdef("""
 # cffi releases the GIL around every call into lib by default.
 ffibuilder.set_source(
     "pyexec._pxcffi", '#include "pyexec_core.h"', include_dirs=[str(HERE)],
-    depends=[str(HERE / f) for f in ("freeze.c", "spawn.c", "pyexec_core.h")],
+    depends=[str(HERE / f) for f in ("freeze.c", "spawn.c", "wait.c", "kill.c", "probe.c", "pyexec_core.h")],
 )
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 /* pyexec-guardian: thaws what the controller froze if the controller dies or overruns.
  *
  * Started by the controller before its first FIFREEZE, with the freeze set's shared page
- * (the run's journal file on tmpfs) as fd 3 and the controller's pid as argv[1].  It opens its
+ * (the run's journal file on tmpfs) as fd 3, the controller's pid as argv[1] and its life pipe
+ * (read end, for kernels without pidfd_open) as argv[2].  It opens its
  * own fd on every mount through /proc/<pid>/fd, says it is ready, then sleeps in ppoll on the
  * controller's pidfd with the page's deadline as timeout.  No Python, no allocation after start.
  *
@@ -12,7 +13,7 @@
  * mount).  That mount is the controller's to undo: px_freeze thaws it itself when its FIFREEZE
  * returns and sees the guardian fired.  If the controller dies instead (a process dies only once
  * its ioctl has returned), nothing is in flight any more and the guardian thaws it.
- * argv[2], if given, is the run's journal: once the guardian has thawed everything, it removes it,
+ * argv[3], if given, is the run's journal: once the guardian has thawed everything, it removes it,
  * so that a journal left behind always means that nobody thawed (what `pyexec recover` looks for). */
 #define _GNU_SOURCE
 #include "pyexec_core.h"
@@ -41,7 +42,7 @@ static int wait_controller(int pidfd, int64_t deadline_ns)
             px_left_ts(deadline_ns, px_now_ns(), &ts);
             tsp = &ts;
         }
-        struct pollfd pf = {pidfd, POLLIN, 0};
+        struct pollfd pf = {pidfd, POLLIN, 0}; /* a hung-up life pipe reports POLLHUP */
         int r = ppoll(&pf, 1, tsp, NULL);
         if (r > 0)
             return 1;
@@ -64,13 +65,13 @@ static int any_ours(px_set *s)
 
 int main(int argc, char **argv)
 {
-    if (argc != 2 && argc != 3)
+    if (argc != 3 && argc != 4)
         return 2;
     pid_t ctl = (pid_t)atoi(argv[1]);
     px_set *s = mmap(NULL, sizeof(px_set), PROT_READ | PROT_WRITE, MAP_SHARED, PAGE_FD, 0);
     if (s == MAP_FAILED || s->magic != PX_SET_MAGIC)
         return 2;
-    int pidfd = (int)syscall(SYS_pidfd_open, ctl, 0);
+    int pidfd = px_watch_controller(ctl, atoi(argv[2]));
     int dead = pidfd < 0 || getppid() != ctl;
     char path[64];
     for (int32_t i = 0; i < s->n; i++) {
@@ -116,7 +117,7 @@ int main(int argc, char **argv)
         px_thaw(s, PX_THAW_GUARDIAN_FDS | PX_THAW_IN_FLIGHT);
         px_rcu_restore(s);
     }
-    if (argc == 3 && !any_ours(s))
-        unlink(argv[2]);
+    if (argc == 4 && !any_ours(s))
+        unlink(argv[3]);
     return 0;
 }

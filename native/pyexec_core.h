@@ -7,6 +7,7 @@
 #define PYEXEC_CORE_H
 
 #include <stdint.h>
+#include <sys/types.h>
 #include <time.h>
 
 #define PX_MAX_MOUNTS 128
@@ -116,6 +117,19 @@ typedef struct px_status {
     int64_t exit_seen_ns; /* CLOCK_MONOTONIC when the pidfd reported the exit */
 } px_status;
 
+/* Kernel features in use (1) or replaced by their fallback (0); probed once (native/probe.c). */
+typedef struct px_features {
+    int32_t pidfd_open;          /* 5.3: else a waiter thread's pipe signals the exit */
+    int32_t waitid_pidfd;        /* 5.4: else waitid(P_PID) on the unreaped pid */
+    int32_t clone3_cgroup;       /* 5.7: else the vfork child writes itself into cgroup.procs */
+    int32_t close_range_cloexec; /* 5.11: else the child walks /proc/self/fd with getdents64 */
+    int32_t cgroup_kill;         /* 5.14: else freeze the cgroup (5.2), kill each pid, thaw */
+    int32_t cgroup_freeze;       /* 5.2: else kill each pid of the cgroup, pass after pass */
+} px_features;
+
+int px_probe(px_features *out);
+const px_features *px_features_get(void);
+
 int64_t px_now_ns(void);
 
 /* The time left until an absolute CLOCK_MONOTONIC deadline, as a ppoll timeout (0 if past). */
@@ -143,7 +157,9 @@ int px_rcu_restore(px_set *s);
 
 /* Spawn argv with envp.  path == NULL executes exec_fd itself (as /proc/self/fd/3 in the
  * child); path != NULL executes path, with exec_fd (if >= 0) visible as fd 3 in the child.
- * cgroup_fd >= 0 starts the child inside that cgroup v2 directory (clone3). */
+ * cgroup_fd >= 0 starts the child inside that cgroup v2 directory; -1 in none;
+ * PX_SPAWN_DIE_WITH_PARENT in none, and the kernel kills it when the calling thread dies. */
+#define PX_SPAWN_DIE_WITH_PARENT (-2)
 int px_spawn(const char *path, int exec_fd, char *const argv[], char *const envp[],
              int cgroup_fd, px_proc *p);
 /* Drain output until the process exits (then reap it), deadline_ns passes (-ETIMEDOUT,
@@ -155,6 +171,16 @@ int px_wait(const px_proc *p, int64_t deadline_ns, int cancel_fd, px_capture *ou
  * cgroup.kill if cgroup_fd >= 0), then wait up to kill_wait_ns and reap. */
 int px_kill_tree(const px_proc *p, int cgroup_fd, int64_t grace_ns, int64_t kill_wait_ns,
                  px_capture *out, px_capture *err, px_status *st);
+
+/* Wait, as px_wait, but do not reap (-ETIMEDOUT / -ECANCELED / 0 once it has exited); reap. */
+int px_wait_exit(const px_proc *p, int64_t deadline_ns, int cancel_fd, px_capture *out,
+                 px_capture *err, int64_t *seen_ns);
+int px_reap(const px_proc *p, px_status *st);
+
+/* An fd that polls readable (or hung up) once the controller ctl is gone: its pidfd, or without
+ * pidfd_open its life pipe's read end (life_fd, in ctl's table) reopened through /proc; -1 if
+ * it is gone already.  For the guardian and the warden. */
+int px_watch_controller(pid_t ctl, int life_fd);
 
 /* SIGKILL every process in a cgroup and its descendants (cgroup.kill), then wait until it
  * is empty or the deadline passes.  For the warden; scripts are killed by px_kill_tree. */

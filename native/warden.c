@@ -1,12 +1,12 @@
 /* pyexec-warden: kills the scripts a controller leaves running when it dies.
  *
  * Started once per controller process, before its first script, with the scripts' cgroup
- * parent (<cgroup2>/pyexec) as fd 3 and the controller's pid as argv[1]; the controller's own
+ * parent (<cgroup2>/pyexec) as fd 3, the controller's pid as argv[1] and its life pipe as argv[2]; the controller's own
  * cgroup directory is <pid> under it, made after the warden runs so that no moment leaves it
  * unwatched.  A running script lives in a leaf cgroup named "run-<n>"; when it ends the
  * controller moves what it left running into the sibling "done" and removes the leaf (cgroup v2
  * refuses renames).  The warden leaves "done" alone, since a post-script may have started a
- * daemon on purpose.  The warden sleeps on the controller's pidfd; when the
+ * daemon on purpose.  The warden sleeps on the controller's pidfd (or life pipe); when the
  * controller is gone it kills every "run-*" cgroup's whole tree, removes the empty leaves and
  * the directory, and exits.  It does the same at the controller's normal exit (then there is
  * no "run-*" left), and at its start for directories of controllers that died unwatched. */
@@ -74,10 +74,10 @@ static void sweep_dead(pid_t self_ctl)
 
 int main(int argc, char **argv)
 {
-    if (argc != 2)
+    if (argc != 3)
         return 2;
     pid_t ctl = (pid_t)atoi(argv[1]);
-    int pidfd = (int)syscall(SYS_pidfd_open, ctl, 0);
+    int pidfd = px_watch_controller(ctl, atoi(argv[2]));
     sweep_dead(ctl);
     if (pidfd >= 0 && getppid() == ctl) {
         struct pollfd pf = {pidfd, POLLIN, 0};

@@ -24,7 +24,15 @@ cdef extern from "pyexec_core.h" nogil:
         int64_t stime_ns
         int64_t maxrss_kb
         int64_t exit_seen_ns
+    ctypedef struct px_features:
+        int32_t pidfd_open
+        int32_t waitid_pidfd
+        int32_t clone3_cgroup
+        int32_t close_range_cloexec
+        int32_t cgroup_kill
+        int32_t cgroup_freeze
     int PX_MAX_MOUNTS
+    int px_probe(px_features *f)
     int64_t px_now_ns()
     int px_set_init(px_set *s, const int32_t *fds, int32_t n)
     int px_freeze(px_set *s, int32_t flags)
@@ -71,6 +79,14 @@ cdef char **_strv(list items) except NULL:
 
 cdef tuple _status(px_status *st):
     return (st.code, st.signal, st.core, st.utime_ns, st.stime_ns, st.maxrss_kb, st.exit_seen_ns)
+
+
+def probe():
+    """The kernel features in use (1) or replaced by a fallback (0), in px_features order."""
+    cdef px_features f
+    px_probe(&f)
+    return (f.pidfd_open, f.waitid_pidfd, f.clone3_cgroup, f.close_range_cloexec, f.cgroup_kill,
+            f.cgroup_freeze)
 
 
 def now_ns():

@@ -22,6 +22,14 @@ def _status(st):
     return (st.code, st.signal, st.core, st.utime_ns, st.stime_ns, st.maxrss_kb, st.exit_seen_ns)
 
 
+def probe():
+    """The kernel features in use (1) or replaced by a fallback (0), in px_features order."""
+    f = ffi.new("px_features *")
+    lib.px_probe(f)
+    return (f.pidfd_open, f.waitid_pidfd, f.clone3_cgroup, f.close_range_cloexec, f.cgroup_kill,
+            f.cgroup_freeze)
+
+
 def now_ns():
     """CLOCK_MONOTONIC in ns, as the core stamps it."""
     return lib.px_now_ns()

@@ -8,7 +8,7 @@ import sys
 
 import orjson
 
-from pyexec import __version__, config, errors
+from pyexec import __version__, config, errors, scripts
 
 MOUNT_HELP = ("mount point to freeze (repeatable); without it every local filesystem that discovery "
               "finds is frozen, as the reference does")
@@ -43,6 +43,7 @@ def cmd_check(args) -> int:
             would_freeze = []
         if args.json:
             doc = {"ok": not res.errors, "code": res.code, "problems": [e.as_dict() for e in res.errors],
+                   "kernel": scripts.kernel_paths(),
                    "warnings": res.warnings, "would_freeze": would_freeze,
                    "plugins": [p.entry.name for p in res.plugins]}
             sys.stdout.buffer.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
@@ -55,6 +56,7 @@ def cmd_check(args) -> int:
             for w in res.warnings:
                 print(f"warning: {w}")
             print("would freeze (in order): " + (", ".join(would_freeze) or "nothing"))
+            _print_kernel()
     finally:
         res.close()
     return 0 if not res.errors else errors.TABLE[res.code].exit_status
@@ -82,9 +84,16 @@ def cmd_run(args) -> int:
     return {host.APP: 0, host.FS: 1}.get(rep.outcome, 2)
 
 
+def _print_kernel() -> None:
+    print("kernel paths:")
+    for job, path in scripts.kernel_paths().items():
+        print(f"  {job + ':':<16} {path}")
+
+
 def cmd_status(args) -> int:
     from pyexec import freeze
     found = freeze.journals()
+    _print_kernel()
     if not found:
         print("pyexec holds nothing frozen")
         return 0

@@ -141,7 +141,8 @@ class _Guardian:
 
     def __init__(self, nat: native.Native, page, page_fd: int, journal: str):
         self.nat = nat
-        self.proc = nat.spawn([GUARDIAN, str(os.getpid()), journal], {}, path=GUARDIAN, exec_fd=page_fd)
+        self.proc = nat.spawn([GUARDIAN, str(os.getpid()), str(native.life_fd()), journal], {}, path=GUARDIAN,
+                              exec_fd=page_fd)
         self.page = page
         self.lost = False
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)

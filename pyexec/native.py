@@ -16,6 +16,7 @@ import struct
 # Flags and states of native/pyexec_core.h.
 FREEZE_EXPEDITE = 1
 FREEZE_PRESYNC = 2
+SPAWN_DIE_WITH_PARENT = -2  # as cgroup_fd: no cgroup, and the kernel kills the child if we die
 THAW_GUARDIAN_FDS = 1
 THAW_IN_FLIGHT = 2
 G_NONE, G_READY, G_FIRED_DEADLINE, G_FIRED_DIED, G_LOST = range(5)
@@ -184,6 +185,10 @@ class Native:
         """CLOCK_MONOTONIC ns."""
         return self.mod.now_ns()
 
+    def features(self) -> dict[str, bool]:
+        """Which kernel features the core uses (True) or replaces by their fallback (False)."""
+        return dict(zip(FEATURES, map(bool, self.mod.probe())))
+
     def new_set(self) -> bytearray:
         """Memory for one freeze set."""
         return bytearray(self.set_size)
@@ -239,6 +244,21 @@ class Native:
             return None
         from pyexec import errors
         raise errors.oserror(-rc, what)
+
+
+FEATURES = ("pidfd_open", "waitid_pidfd", "clone3_cgroup", "close_range_cloexec", "cgroup_kill", "cgroup_freeze")
+_life: tuple[int, int, int] | None = None  # (pid, read end, write end)
+
+
+def life_fd() -> int:
+    """The read end of this process's life pipe: the guardian and the warden watch it for the
+    hang-up that means this process died, where the kernel has no pidfd_open (before 5.3).  This
+    process holds the only write end (close-on-exec, so no script inherits it)."""
+    global _life
+    if _life is None or _life[0] != os.getpid():  # a forked child needs its own
+        r, w = os.pipe2(os.O_CLOEXEC)
+        _life = (os.getpid(), r, w)
+    return _life[1]
 
 
 class Cancelled(Exception):

@@ -5,6 +5,7 @@ import os
 
 import orjson
 
+from pyexec import scripts
 from pyexec.errors import TABLE
 
 
@@ -25,6 +26,7 @@ def to_dict(rep) -> dict:
         "post": [r.as_dict() for r in rep.post],
         "window": rep.window.as_dict() if rep.window else None,
         "pid": os.getpid(),
+        "kernel": scripts.kernel_paths(),
     }
 
 

@@ -11,6 +11,7 @@ sleep", so every failure here, a usage error included, is exit 1 with its reason
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import os
@@ -18,13 +19,15 @@ import select
 import signal
 import time
 
-from pyexec import errors, freeze
+from pyexec import errors, freeze, native
 
 EXIT_THAWED, EXIT_FAILED = 0, 1
 USAGE = "Usage: safefreeze TimeoutInSeconds MountPoint1 [MountPoint2 [MountPoint3 [..]]]"
 # The reference's handled set; every one of them ends the window here.
 THAW_SIGNALS = (signal.SIGUSR1, signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGABRT, signal.SIGPIPE,
                 signal.SIGTERM, signal.SIGUSR2, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+# Sent by the kernel when the parent dies, where there is no pidfd to watch it (PR_SET_PDEATHSIG).
+PARENT_DIED = signal.SIGRTMIN
 # The guardian's bound sits past ours so that on time we thaw ourselves and it fires only if we hang.
 GUARDIAN_SLACK_S = 0.5
 
@@ -58,7 +61,7 @@ def _protocol_line(err: errors.PyexecError) -> list[str]:
 def _signal_pipe():
     # Handlers that do nothing plus a wake-up fd: each signal becomes a byte to poll for.
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    old = {s: signal.signal(s, lambda *_: None) for s in THAW_SIGNALS}
+    old = {s: signal.signal(s, lambda *_: None) for s in (*THAW_SIGNALS, PARENT_DIED)}
     # A parent that blocked SIGUSR1 to sigwait for it passes the mask on through exec.
     old_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, THAW_SIGNALS)
     old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
@@ -73,11 +76,24 @@ def _signal_pipe():
         os.close(w)
 
 
+def _watch_parent(ppid: int) -> int:
+    """The parent's pidfd; where the kernel has no pidfd_open (before 5.3), -1, and the kernel
+    sends PARENT_DIED when the parent dies instead (PR_SET_PDEATHSIG; it fires when the thread
+    that started us ends, which for the extension is its main thread)."""
+    if native.default().features()["pidfd_open"]:
+        return os.pidfd_open(ppid)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, PARENT_DIED, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    return -1
+
+
 def _wait_for_thaw(sig_r: int, parent_fd: int, timeout_s: float) -> str:
     """Block until a thaw signal, the parent's exit or the timeout; say which."""
     p = select.poll()
     p.register(sig_r, select.POLLIN)
-    p.register(parent_fd, select.POLLIN)
+    if parent_fd >= 0:
+        p.register(parent_fd, select.POLLIN)
     deadline = time.monotonic() + timeout_s
     while True:
         left_ms = (deadline - time.monotonic()) * 1000
@@ -88,21 +104,21 @@ def _wait_for_thaw(sig_r: int, parent_fd: int, timeout_s: float) -> str:
                 return "parent-died"
             data = os.read(sig_r, 64)
             if data:
-                return signal.Signals(data[0]).name
+                return "parent-died" if data[0] == PARENT_DIED else signal.Signals(data[0]).name
 
 
 def run(timeout_s: float, paths: list[str], expedite: bool = True) -> Result:
     """The whole protocol; never raises for a failed freeze (it becomes status 1 and a line)."""
     ppid = os.getppid()
-    try:
-        parent_fd = os.pidfd_open(ppid)
-    except OSError as err:
-        return Result(EXIT_FAILED, f"cannot watch the parent process {ppid}: {err.strerror}")
-    try:
-        if os.getppid() != ppid:
-            return Result(EXIT_FAILED, "the parent process exited before the freeze")
-        res = Result(EXIT_FAILED, "")
-        with _signal_pipe() as sig_r:
+    res = Result(EXIT_FAILED, "")
+    with _signal_pipe() as sig_r:
+        try:
+            parent_fd = _watch_parent(ppid)
+        except OSError as err:
+            return Result(EXIT_FAILED, f"cannot watch the parent process {ppid}: {err.strerror}")
+        try:
+            if os.getppid() != ppid:  # it died before the watch began
+                return Result(EXIT_FAILED, "the parent process exited before the freeze")
             try:
                 with freeze.freeze(paths, timeout=timeout_s + GUARDIAN_SLACK_S, expedite=expedite) as win:
                     try:
@@ -115,13 +131,14 @@ def run(timeout_s: float, paths: list[str], expedite: bool = True) -> Result:
                 res.reason = e.describe()
                 res.lines = _protocol_line(e)
                 return res
-        if win.error is not None:
-            res.reason = f"{res.reason}; {win.error.describe()}"
-        elif res.reason == "SIGUSR1":
-            res.status = EXIT_THAWED
-        res.lines = [f"safefreeze: {m.path}: {m.state}" + (f" (thaw errno {m.thaw_errno})" if m.thaw_errno else "")
-                     for m in win.mounts]
-        res.lines.append(f"safefreeze: window {win.length_ns / 1e6:.3f} ms, ended by {res.reason}")
-        return res
-    finally:
-        os.close(parent_fd)
+        finally:
+            if parent_fd >= 0:
+                os.close(parent_fd)
+    if win.error is not None:
+        res.reason = f"{res.reason}; {win.error.describe()}"
+    elif res.reason == "SIGUSR1":
+        res.status = EXIT_THAWED
+    res.lines = [f"safefreeze: {m.path}: {m.state}" + (f" (thaw errno {m.thaw_errno})" if m.thaw_errno else "")
+                 for m in win.mounts]
+    res.lines.append(f"safefreeze: window {win.length_ns / 1e6:.3f} ms, ended by {res.reason}")
+    return res

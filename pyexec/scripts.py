@@ -70,13 +70,39 @@ class ScriptResult:
 
 
 def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> str | None:
-    """Where cgroup v2 is mounted, or None."""
+    """Where cgroup v2 is mounted, or None (also when PYEXEC_DISABLE names cgroup2)."""
+    if "cgroup2" in os.environ.get("PYEXEC_DISABLE", "").split(","):
+        return None
     with contextlib.suppress(OSError), open(mountinfo) as f:
         for line in f:
             left, _, right = line.partition(" - ")
             if right.split()[:1] == ["cgroup2"]:
                 return left.split()[4]
     return None
+
+
+def kernel_paths(nat: native.Native | None = None) -> dict[str, str]:
+    """Which path each kernel-dependent job takes on this machine (probed once): for `pyexec
+    check`, `pyexec status` and the report."""
+    f = (nat or native.default()).features()
+    cg = cgroup2_root() is not None
+    if not cg:
+        kill = "process group (no cgroup v2; the script dies with pyexec by PR_SET_PDEATHSIG)"
+    elif f["cgroup_kill"]:
+        kill = "cgroup.kill"
+    elif f["cgroup_freeze"]:
+        kill = "cgroup freeze + kill + thaw"
+    else:
+        kill = "kill of each pid in cgroup.procs"
+    return {
+        "child waits": "pidfd" if f["pidfd_open"] else "waiter thread + pipe (no pidfd_open)",
+        "reaping": "waitid P_PIDFD" if f["waitid_pidfd"] else "waitid P_PID",
+        "cgroup join": ("clone3 CLONE_INTO_CGROUP" if f["clone3_cgroup"] else "vfork child writes cgroup.procs")
+        if cg else "none (no cgroup v2)",
+        "tree kill": kill,
+        "fd closing": "close_range" if f["close_range_cloexec"] else "/proc/self/fd walk",
+        "guardian watch": "pidfd" if f["pidfd_open"] else "life pipe hang-up",
+    }
 
 
 WARDEN = os.path.join(os.path.dirname(__file__), "pyexec-warden")
@@ -98,7 +124,8 @@ class _Warden:
         try:
             # The warden first, then our directory: a kill in between leaves nothing unwatched.
             # It is never waited for (it outlives us by design), so its fds are of no use here.
-            native.default().spawn([WARDEN, str(self.pid)], {}, path=WARDEN, exec_fd=pfd).close()
+            native.default().spawn([WARDEN, str(self.pid), str(native.life_fd())], {}, path=WARDEN,
+                                   exec_fd=pfd).close()
         finally:
             os.close(pfd)
         os.makedirs(self.path, exist_ok=True)
@@ -192,7 +219,9 @@ def _attempt(nat: native.Native, argv, path, exec_fd: int, env: dict, deadline: 
     out, err = nat.new_capture(), nat.new_capture()
     timed_out = cancelled = False
     with script_cgroup(use_cgroup) as cgfd:
-        proc = nat.spawn(argv, env, path=path, exec_fd=exec_fd, cgroup_fd=cgfd)
+        # Without a cgroup there is no warden: the kernel kills the script if we die.
+        proc = nat.spawn(argv, env, path=path, exec_fd=exec_fd,
+                         cgroup_fd=cgfd if cgfd >= 0 else native.SPAWN_DIE_WITH_PARENT)
         try:
             try:
                 st = nat.wait(proc, deadline, out, err, cancel_fd=cancel_fd)

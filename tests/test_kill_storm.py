@@ -159,7 +159,9 @@ def test_kill_storm(tmp_path, mounts):
                 assert not os.path.exists(os.path.join(cg_root, "pyexec", str(p.pid))), f"trial {i}: cgroup left"
             ran = log.read_text().split()
             if mode != "controller" and mode != "both":  # only SIGKILL of the controller may skip it
-                assert ran.count("post") == ran.count("pre"), f"trial {i} ({mode}, {phase_of(marks)}): {ran}"
+                # A pre-script killed by the signal before its first line logs no "pre" but started:
+                # its post-script runs all the same.
+                assert ran.count("pre") <= ran.count("post") <= 1, f"trial {i} ({mode}, {phase_of(marks)}): {ran}"
             if mode == "guardian":
                 # The controller saw its guardian die, thawed, and finished the run (post-scripts
                 # included); a window cut short that way is not a consistent snapshot, so "failed" is

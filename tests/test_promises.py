@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from helpers import needs_btrfs, needs_root, procs_matching
-from pyexec import errors, freeze, host, loopfs, native
+from pyexec import errors, freeze, host, loopfs, native, scripts
 from test_config_trust import write_setup
 from test_freeze_window import writable_within
 
@@ -295,15 +295,21 @@ def test_daemon_started_by_post_script_survives(tmp_path, mounts):
 
 
 def test_script_dies_with_a_sigkilled_pyexec(tmp_path, mounts):
+    """With a cgroup the warden kills the whole tree, a setsid'd descendant included; without one
+    (cgroup v1 only) the kernel kills the script itself (PR_SET_PDEATHSIG), and what it started
+    can escape (README)."""
     m = mounts.make("ext4")
     tag = f"hung-{os.getpid()}-{time.monotonic_ns()}"
     started = tmp_path / "started"
-    hc = write_setup(tmp_path, pre=f"#!/bin/sh\ntouch {started}\nsetsid sh -c 'sleep 300; : {tag}' &\nwait\n".encode())
+    escape = f"setsid sh -c 'sleep 300; : {tag}' &\n" if scripts.cgroup2_root() else ""
+    hc = write_setup(tmp_path, pre=f"#!/bin/sh\ntouch {started}\n{escape}sleep 300 &\nwait\n".encode(),
+                     plugin_doc={"preScriptParams": [tag]})
     p = subprocess.Popen([*PYEXEC, "run", "--config", hc, "--mount", m.mountpoint, "--quiet"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
     while not started.exists():
         time.sleep(0.002)
     time.sleep(0.05)
+    assert len(procs_matching(lambda a: any(tag.encode() in x for x in a))) == (2 if escape else 1)
     p.kill()
     p.wait()
     deadline = time.monotonic() + 5
@@ -407,3 +413,25 @@ def test_check_and_run_choose_mounts_alike(tmp_path, mounts):
     doc = orjson.loads(cli_run(hc, outer.mountpoint, "--mount", inner.mountpoint).stdout)
     assert doc["mounts"] == [inner.mountpoint, outer.mountpoint] == doc["window"]["paths"]
     assert doc["outcome"] == "app-consistent"
+
+
+def test_timed_out_tree_dies_within_100ms_of_the_deadline(tmp_path):
+    """A pre-script past its timeout goes with its whole tree, a setsid'd grandchild included."""
+    if scripts.cgroup2_root() is None:
+        pytest.skip("no cgroup v2 (kernel profile v1): a setsid'd grandchild escapes a process-group kill, "
+                    "as the README says; nothing else can reach it")
+    tag = f"late-{os.getpid()}-{time.monotonic_ns()}"
+    hc = write_setup(tmp_path, pre=f"#!/bin/sh\nsetsid sh -c 'sleep 300; : {tag}' &\nsleep 300\n".encode(),
+                     plugin_doc={"timeoutInSeconds": 1})
+    checked = host.check(hc)
+    try:
+        t0 = time.monotonic()
+        (res,) = host.run_phase(checked, "pre")
+    finally:
+        checked.close()
+    assert res.timed_out and res.error_code == 308
+    while procs_matching(lambda a: any(tag.encode() in x for x in a)):
+        assert time.monotonic() - t0 < 5, "the setsid'd grandchild outlived the timeout"
+        time.sleep(0.001)
+    late = time.monotonic() - (t0 + 1.0)
+    assert late < 0.1, f"the tree was gone {late * 1000:.1f} ms after the deadline"
