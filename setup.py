@@ -8,6 +8,7 @@ from setuptools.command.build_ext import build_ext
 
 STRICT = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror"]
 CORE = ["native/freeze.c", "native/spawn.c", "native/wait.c", "native/kill.c", "native/probe.c"]
+# (tests/test_build.py compiles these too, as an older glibc would.)
 # Relink a binding whenever the core changes: build_ext only looks at `depends`.
 PROGRAMS = {"pyexec-guardian": "native/guardian.c", "pyexec-warden": "native/warden.c"}
 DEPENDS = CORE + ["native/pyexec_core.h", *PROGRAMS.values()]
@@ -30,7 +31,11 @@ setup(
     cmdclass={"build_ext": BuildExt},
     libraries=[("pxcore", {"sources": CORE, "include_dirs": ["native"], "cflags": STRICT})],
     ext_modules=cythonize(
-        [Extension("pyexec._native", ["pyexec/_native.pyx"], include_dirs=["native"], depends=DEPENDS)],
+        # The .pyx restates the header's declarations for Cython; the C compiler checks every call
+        # against the header's real prototypes, and these make a mismatch fail the build.
+        [Extension("pyexec._native", ["pyexec/_native.pyx"], include_dirs=["native"], depends=DEPENDS,
+                   extra_compile_args=["-Werror=incompatible-pointer-types", "-Werror=int-conversion",
+                                       "-Werror=implicit-function-declaration"])],
         compiler_directives={"language_level": "3"},
     ),
     cffi_modules=["native/cffi_build.py:ffibuilder"],

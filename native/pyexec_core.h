@@ -2,7 +2,11 @@
  *
  * Every function returns 0 or a negative errno and never prints.  Structures have
  * fixed-width fields only, so the Python side can lay them out in memory it owns
- * (a bytearray, or a memfd page shared with the thaw guardian) and read them back. */
+ * (a bytearray, or a journal page shared with the thaw guardian) and read them back.
+ *
+ * This header is the one declaration of the API: the cffi binding's cdef is read from it (the part
+ * before "end of the bound API"), and both bindings check the struct layout (sizes and offsets)
+ * against pyexec/native.py's struct formats when they load. */
 #ifndef PYEXEC_CORE_H
 #define PYEXEC_CORE_H
 
@@ -128,19 +132,8 @@ typedef struct px_features {
 } px_features;
 
 int px_probe(px_features *out);
-const px_features *px_features_get(void);
 
 int64_t px_now_ns(void);
-
-/* The time left until an absolute CLOCK_MONOTONIC deadline, as a ppoll timeout (0 if past). */
-static inline void px_left_ts(int64_t deadline_ns, int64_t now_ns, struct timespec *ts)
-{
-    int64_t left = deadline_ns - now_ns;
-    if (left < 0)
-        left = 0;
-    ts->tv_sec = left / 1000000000LL;
-    ts->tv_nsec = left % 1000000000LL;
-}
 
 /* Prepare s for n fds (n <= PX_MAX_MOUNTS), all idle. */
 int px_set_init(px_set *s, const int32_t *fds, int32_t n);
@@ -171,6 +164,21 @@ int px_wait(const px_proc *p, int64_t deadline_ns, int cancel_fd, px_capture *ou
  * cgroup.kill if cgroup_fd >= 0), then wait up to kill_wait_ns and reap. */
 int px_kill_tree(const px_proc *p, int cgroup_fd, int64_t grace_ns, int64_t kill_wait_ns,
                  px_capture *out, px_capture *err, px_status *st);
+
+/* ---- end of the bound API: what follows is shared by the C files only ---- */
+
+/* The time left until an absolute CLOCK_MONOTONIC deadline, as a ppoll timeout (0 if past). */
+static inline void px_left_ts(int64_t deadline_ns, int64_t now_ns, struct timespec *ts)
+{
+    int64_t left = deadline_ns - now_ns;
+    if (left < 0)
+        left = 0;
+    ts->tv_sec = left / 1000000000LL;
+    ts->tv_nsec = left % 1000000000LL;
+}
+
+/* The probed features (probe.c), for the C files that pick a path by them. */
+const px_features *px_features_get(void);
 
 /* Wait, as px_wait, but do not reap (-ETIMEDOUT / -ECANCELED / 0 once it has exited); reap. */
 int px_wait_exit(const px_proc *p, int64_t deadline_ns, int cancel_fd, px_capture *out,

@@ -32,8 +32,9 @@
 #define CLONE_INTO_CGROUP 0x200000000ULL /* kernel 5.7 */
 #endif
 /* posix_spawn_file_actions_addclosefrom_np: glibc 2.34; addchdir_np: 2.29.  Older glibc (RHEL 8
- * has 2.28) spawns through the vfork child, which does both itself. */
-#if defined(__GLIBC__) && __GLIBC_PREREQ(2, 34)
+ * has 2.28) spawns through the vfork child, which does both itself.  PX_GLIBC_BEFORE_2_34 builds that
+ * way here too (tests/test_build.py checks that such a build needs no newer glibc symbol). */
+#if defined(__GLIBC__) && __GLIBC_PREREQ(2, 34) && !defined(PX_GLIBC_BEFORE_2_34)
 #define HAVE_SPAWN_CLOSEFROM 1
 #else
 #define HAVE_SPAWN_CLOSEFROM 0

@@ -9,6 +9,11 @@ CAPTURE_SIZE = ffi.sizeof("px_capture")
 MAX_MOUNTS = lib.PX_MAX_MOUNTS
 
 
+def offsets(struct_name: str, fields) -> list[int]:
+    """offsetof each field of a C struct, as the compiler laid it out (for the layout check)."""
+    return [ffi.offsetof(struct_name, f) for f in fields]
+
+
 def _ptr(ctype, buf, size):
     if buf is None:
         return ffi.NULL, None

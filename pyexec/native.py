@@ -132,6 +132,9 @@ def read_set(buf) -> SetRecord:
                      h[12], h[13], h[14], tuple(mounts))
 
 
+_MOUNT_FIELDS = ("fd", "state", "freeze_errno", "thaw_errno", "sync_errno", "guardian_fd", "sync_start_ns",
+                 "sync_end_ns", "freeze_start_ns", "freeze_end_ns", "thaw_start_ns", "thaw_end_ns")
+_CAP_FIELDS = ("total", "dropped", "head_len", "tail_len", "tail_pos", "eof")
 _HEADER_FIELDS = ("magic", "version", "n", "flags", "phase", "rcu_state", "rcu_prev", "failed_index",
                   "failed_errno", "controller_pid", "guardian_pid", "guardian_state", "deadline_ns",
                   "window_start_ns", "window_end_ns")
@@ -180,6 +183,13 @@ class Native:
             raise ImportError(f"{self.name}: px_set layout does not match pyexec.native")
         if self.capture_size != _CAP_HEADER.size + 2 * CAP_HALF:
             raise ImportError(f"{self.name}: px_capture layout does not match pyexec.native")
+        if hasattr(mod, "offsets"):  # cffi knows the compiler's offsetof: every field, not only sizes
+            for cname, st, names, tail in (("px_set", _SET_HEADER, _HEADER_FIELDS, "m"),
+                                           ("px_mount", _MOUNT, _MOUNT_FIELDS, None),
+                                           ("px_capture", _CAP_HEADER, _CAP_FIELDS, "head")):
+                want = [_field_offset(st, i)[0] for i in range(len(names))] + ([st.size] if tail else [])
+                if mod.offsets(cname, names + ((tail,) if tail else ())) != want:
+                    raise ImportError(f"{self.name}: {cname} field offsets do not match pyexec.native")
 
     def now_ns(self) -> int:
         """CLOCK_MONOTONIC ns."""
