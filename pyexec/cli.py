@@ -64,7 +64,9 @@ def cmd_check(args) -> int:
 
 def cmd_run(args) -> int:
     from pyexec import host, report, signals
-    progress = (lambda m: None) if args.quiet else (lambda m: print(f"pyexec: {m}", file=sys.stderr, flush=True))
+    # Progress goes to stderr only (never to stdout, even with stderr closed: print(file=None) would).
+    progress = (lambda m: None) if args.quiet or sys.stderr is None else (
+        lambda m: print(f"pyexec: {m}", file=sys.stderr, flush=True))
     # The scope covers the report too: a signal while it prints does not cut it short.
     with signals.Cancel() as cancel:
         try:
@@ -74,11 +76,14 @@ def cmd_run(args) -> int:
                            cancel=cancel)
         except (ValueError, TypeError) as e:
             raise errors.PyexecError(11, str(e)) from e
-        if args.json:
-            sys.stdout.buffer.write(report.dumps(rep) + b"\n")
-        else:
-            print(report.summary(rep))
-        sys.stdout.flush()
+        try:
+            if args.json:
+                sys.stdout.buffer.write(report.dumps(rep) + b"\n")
+            else:
+                print(report.summary(rep))
+            sys.stdout.flush()
+        except (OSError, AttributeError, ValueError):  # stdout closed or full: the run itself is done
+            pass
     if rep.interrupted:
         return 128 + signal.Signals[rep.interrupted].value
     return {host.APP: 0, host.FS: 1}.get(rep.outcome, 2)
@@ -162,6 +167,9 @@ def main(argv=None) -> int:
         return args.fn(args)
     except errors.PyexecError as e:
         _print_problems([e], out=sys.stderr)
+        if getattr(args, "json", False):  # --json: still exactly one document on stdout
+            sys.stdout.buffer.write(orjson.dumps({"outcome": "failed", "code": e.code, "error": e.entry.name,
+                                                  "problems": [e.as_dict()]}, option=orjson.OPT_INDENT_2) + b"\n")
         return e.entry.exit_status
     except KeyboardInterrupt:
         print("pyexec: interrupted", file=sys.stderr)

@@ -43,6 +43,8 @@ AZURE_LOCK_FILE = "SafeFreezeLockFile"
 def check_timeout(value, what: str = "timeout", zero_ok: bool = False) -> float:
     """value as seconds: a finite number in (0, 86400] ([0, 86400] if zero_ok), else ValueError."""
     try:
+        if isinstance(value, bool):  # float(True) is 1.0: a bug in the caller, not a bound
+            raise TypeError
         t = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{what} must be a number of seconds, not {value!r}") from None
@@ -59,6 +61,8 @@ def check_paths(paths) -> list[str]:
     out = [os.fsdecode(os.fspath(p)) for p in paths]
     if not out:
         raise ValueError("no mount point to freeze")
+    if any(not p.strip() for p in out):  # an unset $VAR: "" would mean the working directory
+        raise ValueError(f"an empty mount point in {out!r}")
     return out
 
 
@@ -205,19 +209,22 @@ def _inotify_close_watch(path: str) -> int:
     return fd
 
 
-def _lock(path: str, what: str, deadline: float, posix: bool = False) -> int:
-    """Take an exclusive lock on path (flock, or lockf for the Azure lock), waiting until deadline
-    (time.monotonic) for its holder to let go: woken by the holder's close, never by a timer tick.
-    Returns the fd that holds it; FreezeError 121 naming the holder after the deadline."""
+def _lock(path: str, what: str, deadline: float, posix: bool = False, shared: bool = False,
+          cancel_fd: int = -1) -> int:
+    """Take a lock on path (flock, exclusive or shared; or lockf for the Azure lock), waiting until
+    deadline (time.monotonic) for its holder to let go: woken by the holder's close or by cancel_fd,
+    never by a timer tick.  Returns the fd that holds it; FreezeError 121 naming the holder after
+    the deadline, or when cancel_fd becomes readable (a signal)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     watch = -1
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     try:
         while True:
             try:
                 if posix:
                     fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 else:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
                 break
             except (BlockingIOError, PermissionError):
                 pass
@@ -230,10 +237,16 @@ def _lock(path: str, what: str, deadline: float, posix: bool = False) -> int:
                                          f"(lock {path}); gave up waiting")
             p = select.poll()
             p.register(watch, select.POLLIN)
-            if p.poll(math.ceil(left * 1000)):
+            if cancel_fd >= 0:
+                p.register(cancel_fd, select.POLLIN)
+            ready = dict(p.poll(math.ceil(left * 1000)))
+            if cancel_fd in ready:
+                raise errors.FreezeError(121, f"interrupted while waiting for {what} (held by pid "
+                                         f"{_holder(fd, posix)})")
+            if ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(watch, 65536)
-        if not posix:
+        if not posix and not shared:
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
         return fd
@@ -272,12 +285,16 @@ class Held:
 
 
 @contextlib.contextmanager
-def hold(paths, lock_wait: float = DEFAULT_LOCK_WAIT, planned: list[mounts.Mount] | None = None):
+def hold(paths, lock_wait: float = DEFAULT_LOCK_WAIT, planned: list[mounts.Mount] | None = None,
+         cancel_fd: int = -1):
     """Plan paths and lock their superblocks (and the Azure freeze lock where it exists) for the
     block: a run takes this before its pre-scripts, so it never quiesces what it cannot freeze.
 
-    Runs on other filesystems go on beside it; one that needs a held superblock waits up to
-    lock_wait seconds, then FreezeError 121 names the holder's pid."""
+    Each superblock to freeze is locked exclusively, each one they live on (a loop image's
+    filesystem) shared: a thaw writes through to it, so nobody may freeze it meanwhile, while runs
+    on two images of one filesystem go on together.  Runs on other filesystems go on beside it; one
+    that needs a held lock waits up to lock_wait seconds (or until cancel_fd is readable), then
+    FreezeError 121 names the holder's pid."""
     lock_wait = check_timeout(lock_wait, "lock_wait", zero_ok=True)
     plan = planned if planned is not None else mounts.plan(check_paths(paths))
     devs = [m.dev for m in plan]
@@ -298,10 +315,13 @@ def hold(paths, lock_wait: float = DEFAULT_LOCK_WAIT, planned: list[mounts.Mount
         deadline = time.monotonic() + lock_wait
         if os.path.isdir(AZURE_LOCK_DIR):
             fds.append(_lock(os.path.join(AZURE_LOCK_DIR, AZURE_LOCK_FILE), "the Azure extension's freeze lock",
-                             deadline, posix=True))
-        for m in sorted(plan, key=lambda m: m.dev):  # one global order: two runs cannot deadlock
+                             deadline, posix=True, cancel_fd=cancel_fd))
+        below = {m.dev: m for m in mounts.underneath(plan)}
+        wanted = [(m, False) for m in plan] + [(m, True) for d, m in below.items() if d not in devs]
+        for m, shared in sorted(wanted, key=lambda w: w[0].dev):  # one global order: runs cannot deadlock
             fds.append(_lock(os.path.join(RUN_DIR, f"sb-{m.dev.replace(':', '-')}.lock"),
-                             f"{m.mount_point} (another pyexec run)", deadline))
+                             f"{m.mount_point} (another pyexec run)", deadline, shared=shared,
+                             cancel_fd=cancel_fd))
         yield Held(plan)
     finally:
         for fd in fds:
@@ -448,7 +468,7 @@ def window(paths: list[str], timeout: float, expedite: bool = True, presync: boo
     win = Window(paths=list(paths), backend=nat.name, expedite=expedite, presync=presync, timeout_s=timeout)
     fds: list[int] = []
     if len(paths) > nat.max_mounts:
-        raise errors.FreezeError(123, f"{len(paths)} mounts: at most {nat.max_mounts} per window")
+        raise errors.FreezeError(121, f"{len(paths)} filesystems: at most {nat.max_mounts} per window")
     with contextlib.ExitStack() as stack:
         stack.callback(lambda: [os.close(fd) for fd in fds])
         for p in paths:
@@ -537,7 +557,10 @@ def _unlink(path: str) -> None:
 
 def _fill(window: Window, rec: native.SetRecord) -> None:
     window.start_ns = rec.window_start_ns
-    window.end_ns = rec.window_end_ns
+    # The last thaw that landed ends the window, whoever issued it (the guardian, an early thaw):
+    # the controller's final px_thaw may come much later and find nothing left to thaw.
+    thawed = [m.thaw_end_ns for m in rec.mounts if m.thaw_end_ns]
+    window.end_ns = max(thawed) if thawed else rec.window_end_ns
     window.rcu = rec.rcu_state
     window.mounts = [
         MountResult(path, m.state, m.freeze_errno, m.thaw_errno, m.freeze_start_ns, m.freeze_end_ns,

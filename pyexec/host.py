@@ -142,7 +142,10 @@ def _snapshot(action, win, cancel, nat, timeout_s: float, rep: RunReport):
         return None
     if callable(action):
         try:
-            action(win)
+            with cancel.raising():  # a signal interrupts the caller's action like a script's
+                action(win)
+        except signals.Interrupted as e:
+            rep.snapshot, rep.snapshot_detail = "failed", f"interrupted by {e.name} in the snapshot action"
         except KeyboardInterrupt:
             rep.snapshot, rep.snapshot_detail = "failed", "interrupted: KeyboardInterrupt in the snapshot action"
             rep.interrupted = rep.interrupted or "SIGINT"
@@ -159,6 +162,9 @@ def _snapshot(action, win, cancel, nat, timeout_s: float, rep: RunReport):
                                                  on_stop=win.thaw_now if win is not None else None, nat=nat)
     rep.snapshot, rep.snapshot_detail = ("taken", "") if res.ok else ("failed", res.detail)
     return None
+
+
+SHELL_OPERATORS = {"&&", "||", ";", "|", ">", ">>", "<", "&", "2>&1"}
 
 
 def run(host_path: str = config.HOST_CONFIG_PATH, mount_points=None, snapshot=None, freeze_timeout: float = 60.0,
@@ -178,7 +184,9 @@ def run(host_path: str = config.HOST_CONFIG_PATH, mount_points=None, snapshot=No
     if snapshot is not None and not callable(snapshot):
         snapshot = scripts.resolve_command(snapshot)
     if mount_points is not None:
-        freeze.check_paths(mount_points)
+        mount_points = freeze.check_paths(mount_points)
+    progress = _quiet(progress)
+    operators = sorted(SHELL_OPERATORS & set(snapshot[1:])) if isinstance(snapshot, list) else []
     reraise = None
     with contextlib.ExitStack() as stack:
         if cancel is None:
@@ -190,7 +198,10 @@ def run(host_path: str = config.HOST_CONFIG_PATH, mount_points=None, snapshot=No
         stack.callback(checked.close)
         rep.phases_ns["check"] = nat.now_ns() - t
         rep.check_errors = list(checked.errors)
-        rep.warnings = checked.warnings
+        rep.warnings = list(checked.warnings)
+        if operators:
+            rep.warnings.append(f"the snapshot command has {' '.join(operators)} as arguments: no shell runs it "
+                                "(use sh -c '…' for a shell command line)")
         do_freeze = checked.fs_freeze if checked.plugins else True
         held = None
         try:
@@ -199,7 +210,7 @@ def run(host_path: str = config.HOST_CONFIG_PATH, mount_points=None, snapshot=No
             if do_freeze and plan:
                 # Before any pre-script: a run must not quiesce what it then cannot freeze.
                 progress(f"lock: {len(plan)} filesystem(s)")
-                held = stack.enter_context(freeze.hold(None, lock_wait, planned=plan))
+                held = stack.enter_context(freeze.hold(None, lock_wait, planned=plan, cancel_fd=cancel.fd))
         except errors.FreezeError as e:
             rep.check_errors.append(e)
             rep.snapshot, rep.snapshot_detail = "failed", e.describe()
@@ -241,6 +252,16 @@ def run(host_path: str = config.HOST_CONFIG_PATH, mount_points=None, snapshot=No
     if reraise is not None:
         raise reraise
     return rep
+
+
+def _quiet(progress):
+    """progress that cannot fail: a closed stderr or a caller's bug must not cost a post-script."""
+    def say(msg: str) -> None:
+        try:
+            progress(msg)
+        except Exception:  # noqa: BLE001 - progress is best effort, the post-scripts are not
+            pass
+    return say
 
 
 def _window(rep: RunReport, held, snapshot, timeout: float, expedite: bool, presync: bool, nat, cancel,

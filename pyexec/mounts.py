@@ -5,6 +5,7 @@ filesystem it lives on (a loop image's backing file, the mount under its mount p
 so that nothing it needs for writeback is frozen first; `/` last."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
@@ -12,6 +13,11 @@ import os
 from pyexec import errors
 
 FREEZABLE = ("ext3", "ext4", "xfs", "btrfs")
+# Filesystems FIFREEZE refuses (no block device, or no freeze support): refused before any script.
+NOT_FREEZABLE = {"tmpfs", "ramfs", "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "overlay",
+                 "squashfs", "nfs", "nfs4", "cifs", "smb3", "autofs", "debugfs", "tracefs", "securityfs", "pstore",
+                 "bpf", "mqueue", "hugetlbfs", "configfs", "binfmt_misc", "efivarfs", "nsfs", "rpc_pipefs"}
+MAX_MOUNTS = 128  # PX_MAX_MOUNTS of native/pyexec_core.h (tests/test_mounts.py keeps the two equal)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,16 +58,31 @@ def parse_mountinfo(text: str) -> list[Mount]:
     return mounts
 
 
-def loop_backing_file(source: str) -> str | None:
-    """The backing file of a /dev/loopN source, from sysfs, or None."""
-    name = os.path.basename(source)
-    if not name.startswith("loop"):
-        return None
+def loop_backing_file(source: str, _depth: int = 0) -> list[str]:
+    """The files a block device's data lives in, from sysfs: a loop device's backing file, through
+    any stack of devices (a loop on a loop, device-mapper/LVM or md over loops); [] for a disk."""
+    if _depth > 16 or not source.startswith("/dev/"):
+        return []
+    name = os.path.basename(os.path.realpath(source))
+    out: list[str] = []
     try:
-        with open(f"/sys/block/{name}/loop/backing_file") as f:
-            return f.read().strip() or None
+        with open(f"/sys/class/block/{name}/loop/backing_file") as f:
+            backing = f.read().strip()
     except OSError:
-        return None
+        backing = ""
+    if backing:  # a loop device whose backing is itself a device is one more layer down
+        return loop_backing_file(backing, _depth + 1) if backing.startswith("/dev/") else [backing]
+    with contextlib.suppress(OSError):
+        for lower in sorted(os.listdir(f"/sys/class/block/{name}/slaves")):
+            out += loop_backing_file(f"/dev/{lower}", _depth + 1)
+    return out
+
+
+def _backing_list(backing, source: str) -> list[str]:
+    found = backing(source)
+    if not found:
+        return []
+    return [found] if isinstance(found, str) else list(found)
 
 
 def _contains(mount_point: str, path: str) -> bool:
@@ -104,9 +125,7 @@ def order(chosen: list[Mount], visible: list[Mount] | None = None, backing=loop_
     lives_on: dict[str, set[str]] = {m.dev: set() for m in chosen}
     for m in chosen:
         places = [os.path.dirname(m.mount_point.rstrip("/")) or "/"] if m.mount_point != "/" else []
-        bf = backing(m.source)
-        if bf:
-            places.append(bf)
+        places += _backing_list(backing, m.source)
         for place in places:
             host = host_of(place)
             if host is not None and host.dev in by_dev and host.dev != m.dev:
@@ -151,10 +170,43 @@ def plan(paths, text: str | None = None, backing=loop_backing_file) -> list[Moun
                    key=lambda m: len(m.mount_point), default=None)
         if host is None:
             raise errors.FreezeError(123, "on no mounted filesystem", p)
+        if host.fstype in NOT_FREEZABLE or host.fstype.startswith("fuse"):
+            raise errors.FreezeNotSupported(121, f"a {host.fstype} filesystem cannot be frozen: "
+                                            f"{os.strerror(errno.EOPNOTSUPP)} (mounted at {host.mount_point})", p,
+                                            errno=errno.EOPNOTSUPP)
         # One FIFREEZE per superblock (mountinfo's major:minor is the superblock's: a btrfs
         # subvolume has an st_dev of its own, but not a superblock): the first path named wins.
         per_dev.setdefault(host.dev, host)
+    if len(per_dev) > MAX_MOUNTS:
+        raise errors.FreezeError(121, f"{len(per_dev)} filesystems: at most {MAX_MOUNTS} per window")
     return order(list(per_dev.values()), visible=list(visible.values()), backing=backing)
+
+
+def underneath(chosen: list[Mount], text: str | None = None, backing=loop_backing_file) -> list[Mount]:
+    """The filesystems chosen ones live on, transitively (a loop image's filesystem, the one under
+    a mount point), not counting the chosen themselves: a thaw of a chosen one may write to them."""
+    if text is None:
+        with open("/proc/self/mountinfo") as f:
+            text = f.read()
+    visible: dict[str, Mount] = {}
+    for m in parse_mountinfo(text):
+        visible[m.mount_point] = m
+
+    def host_of(path: str) -> Mount | None:
+        return max((m for m in visible.values() if _contains(m.mount_point, path)),
+                   key=lambda m: len(m.mount_point), default=None)
+
+    chosen_devs = {m.dev for m in chosen}
+    found: dict[str, Mount] = {}
+    todo = list(chosen)
+    while todo:
+        m = todo.pop()
+        for place in _backing_list(backing, m.source):
+            h = host_of(place)
+            if h is not None and h.dev not in chosen_devs and h.dev not in found:
+                found[h.dev] = h
+                todo.append(h)
+    return list(found.values())
 
 
 def discover(skip=(), path: str = "/proc/self/mountinfo") -> list[Mount]:

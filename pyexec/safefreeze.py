@@ -120,7 +120,8 @@ def run(timeout_s: float, paths: list[str], expedite: bool = True) -> Result:
             if os.getppid() != ppid:  # it died before the watch began
                 return Result(EXIT_FAILED, "the parent process exited before the freeze")
             try:
-                with freeze.freeze(paths, timeout=timeout_s + GUARDIAN_SLACK_S, expedite=expedite) as win:
+                with freeze.freeze(paths, timeout=min(timeout_s + GUARDIAN_SLACK_S, freeze.MAX_TIMEOUT),
+                                   expedite=expedite) as win:
                     try:
                         os.kill(ppid, signal.SIGUSR1)
                     except OSError as err:

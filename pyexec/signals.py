@@ -1,4 +1,5 @@
-"""SIGINT, SIGTERM and SIGHUP during a run: recorded, never raised, and turned into a cancel fd.
+"""SIGINT, SIGTERM, SIGHUP (and every other signal that would end pyexec) during a run: recorded,
+not raised, and turned into a cancel fd.
 
 A signal must not unwind the run at an arbitrary instant (a quiesced application would stay
 quiesced), and it must wake the native waits at once.  Inside `Cancel()` the three signals get a
@@ -7,15 +8,28 @@ read end every native wait polls (`cancel_fd`): a running script or snapshot com
 the window thaws, the post-scripts run, and the caller exits 128 + signal."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Every signal whose default action would end pyexec (SIGKILL and SIGSTOP cannot be caught; SIGPIPE
+# Python ignores already).
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+           signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF, signal.SIGXCPU)
+
+
+class Interrupted(Exception):
+    """Raised into a caller's code (a snapshot callable) when a signal cancels the run."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(f"interrupted by {self.name}")
 
 
 class Cancel:
-    """A scope in which SIGINT/SIGTERM/SIGHUP cancel the run instead of interrupting it.
+    """A scope in which SIGNALS cancel the run instead of interrupting it.
 
     Outside the main thread (where Python cannot install handlers) it is inert: fd is -1."""
 
@@ -25,9 +39,25 @@ class Cancel:
         self._w = -1
         self._old: dict = {}
         self._old_wakeup = -1
+        self._raising = 0
 
     def _handler(self, signum, _frame) -> None:
-        pass  # the wake-up fd has the signal; the handler only keeps Python from raising
+        # The wake-up fd has the signal.  Only inside raising() (the caller's own code, which no
+        # fd can wake) does it unwind anything.
+        if self._raising:
+            self._raising = 0
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def raising(self):
+        """Inside the block a signal raises Interrupted (at once if one came already)."""
+        if self.cancelled:
+            raise Interrupted(self._first())
+        self._raising = 1
+        try:
+            yield
+        finally:
+            self._raising = 0
 
     def __enter__(self) -> "Cancel":
         if threading.current_thread() is not threading.main_thread():

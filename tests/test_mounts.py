@@ -102,3 +102,17 @@ def test_discover_reads_the_given_file(tmp_path):
     p = tmp_path / "mi"
     p.write_text((RECORDED / "azure-ubuntu.txt").read_text())
     assert [m.mount_point for m in discovery.discover(path=str(p))] == CASES["azure-ubuntu.txt"]
+
+
+def test_mount_limit_is_the_native_one(nat):
+    assert discovery.MAX_MOUNTS == nat.max_mounts
+
+
+def test_plan_refuses_what_cannot_be_frozen_before_anything_runs(tmp_path):
+    from pyexec import errors
+    with pytest.raises(errors.FreezeNotSupported) as ei:
+        discovery.plan(["/proc"])
+    assert ei.value.code == 121 and "proc" in ei.value.detail
+    with pytest.raises(errors.FreezeError) as ei:
+        discovery.plan([str(tmp_path / "missing")])
+    assert ei.value.code == 123

@@ -136,7 +136,7 @@ def test_bad_snapshot_command_is_refused_before_any_script(tmp_path, mounts, cmd
     res = cli_run(hc, m.mountpoint, "--snapshot-cmd", cmd)
     assert res.returncode == 2
     assert b"11  InvalidParameter" in res.stderr and why.encode() in res.stderr, res.stderr
-    assert res.stdout == b""
+    assert orjson.loads(res.stdout)["code"] == 11, "--json: one document on stdout, the error too"
     assert not log.exists(), "a pre-script ran although the run was refused"
     assert not loopfs.thaw_path(m.mountpoint)
 
@@ -435,3 +435,118 @@ def test_timed_out_tree_dies_within_100ms_of_the_deadline(tmp_path):
         time.sleep(0.001)
     late = time.monotonic() - (t0 + 1.0)
     assert late < 0.1, f"the tree was gone {late * 1000:.1f} ms after the deadline"
+
+
+# What a hostile tester found (helper report, issue 11)
+
+def test_progress_that_raises_costs_no_post_script(tmp_path, mounts):
+    m = mounts.make("ext4")
+    hc, log = setup_logged(tmp_path)
+
+    def progress(msg):
+        raise BrokenPipeError("stderr's reader went away")
+
+    rep = host.run(hc, mount_points=[m.mountpoint], freeze_timeout=10, progress=progress)
+    assert rep.outcome == host.APP and log.read_text() == "pre\npost taken\n"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGQUIT, signal.SIGUSR1, signal.SIGALRM])
+def test_other_fatal_signals_in_pre_still_resume(tmp_path, mounts, sig):
+    m = mounts.make("ext4")
+    log, started = tmp_path / "log", tmp_path / "started"
+    hc = write_setup(tmp_path, pre=(SLOW_PRE.format(log=log) + f"touch {started}\n" + SIGNALLED_PRE).encode(),
+                     post=POST.format(log=log).encode())
+    p = subprocess.Popen([*PYEXEC, "run", "--config", hc, "--mount", m.mountpoint, "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
+    while not started.exists():
+        assert p.poll() is None
+        time.sleep(0.002)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 128 + sig and b"Traceback" not in err
+    assert orjson.loads(out)["interrupted"] == sig.name
+    assert log.read_text() == "pre\npost failed\n"
+
+
+def test_sigint_interrupts_a_snapshot_callable(tmp_path, mounts):
+    m = mounts.make("ext4")
+    hc, log = setup_logged(tmp_path)
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    t0 = time.monotonic()
+    rep = host.run(hc, mount_points=[m.mountpoint], freeze_timeout=30, snapshot=lambda w: time.sleep(10))
+    assert time.monotonic() - t0 < 3, "the callable ran on after SIGINT, the mount frozen"
+    assert rep.interrupted == "SIGINT" and rep.snapshot == "failed" and rep.outcome == host.FAILED
+    assert log.read_text() == "pre\npost failed\n"
+    assert rep.window.length_ns < 2e9
+
+
+def test_sigterm_while_waiting_for_a_lock(tmp_path, mounts):
+    a = mounts.make("ext4")
+    hc, log = setup_logged(tmp_path)
+    with freeze.hold([a.mountpoint]):
+        p = subprocess.Popen([*PYEXEC, "run", "--config", hc, "--mount", a.mountpoint, "--json", "--lock-wait", "30"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=30)
+        assert time.monotonic() - t0 < 1 and p.returncode == 128 + signal.SIGTERM, err
+    doc = orjson.loads(out)
+    assert doc["code"] == 121 and "interrupted while waiting" in doc["problems"][-1]["detail"]
+    assert not log.exists()
+
+
+def test_a_run_on_an_image_locks_the_filesystem_it_lives_on(tmp_path, mounts):
+    """INNER's thaw writes into OUTER: nobody may freeze OUTER meanwhile, while two runs on two images
+    of OUTER go on together."""
+    outer, inner = nested(mounts)
+    inner2 = mounts.make("ext4", image_dir=outer.mountpoint)
+    hc, log = setup_logged(tmp_path)
+    with freeze.hold([inner.mountpoint]):
+        res = cli_run(hc, outer.mountpoint, "--lock-wait", "0.2")
+        assert orjson.loads(res.stdout)["code"] == 121 and not log.exists()
+        res = cli_run(hc, inner2.mountpoint)
+        assert orjson.loads(res.stdout)["outcome"] == "app-consistent"
+
+
+def test_a_loop_device_on_a_loop_device_is_ordered(tmp_path, mounts):
+    outer = mounts.make("ext4", size_mb=200)
+    img = os.path.join(outer.mountpoint, "z.img")
+    with open(img, "wb") as f:
+        f.truncate(64 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", img], check=True)
+    lower = subprocess.run(["losetup", "--find", "--show", img], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    upper = mp = None
+    try:
+        upper = subprocess.run(["losetup", "--find", "--show", lower], capture_output=True, text=True,
+                               check=True).stdout.strip()
+        mp = str(tmp_path / "zlol")
+        os.mkdir(mp)
+        subprocess.run(["mount", upper, mp], check=True)
+        assert [x.mount_point for x in mounts_plan([outer.mountpoint, mp])] == [mp, outer.mountpoint]
+        with freeze.freeze([outer.mountpoint, mp], timeout=5) as win:
+            assert [x.state for x in win.mounts] == ["frozen", "frozen"]
+        assert win.error is None
+    finally:
+        if mp:
+            loopfs.thaw_path(mp)
+            subprocess.run(["umount", mp])
+        if upper:
+            subprocess.run(["losetup", "-d", upper])
+        subprocess.run(["losetup", "-d", lower])
+
+
+def mounts_plan(paths):
+    from pyexec import mounts as m
+    return m.plan(paths)
+
+
+def test_empty_mount_point_is_refused(tmp_path, mounts):
+    m = mounts.make("ext4")
+    hc, log = setup_logged(tmp_path)
+    res = cli_run(hc, "", "--mount", m.mountpoint)
+    assert res.returncode == 2 and orjson.loads(res.stdout)["code"] == 11 and not log.exists()
+    with pytest.raises(ValueError, match="empty mount point"):
+        with freeze.freeze([""]):
+            pass
