@@ -97,6 +97,61 @@ def test_stall_felt_by_a_writer(benchmark, pool, tmp_path, action):
     benchmark.extra_info["stall_ns"] = gaps
 
 
+def _bare_ioctls(nat, paths, flags):
+    """FIFREEZE+FITHAW through the native core alone: no guardian, lock or journal (the floor)."""
+    fds = [os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) for p in paths]
+    try:
+        buf = nat.new_set()
+        nat.set_init(buf, fds)
+        assert nat.freeze(buf, flags) == 0
+        nat.thaw(buf)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+TAIL_ROUNDS = int(os.environ.get("PYEXEC_STALL_ROUNDS", "100"))
+
+
+@pytest.mark.benchmark(group="stall tail, interleaved, idle ext4")
+def test_stall_tail_interleaved(benchmark, pool, tmp_path):
+    """The worst stall a writer feels, over TAIL_ROUNDS rounds in which each way of freezing takes its
+    turn (so the machine's noise falls on all of them alike): `pyexec run`, the expedited in-process
+    floor, plain ioctls, util-linux fsfreeze."""
+    (m,) = pool("ext4", 1)
+    hc = write_setup(tmp_path, pre=NOOP, post=NOOP)
+    nat = native.default()
+    actions = {
+        "pyexec run": lambda: host.run(hc, mount_points=[m.mountpoint], freeze_timeout=30),
+        # The floor: what pyexec's window does (presync, then expedited FIFREEZE), with nothing around it.
+        "expedited ioctls (floor)": lambda: _bare_ioctls(nat, [m.mountpoint],
+                                                         native.FREEZE_EXPEDITE | native.FREEZE_PRESYNC),
+        "plain ioctls": lambda: _bare_ioctls(nat, [m.mountpoint], 0),
+        "util-linux fsfreeze": lambda: PollingHost(0).freeze_thaw([m.mountpoint]),
+    }
+    probe = StallProbe(os.path.join(m.mountpoint, "probe"), str(tmp_path / "probe.shm"))
+    gaps: dict[str, list[int]] = {a: [] for a in actions}
+    # A smoke test (`make test`, benchmarks disabled) takes a few rounds; `make bench` takes them all.
+    rounds = 3 if benchmark.disabled else TAIL_ROUNDS
+
+    def run_all():
+        for i in range(rounds):
+            order = list(actions)
+            order = order[i % len(order):] + order[:i % len(order)]  # each goes first as often
+            for a in order:
+                probe.wait_writes(50)
+                probe.reset()
+                actions[a]()
+                probe.wait_writes(50)
+                gaps[a].append(probe.worst_gap_ns())
+
+    try:
+        benchmark.pedantic(run_all, rounds=1, iterations=1)
+    finally:
+        probe.close()
+    benchmark.extra_info["stall_ns"] = gaps
+
+
 # ---- 3. the freeze window, broken down -----------------------------------------------------------
 
 DIRTY_BYTES = 50 << 20

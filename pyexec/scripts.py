@@ -301,6 +301,8 @@ def resolve_command(command) -> list[str]:
 
     A bare name is looked up on the caller's PATH; a relative path is taken from the caller's
     working directory (the command itself runs in `/`)."""
+    if isinstance(command, bytes):
+        command = os.fsdecode(command)
     if isinstance(command, str):
         try:
             argv = shlex.split(command)
