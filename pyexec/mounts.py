@@ -89,12 +89,26 @@ def _contains(mount_point: str, path: str) -> bool:
     return mount_point == "/" or path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
 
 
+def _visible(mounts: list[Mount]) -> dict[str, Mount]:
+    """The mount seen at each mount point: the last one mounted over a path hides earlier ones."""
+    return {m.mount_point: m for m in mounts}
+
+
+def _host_of(mounts, path: str) -> Mount | None:
+    """The mount path lives on: the deepest one containing it."""
+    return max((m for m in mounts if _contains(m.mount_point, path)), key=lambda m: len(m.mount_point), default=None)
+
+
+def _mountinfo(text: str | None) -> list[Mount]:
+    if text is None:
+        with open("/proc/self/mountinfo") as f:
+            text = f.read()
+    return parse_mountinfo(text)
+
+
 def select(mounts: list[Mount], skip=(), fstypes=FREEZABLE, backing=loop_backing_file) -> list[Mount]:
     """The freezable mounts, one per superblock, minus `skip`, in freeze order."""
-    # The last mount over a path hides earlier ones; later lines win.
-    visible: dict[str, Mount] = {}
-    for m in mounts:
-        visible[m.mount_point] = m
+    visible = _visible(mounts)
     skip = {os.path.normpath(s) for s in skip}
     # A freeze is per superblock: skipping one of its mounts (a bind, a subvolume) skips them all.
     skip_devs = {m.dev for m in visible.values() if m.mount_point in skip}
@@ -114,20 +128,13 @@ def order(chosen: list[Mount], visible: list[Mount] | None = None, backing=loop_
     """chosen in freeze order: each before what it lives on, deepest first, `/` last."""
     visible = visible or chosen
 
-    def host_of(path: str) -> Mount | None:
-        best = None
-        for m in visible:
-            if _contains(m.mount_point, path) and (best is None or len(m.mount_point) > len(best.mount_point)):
-                best = m
-        return best
-
     by_dev = {m.dev: m for m in chosen}
     lives_on: dict[str, set[str]] = {m.dev: set() for m in chosen}
     for m in chosen:
         places = [os.path.dirname(m.mount_point.rstrip("/")) or "/"] if m.mount_point != "/" else []
         places += _backing_list(backing, m.source)
         for place in places:
-            host = host_of(place)
+            host = _host_of(visible, place)
             if host is not None and host.dev in by_dev and host.dev != m.dev:
                 lives_on[m.dev].add(host.dev)
     # Kahn's algorithm: a mount is ready once nothing still unfrozen lives on it.
@@ -153,12 +160,7 @@ def plan(paths, text: str | None = None, backing=loop_backing_file) -> list[Moun
 
     The one place every explicit list is ordered (the CLI, the library, safefreeze,
     pluginhost), with the same rule as discovery."""
-    if text is None:
-        with open("/proc/self/mountinfo") as f:
-            text = f.read()
-    visible: dict[str, Mount] = {}
-    for m in parse_mountinfo(text):
-        visible[m.mount_point] = m
+    visible = _visible(_mountinfo(text))
     per_dev: dict[str, Mount] = {}
     for p in paths:
         real = os.path.realpath(p)
@@ -166,8 +168,7 @@ def plan(paths, text: str | None = None, backing=loop_backing_file) -> list[Moun
             there = os.path.exists(real)
             raise errors.FreezeError(123, "not a directory" if there else "no such directory", p,
                                      errno=errno.ENOTDIR if there else errno.ENOENT)
-        host = max((m for m in visible.values() if _contains(m.mount_point, real)),
-                   key=lambda m: len(m.mount_point), default=None)
+        host = _host_of(visible.values(), real)
         if host is None:
             raise errors.FreezeError(123, "on no mounted filesystem", p)
         if host.fstype in NOT_FREEZABLE or host.fstype.startswith("fuse"):
@@ -183,26 +184,17 @@ def plan(paths, text: str | None = None, backing=loop_backing_file) -> list[Moun
 
 
 def underneath(chosen: list[Mount], text: str | None = None, backing=loop_backing_file) -> list[Mount]:
-    """The filesystems chosen ones live on, transitively (a loop image's filesystem, the one under
-    a mount point), not counting the chosen themselves: a thaw of a chosen one may write to them."""
-    if text is None:
-        with open("/proc/self/mountinfo") as f:
-            text = f.read()
-    visible: dict[str, Mount] = {}
-    for m in parse_mountinfo(text):
-        visible[m.mount_point] = m
-
-    def host_of(path: str) -> Mount | None:
-        return max((m for m in visible.values() if _contains(m.mount_point, path)),
-                   key=lambda m: len(m.mount_point), default=None)
-
+    """The filesystems the chosen ones' devices live in, transitively (a loop image's filesystem,
+    through any stack of devices), not counting the chosen themselves: a thaw of a chosen one may
+    write to them."""
+    visible = _visible(_mountinfo(text)).values()
     chosen_devs = {m.dev for m in chosen}
     found: dict[str, Mount] = {}
     todo = list(chosen)
     while todo:
         m = todo.pop()
         for place in _backing_list(backing, m.source):
-            h = host_of(place)
+            h = _host_of(visible, place)
             if h is not None and h.dev not in chosen_devs and h.dev not in found:
                 found[h.dev] = h
                 todo.append(h)

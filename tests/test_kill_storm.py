@@ -1,6 +1,6 @@
 """Kill storm: the full flow on two loop mounts, SIGKILLed at random instants, PYEXEC_KILL_TRIALS times
-(default 200).  Of every seven trials three SIGKILL the controller, one the guardian inside the window,
-one the guardian and the controller together, one sends SIGTERM and one SIGINT to the controller.
+(default 200).  Of every eight trials three SIGKILL the controller, one the guardian inside the window,
+one the guardian and the controller together, and one each sends SIGTERM, SIGINT, SIGHUP to the controller.
 After each: both mounts take writes again within the bound (time from the kill or signal measured), no
 script process is left, no guardian or warden outlives its controller, and every pre-script that
 started had its post-script run (except where SIGKILL took the controller itself).
@@ -119,16 +119,16 @@ def test_kill_storm(tmp_path, mounts):
     rng = random.Random(int(os.environ.get("PYEXEC_KILL_SEED", "7")))
     results = []
     for i in range(TRIALS):
-        mode = ("controller", "controller", "controller", "guardian", "both", "sigterm", "sigint")[i % 7]
+        mode = ("controller", "controller", "controller", "guardian", "both", "sigterm", "sigint", "sighup")[i % 8]
         mounts.rearm()
         log.write_bytes(b"")
         p = start()
         try:
-            if mode in ("controller", "sigterm", "sigint"):
+            if mode in ("controller", "sigterm", "sigint", "sighup"):
                 time.sleep(rng.uniform(0, span * 1.2))
                 t_kill = time.monotonic()
                 p.send_signal({"controller": signal.SIGKILL, "sigterm": signal.SIGTERM,
-                               "sigint": signal.SIGINT}[mode])
+                               "sigint": signal.SIGINT, "sighup": signal.SIGHUP}[mode])
             else:
                 g = guardian_of(p.pid, 10)
                 assert g is not None, f"trial {i}: no guardian appeared"
@@ -203,5 +203,5 @@ def summarize(results, span) -> dict:
                           "exit_statuses": sorted({r["status"] for r in results if r["mode"] == m}),
                           "pre_scripts_started": sum(1 for r in results if r["mode"] == m and "pre" in r["scripts"]),
                           "post_scripts_run": sum(1 for r in results if r["mode"] == m and "post" in r["scripts"])}
-                      for m in ("sigterm", "sigint")},
+                      for m in ("sigterm", "sigint", "sighup")},
     }
