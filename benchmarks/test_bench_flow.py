@@ -13,7 +13,7 @@ import pytest
 
 from baseline import PollingHost, StallProbe
 from helpers import Mounts, needs_root
-from pyexec import freeze, host, native, scripts, trust
+from pyexec import host, native, scripts, trust, window
 from test_config_trust import make, write_setup
 
 pytestmark = needs_root
@@ -64,7 +64,7 @@ def test_full_run_polling_baseline(benchmark, pool, tmp_path, variant):
 # ---- 2. the stall an application feels -----------------------------------------------------------
 
 def _pyexec_window(paths, expedite):
-    with freeze.freeze(paths, timeout=30, expedite=expedite, presync=True):
+    with window.freeze(paths, timeout=30, expedite=expedite, presync=True):
         pass
 
 
@@ -177,7 +177,7 @@ def test_window(benchmark, pool, fstype, count, load, snapshot):
     wins = []
 
     def once():
-        with freeze.freeze(paths, timeout=60, backend=nat) as w:
+        with window.freeze(paths, timeout=60, backend=nat) as w:
             if snapshot == "command":
                 p = nat.spawn(["/bin/true"], {}, path="/bin/true")
                 nat.wait(p, -1)

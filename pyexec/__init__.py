@@ -1,7 +1,33 @@
-"""pyexec: application-consistent snapshots on Linux with a minimal, bounded freeze window."""
+"""pyexec: application-consistent snapshots on Linux with a minimal, bounded freeze window.
+
+The public API (import it from here, not from the modules):
+
+    with pyexec.freeze(["/data"], timeout=10) as window: ...      # the freeze window
+    report = pyexec.run(mount_points=["/data"], snapshot=cmd)     # check, pre, freeze, snapshot, post
+    async with pyexec.freeze_async([...]): ...; await pyexec.run_async(...)
+    pyexec.check(), pyexec.recover(), pyexec.status()
+"""
 from importlib import metadata as _metadata
 
 try:
     __version__ = _metadata.version("pyexec")  # declared once, in pyproject.toml
 except _metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
+
+from pyexec.aio import freeze_async, run_async
+from pyexec.errors import (ConfigError, ForeignFreeze, FreezeDenied, FreezeError, FreezeNotSupported,
+                           FreezeTimeout, PyexecError, ScriptError, TrustError)
+from pyexec.host import CheckResult, check
+from pyexec.host import RunReport as Report
+from pyexec.host import run
+from pyexec.journal import recover, status
+from pyexec.scripts import ScriptResult
+from pyexec.window import MountResult, Window, freeze
+
+__all__ = [
+    "__version__",
+    "freeze", "freeze_async", "run", "run_async", "check", "recover", "status",
+    "Window", "MountResult", "Report", "ScriptResult", "CheckResult",
+    "PyexecError", "ConfigError", "TrustError", "ScriptError", "FreezeError", "FreezeTimeout",
+    "FreezeNotSupported", "ForeignFreeze", "FreezeDenied",
+]

@@ -1,4 +1,5 @@
-"""Command-line entry points: `pyexec`, `pluginhost`.  Argument handling and printing only."""
+"""The `pyexec` command.  Argument handling and printing only (the Azure drop-ins' commands,
+`pluginhost` and `safefreeze`, are in pyexec.azure.cli)."""
 from __future__ import annotations
 
 import argparse
@@ -8,23 +9,24 @@ import sys
 
 import orjson
 
-from pyexec import __version__, config, errors, scripts
+from pyexec import __version__, config, errors, journal, scripts
 
 MOUNT_HELP = ("mount point to freeze (repeatable); without it every local filesystem that discovery "
               "finds is frozen, as the reference does")
 
 
-def _config_arg(p: argparse.ArgumentParser) -> None:
+def config_arg(p: argparse.ArgumentParser) -> None:
     # A relative path names a file in the working directory, as every command-line tool reads it.
     p.add_argument("--config", default=config.HOST_CONFIG_PATH, type=os.path.abspath,
                    help="host config (VMSnapshotPluginHost.conf)")
 
 
-def _version_arg(p: argparse.ArgumentParser) -> None:
+def version_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
 
-def _print_problems(errs, out=sys.stdout) -> None:
+def print_problems(errs, out=sys.stdout) -> None:
+    """Each error as its code, name, file, problem and recommended action."""
     for e in errs:
         d = e.as_dict()
         print(f"{d['code']}  {d['name']}\n     file:    {d['file'] or '-'}"
@@ -50,7 +52,7 @@ def cmd_check(args) -> int:
         else:
             if res.errors:
                 print(f"{len(res.errors)} problem(s):")
-                _print_problems(res.errors)
+                print_problems(res.errors)
             else:
                 print(f"ok: host config and {len(res.plugins)} plugin(s) are valid and trusted")
             for w in res.warnings:
@@ -96,8 +98,7 @@ def _print_kernel() -> None:
 
 
 def cmd_status(args) -> int:
-    from pyexec import freeze
-    found = freeze.journals()
+    found = journal.journals()
     _print_kernel()
     if not found:
         print("pyexec holds nothing frozen")
@@ -109,34 +110,33 @@ def cmd_status(args) -> int:
 
 
 def cmd_recover(args) -> int:
-    from pyexec import freeze
-    thawed, alive, rcu = freeze.recover()
+    thawed, alive, rcu = journal.recover()
     for pid in alive:
         print(f"pid {pid} is still running: left alone")
     for p in thawed:
         print(f"thawed {p} (left frozen by a dead run)")
     if rcu:
-        print(f"put {freeze.RCU_EXPEDITED} back to 0 (left at 1 by a dead run)")
+        print(f"put {journal.RCU_EXPEDITED} back to 0 (left at 1 by a dead run)")
     print(f"recover: {len(thawed)} filesystem(s) thawed")
     return 0
 
 
 def cmd_demo(args) -> int:
-    from pyexec import demo
-    return demo.main(args)
+    from pyexec.demo import run
+    return run.main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pyexec", description="Application-consistent snapshots with a minimal freeze window.")
-    _version_arg(ap)
+    version_arg(ap)
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="validate configs and scripts; run and freeze nothing")
-    _config_arg(c)
+    config_arg(c)
     c.add_argument("--mount", action="append", help="mount point to check the freeze order of (repeatable)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=cmd_check)
     r = sub.add_parser("run", help="check, pre-scripts, freeze + snapshot + thaw, post-scripts")
-    _config_arg(r)
+    config_arg(r)
     r.add_argument("--mount", action="append", help=MOUNT_HELP)
     r.add_argument("--snapshot-cmd", help="command run inside the freeze window (shell quoting rules; a bare "
                    "name is looked up on PATH; killed with its process tree at the freeze bound)")
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     try:
         return args.fn(args)
     except errors.PyexecError as e:
-        _print_problems([e], out=sys.stderr)
+        print_problems([e], out=sys.stderr)
         if getattr(args, "json", False):  # --json: still exactly one document on stdout
             sys.stdout.buffer.write(orjson.dumps({"outcome": "failed", "code": e.code, "error": e.entry.name,
                                                   "problems": [e.as_dict()]}, option=orjson.OPT_INDENT_2) + b"\n")
@@ -174,86 +174,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("pyexec: interrupted", file=sys.stderr)
         return 130
-
-
-def cmd_phase(args) -> int:
-    """`pluginhost pre|post`: one phase through the reference-shaped API."""
-    from pyexec import compat
-    ph = compat.PluginHost(_StderrLogger() if not args.json else None)
-    ph.configLocation = args.config
-    try:
-        code, dobackup, fs_freeze = ph.pre_check()
-        res = ph.pre_script() if args.verb == "pre" else ph.post_script(args.snapshot)
-    finally:
-        ph.close()
-    if args.json:
-        doc = {"verb": args.verb, "checkErrorCode": code, "dobackup": dobackup, "fsFreeze_on": fs_freeze,
-               "errorCode": res.errorCode, "anyScriptFailed": res.anyScriptFailed,
-               "continueBackup": res.continueBackup,
-               "errors": [{"errorCode": e.errorCode, "pluginName": e.pluginName} for e in res.errors],
-               "scripts": [r.as_dict() for r in res.scripts]}
-        sys.stdout.buffer.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
-    else:
-        print(str(res), end="")
-    if code and not res.scripts:
-        return errors.TABLE[code].exit_status
-    if not res.anyScriptFailed:
-        return 0
-    return 1 if res.continueBackup else 2
-
-
-class _StderrLogger:
-    """The reference's logger interface, printing to stderr."""
-
-    def log(self, msg, local=True, level="Info"):
-        print(f"pluginhost: {level}: {msg}", file=sys.stderr)
-
-
-def pluginhost_main(argv=None) -> int:
-    """`pluginhost [--config PATH] {check,pre,post,run} [--json]`: the reference host's verbs."""
-    ap = argparse.ArgumentParser(prog="pluginhost", description="The reference plugin host's verbs, over pyexec.")
-    _version_arg(ap)
-    _config_arg(ap)
-    ap.add_argument("verb", choices=["check", "pre", "post", "run"])
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--snapshot", choices=["taken", "skipped", "failed", "unknown"], default="unknown",
-                    help="post: what became of the snapshot (the post-scripts see PYEXEC_SNAPSHOT)")
-    ap.add_argument("--mount", action="append", help="run: " + MOUNT_HELP)
-    a = ap.parse_args(argv)
-    if a.verb in ("pre", "post"):
-        try:
-            return cmd_phase(a)
-        except errors.PyexecError as e:
-            _print_problems([e], out=sys.stderr)
-            return e.entry.exit_status
-    if a.mount and a.verb != "run":
-        ap.error("--mount applies to run only")
-    mounts = [arg for m in (a.mount or []) for arg in ("--mount", m)] if a.verb == "run" else []
-    return main([a.verb, "--config", a.config, *mounts] + (["--json"] if a.json else []))
-
-
-def safefreeze_main(argv=None) -> int:
-    """`safefreeze TIMEOUT_SECONDS MOUNT...`: the reference freeze helper, event-driven and guarded.
-
-    Everything goes to stdout, as the reference prints it: its caller logs the helper's stdout."""
-    import signal
-    from pyexec import safefreeze
-    # The caller's thaw request can cross our timeout: a SIGUSR1 after the window must not kill us,
-    # the caller reads the exit status.  (The window itself installs its own handler.)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        timeout, paths = safefreeze.parse_args(argv)
-    except ValueError as err:
-        print(f"safefreeze: {err}\n{safefreeze.USAGE}")
-        return safefreeze.EXIT_FAILED
-    print(f"safefreeze: freezing {' '.join(paths)} for at most {timeout:g}s", flush=True)
-    res = safefreeze.run(timeout, paths)
-    for line in res.lines:
-        print(line)
-    if res.status != safefreeze.EXIT_THAWED:
-        print(f"safefreeze: failed: {res.reason}")
-    return res.status
 
 
 if __name__ == "__main__":

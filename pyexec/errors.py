@@ -160,6 +160,14 @@ class FreezeError(PyexecError):
         super().__init__(code, detail, path)
 
 
+class FreezeTimeout(FreezeError):
+    """The window outlived its bound: the guardian thawed it (code 122).  .window has the detail."""
+
+    def __init__(self, detail: str, window=None):
+        super().__init__(122, detail)
+        self.window = window
+
+
 class FreezeNotSupported(FreezeError):
     """The filesystem has no freeze support (EOPNOTSUPP, ENOTTY, ENOSYS): skip it."""
 

@@ -6,7 +6,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 
-from pyexec import config, errors, freeze, mounts, native, scripts, signals, trust
+from pyexec import config, errors, limits, locks, mounts, native, scripts, signals, trust, window
 
 APP = "app-consistent"
 FS = "file-system-consistent"
@@ -97,7 +97,7 @@ class RunReport:
     warnings: list = dataclasses.field(default_factory=list)
     pre: list = dataclasses.field(default_factory=list)
     post: list = dataclasses.field(default_factory=list)
-    window: freeze.Window | None = None
+    window: window.Window | None = None
     snapshot: str = "skipped"  # taken | skipped | failed
     snapshot_detail: str = ""
     snapshot_run: scripts.ScriptResult | None = None  # the snapshot command's result, if one ran
@@ -129,7 +129,7 @@ def plan_mounts(checked: CheckResult, mount_points=None) -> list[mounts.Mount]:
     """What a run freezes, in order: mount_points if given, else discovery minus mountsToSkip.
     `check` and `run` both choose with this."""
     if mount_points is not None:
-        return mounts.plan(freeze.check_paths(mount_points))
+        return mounts.plan(limits.check_paths(mount_points))
     skip = checked.host.mounts_to_skip if checked.host else ()
     return mounts.discover(skip=skip)
 
@@ -169,7 +169,7 @@ SHELL_OPERATORS = {"&&", "||", ";", "|", ">", ">>", "<", "&", "2>&1"}
 
 def run(host_path: str = config.HOST_CONFIG_PATH, mount_points=None, snapshot=None, freeze_timeout: float = 60.0,
         expedite: bool = True, presync: bool = True, nat: native.Native | None = None,
-        progress=lambda msg: None, lock_wait: float = freeze.DEFAULT_LOCK_WAIT,
+        progress=lambda msg: None, lock_wait: float = limits.DEFAULT_LOCK_WAIT,
         cancel: signals.Cancel | None = None) -> RunReport:
     """The whole flow.  Raises ValueError/TypeError for a bad argument (freeze_timeout, snapshot
     command, mount list) before anything runs; every other problem becomes the report's code.
@@ -179,12 +179,12 @@ def run(host_path: str = config.HOST_CONFIG_PATH, mount_points=None, snapshot=No
     `interrupted`; in the main thread they cancel what runs instead of interrupting Python).
     An exception that is not an outcome is re-raised once the post-scripts have run."""
     nat = nat or native.default()
-    freeze_timeout = freeze.check_timeout(freeze_timeout, "freeze_timeout")
-    lock_wait = freeze.check_timeout(lock_wait, "lock_wait", zero_ok=True)
+    freeze_timeout = limits.check_timeout(freeze_timeout, "freeze_timeout")
+    lock_wait = limits.check_timeout(lock_wait, "lock_wait", zero_ok=True)
     if snapshot is not None and not callable(snapshot):
         snapshot = scripts.resolve_command(snapshot)
     if mount_points is not None:
-        mount_points = freeze.check_paths(mount_points)
+        mount_points = limits.check_paths(mount_points)
     progress = _quiet(progress)
     operators = sorted(SHELL_OPERATORS & set(snapshot[1:])) if isinstance(snapshot, list) else []
     reraise = None
@@ -210,7 +210,7 @@ def run(host_path: str = config.HOST_CONFIG_PATH, mount_points=None, snapshot=No
             if do_freeze and plan:
                 # Before any pre-script: a run must not quiesce what it then cannot freeze.
                 progress(f"lock: {len(plan)} filesystem(s)")
-                held = stack.enter_context(freeze.hold(None, lock_wait, planned=plan, cancel_fd=cancel.fd))
+                held = stack.enter_context(locks.hold(None, lock_wait, planned=plan, cancel_fd=cancel.fd))
         except errors.FreezeError as e:
             rep.check_errors.append(e)
             rep.snapshot, rep.snapshot_detail = "failed", e.describe()
@@ -274,7 +274,7 @@ def _window(rep: RunReport, held, snapshot, timeout: float, expedite: bool, pres
     progress(f"freeze: {len(held.mounts)} filesystem(s), snapshot, thaw")
     reraise = None
     try:
-        with freeze.freeze(held, timeout=timeout, expedite=expedite, presync=presync, backend=nat) as win:
+        with window.freeze(held, timeout=timeout, expedite=expedite, presync=presync, backend=nat) as win:
             rep.window = win
             reraise = _snapshot(snapshot, win, cancel, nat, timeout, rep)
     except errors.FreezeError as e:

@@ -19,12 +19,15 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.
            signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF, signal.SIGXCPU)
 
 
+CANCELLED = 0  # the byte trigger() writes: no signal has number 0
+
+
 class Interrupted(Exception):
     """Raised into a caller's code (a snapshot callable) when a signal cancels the run."""
 
     def __init__(self, signum: int):
         self.signum = signum
-        self.name = signal.Signals(signum).name
+        self.name = "cancelled" if signum == CANCELLED else signal.Signals(signum).name
         super().__init__(f"interrupted by {self.name}")
 
 
@@ -33,9 +36,10 @@ class Cancel:
 
     Outside the main thread (where Python cannot install handlers) it is inert: fd is -1."""
 
-    def __init__(self):
+    def __init__(self, handle_signals: bool = True):
         self.fd = -1
         self.signum: int | None = None
+        self._handle = handle_signals
         self._w = -1
         self._old: dict = {}
         self._old_wakeup = -1
@@ -60,6 +64,9 @@ class Cancel:
             self._raising = 0
 
     def __enter__(self) -> "Cancel":
+        if not self._handle:  # a pipe only: cancelled by trigger() (asyncio cancellation)
+            self.fd, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            return self
         if threading.current_thread() is not threading.main_thread():
             return self
         self.fd, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -72,10 +79,11 @@ class Cancel:
     def __exit__(self, *exc) -> None:
         if self.fd < 0:
             return
-        signal.set_wakeup_fd(self._old_wakeup)
-        for s, h in self._old.items():
-            signal.signal(s, h)
-        signal.pthread_sigmask(signal.SIG_SETMASK, self._old_mask)
+        if self._handle:
+            signal.set_wakeup_fd(self._old_wakeup)
+            for s, h in self._old.items():
+                signal.signal(s, h)
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._old_mask)
         os.close(self.fd)
         os.close(self._w)
         self.fd = self._w = -1
@@ -91,8 +99,13 @@ class Cancel:
         except BlockingIOError:
             return None
         os.write(self._w, data)
-        self.signum = next((b for b in data if b in SIGNALS), None)
+        self.signum = next((b for b in data if b in SIGNALS or b == CANCELLED), None)
         return self.signum
+
+    def trigger(self) -> None:
+        """Cancel the run from another thread (asyncio cancellation), as a signal would."""
+        if self._w >= 0:
+            os.write(self._w, bytes([CANCELLED]))
 
     @property
     def cancelled(self) -> bool:
@@ -101,6 +114,8 @@ class Cancel:
 
     @property
     def name(self) -> str | None:
-        """The first signal's name (SIGINT, …), once it has arrived."""
+        """The first signal's name (SIGINT, …, or "cancelled" for trigger()), once it has arrived."""
         first = self._first()
-        return signal.Signals(first).name if first is not None else None
+        if first is None:
+            return None
+        return "cancelled" if first == CANCELLED else signal.Signals(first).name

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from pyexec import loopfs, native
+from pyexec import native
+from pyexec.demo import loopfs
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root: FIFREEZE, loop devices and mount")

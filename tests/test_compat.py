@@ -1,4 +1,4 @@
-"""`pyexec.compat.PluginHost` and `pluginhost pre|post`: the reference's shapes, and its codes for every
+"""`pyexec.pluginhost.PluginHost` and `pluginhost pre|post`: the reference's shapes, and its codes for every
 error row of the seed's table, on real files and real scripts."""
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import pytest
 
 import pyexec
 from helpers import needs_root
-from pyexec import compat, errors, loopfs
+from pyexec import errors
+from pyexec.azure import pluginhost
+from pyexec.demo import loopfs
 from test_config_trust import write_setup
 
 pytestmark = needs_root
@@ -30,14 +32,14 @@ class ListLogger:
         self.lines.append((level, msg))
 
 
-def host_for(tmp_path, **setup) -> compat.PluginHost:
-    ph = compat.PluginHost(ListLogger())
+def host_for(tmp_path, **setup) -> pluginhost.PluginHost:
+    ph = pluginhost.PluginHost(ListLogger())
     ph.configLocation = write_setup(tmp_path, **setup)
     return ph
 
 
 def test_default_location_and_success_shapes(tmp_path):
-    assert compat.PluginHost(None).configLocation == "/etc/azure/VMSnapshotPluginHost.conf"
+    assert pluginhost.PluginHost(None).configLocation == "/etc/azure/VMSnapshotPluginHost.conf"
     ph = host_for(tmp_path, plugins=2)
     assert ph.pre_check() == (0, True, True)
     assert ph.noOfPlugins == 2 and ph.pluginName == ["ScriptRunner0", "ScriptRunner1"]

@@ -1,7 +1,6 @@
 """The README's promises: the demo runs end to end and cleans up; the error table matches."""
 from __future__ import annotations
 
-import os
 import pathlib
 import subprocess
 import sys

@@ -1,4 +1,4 @@
-"""`pyexec.compat.PluginHost` driven as the Azure extension drives the reference PluginHost, over realistic
+"""`pyexec.pluginhost.PluginHost` driven as the Azure extension drives the reference PluginHost, over realistic
 configurations: each test asserts what the extension would report and what the scripts really did.
 
 `extension_backup` below is the PluginHost branch of `daemon()` in the extension's VMBackup/main/handle.py
@@ -18,7 +18,8 @@ import orjson
 import pytest
 
 from helpers import needs_root, procs_matching
-from pyexec import compat, freeze, scripts
+from pyexec import scripts, window
+from pyexec.azure import pluginhost
 from test_config_trust import make
 
 pytestmark = needs_root
@@ -40,16 +41,16 @@ class Outcome:
     code: int              # the extension error code it reports
     snapshot: dict | None  # {"frozen": bool, "states": {plugin: state file content}}, None if not taken
     check: tuple = ()
-    pre: compat.PluginHostResult | None = None
-    post: compat.PluginHostResult | None = None
+    pre: pluginhost.PluginHostResult | None = None
+    post: pluginhost.PluginHostResult | None = None
 
 
-def extension_backup(ph: compat.PluginHost, take_snapshot) -> Outcome:
+def extension_backup(ph: pluginhost.PluginHost, take_snapshot) -> Outcome:
     """handle.py's daemon(), PluginHost branch, with each decision as it makes it."""
     code, dobackup, fsfreeze_on = ph.pre_check()
     pre_post_enabled = code not in NOT_PRE_POST_ENABLED
     fs_consistent_only = code != 0  # doFsConsistentbackup
-    pre = post = compat.PluginHostResult()
+    pre = post = pluginhost.PluginHostResult()
     if not fs_consistent_only:
         pre = ph.pre_script()
         dobackup = pre.continueBackup
@@ -127,12 +128,12 @@ class Box:
         cfg = {**SAMPLE, "preScriptLocation": str(d / "pre.sh"), "postScriptLocation": str(d / "post.sh"), **doc}
         return make(d / "VMSnapshotScriptPluginConfig.json", orjson.dumps(cfg, option=orjson.OPT_INDENT_2), 0o600)
 
-    def host(self, *configs: str, timeout: int = 1800) -> compat.PluginHost:
+    def host(self, *configs: str, timeout: int = 1800) -> pluginhost.PluginHost:
         """VMSnapshotPluginHost.conf in the extension's own format, and a PluginHost reading it."""
         lines = ["[pre_post]", f"timeoutInSeconds: {timeout}", f"numberOfPlugins: {len(configs)}"]
         for i, c in enumerate(configs):
             lines += [f"pluginName{i}: ScriptRunner", f"pluginPath{i}: {self.etc}", f"pluginConfigPath{i}: {c}"]
-        ph = compat.PluginHost(None)
+        ph = pluginhost.PluginHost(None)
         ph.configLocation = make(self.etc / "VMSnapshotPluginHost.conf", ("\n".join(lines) + "\n").encode(), 0o600)
         return ph
 
@@ -150,10 +151,10 @@ class Box:
         """The extension's snapshot step: freeze (if fsFreezeEnabled), read what a snapshot would hold, thaw."""
         if not fsfreeze_on:
             return {"frozen": False, "states": self.states()}
-        with freeze.freeze([self.mount.mountpoint], timeout=20) as w:
+        with window.freeze([self.mount.mountpoint], timeout=20) as w:
             return {"frozen": [m.state for m in w.mounts] == ["frozen"], "states": self.states()}
 
-    def backup(self, ph: compat.PluginHost) -> Outcome:
+    def backup(self, ph: pluginhost.PluginHost) -> Outcome:
         try:
             return extension_backup(ph, self.snapshot)
         finally:

@@ -12,7 +12,8 @@ import orjson
 import pytest
 
 from helpers import needs_root, procs_matching
-from pyexec import errors, freeze, loopfs
+from pyexec import errors, journal, window
+from pyexec.demo import loopfs
 from test_config_trust import write_setup
 
 pytestmark = needs_root
@@ -32,7 +33,7 @@ def writable_within(writer, timeout: float) -> float | None:
 def test_window_freezes_and_thaws_with_stamps(nat, mounts):
     a, b = mounts.make("ext4"), mounts.make("ext4")
     w = mounts.writer(os.path.join(a.mountpoint, "f"))
-    with freeze.freeze([a.mountpoint, b.mountpoint, a.mountpoint], timeout=20, backend=nat) as win:
+    with window.freeze([a.mountpoint, b.mountpoint, a.mountpoint], timeout=20, backend=nat) as win:
         c0 = w.count()
         time.sleep(0.2)
         assert w.count() - c0 <= 1
@@ -48,8 +49,8 @@ def test_window_freezes_and_thaws_with_stamps(nat, mounts):
 def test_guardian_thaws_at_the_deadline(nat, mounts):
     a = mounts.make("ext4")
     w = mounts.writer(os.path.join(a.mountpoint, "f"))
-    with pytest.raises(freeze.FreezeTimeout) as ei:
-        with freeze.freeze([a.mountpoint], timeout=0.3, backend=nat) as win:
+    with pytest.raises(errors.FreezeTimeout) as ei:
+        with window.freeze([a.mountpoint], timeout=0.3, backend=nat) as win:
             t0 = time.monotonic()
             took = writable_within(w, 10)  # we hang "forever" inside the window
             assert took is not None, "the guardian did not thaw at the deadline"
@@ -63,7 +64,7 @@ def test_controller_thaws_when_guardian_dies(nat, mounts):
     a = mounts.make("ext4")
     w = mounts.writer(os.path.join(a.mountpoint, "f"))
     with pytest.raises(errors.FreezeError) as ei:
-        with freeze.freeze([a.mountpoint], timeout=20, backend=nat) as win:
+        with window.freeze([a.mountpoint], timeout=20, backend=nat) as win:
             gpid = _guardian_pid()
             os.kill(gpid, signal.SIGKILL)
             assert writable_within(w, 10) is not None, "guardian death did not thaw"
@@ -81,8 +82,8 @@ def _guardian_pid() -> int:
 
 CONTROLLER = r"""
 import sys, time
-from pyexec import freeze
-with freeze.freeze(sys.argv[1:], timeout=60) as w:
+from pyexec import errors, journal, locks, window
+with window.freeze(sys.argv[1:], timeout=60) as w:
     print("frozen", flush=True)
     time.sleep(600)
 """
@@ -115,9 +116,9 @@ def test_sigkill_of_controller_inside_window_thaws(mounts, tmp_path):
 
 DOUBLE_KILL = r"""
 import os, signal, sys
-from pyexec import freeze, native
+from pyexec import errors, journal, locks, native, window
 paths = sys.argv[1:]
-with freeze.freeze(paths, timeout=60) as w:
+with window.freeze(paths, timeout=60) as w:
     # Both die inside the window: nobody is left to thaw but the journal.
     os.kill(native.read_set(open(w.journal, "rb").read()).guardian_pid, signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
@@ -128,14 +129,14 @@ def test_next_freeze_recovers_what_a_dead_run_left_frozen(nat, mounts, tmp_path,
     """Controller and guardian both killed: the journal stays, and the next freeze thaws its mounts first."""
     a, b = mounts.make("ext4"), mounts.make("ext4")
     run_dir = tmp_path / "run"
-    monkeypatch.setattr(freeze, "RUN_DIR", str(run_dir))
+    monkeypatch.setattr(journal, "RUN_DIR", str(run_dir))
     env = {**os.environ, "PYEXEC_RUN_DIR": str(run_dir), "PYEXEC_BACKEND": nat.name}
     dead = subprocess.run([sys.executable, "-c", DOUBLE_KILL, b.mountpoint], env=env, cwd="/", timeout=60)
     assert dead.returncode == -signal.SIGKILL
     status = subprocess.run([sys.executable, "-m", "pyexec.cli", "status"], capture_output=True, text=True,
                             env=env, cwd="/", timeout=60)
     assert f"(dead): {b.mountpoint} frozen" in status.stdout, status.stdout + status.stderr
-    with freeze.freeze([a.mountpoint], timeout=20, backend=nat):
+    with window.freeze([a.mountpoint], timeout=20, backend=nat):
         pass
     assert not loopfs.thaw_path(b.mountpoint), "the dead run's mount was not recovered"
     assert list(run_dir.glob("window-*.journal")) == []
@@ -145,7 +146,7 @@ def test_foreign_freeze_is_reported_and_left_frozen(nat, mounts):
     a, b = mounts.make("ext4"), mounts.make("ext4")
     subprocess.run(["fsfreeze", "-f", b.mountpoint], check=True)
     with pytest.raises(errors.ForeignFreeze) as ei:
-        with freeze.freeze([a.mountpoint, b.mountpoint], timeout=20, backend=nat):
+        with window.freeze([a.mountpoint, b.mountpoint], timeout=20, backend=nat):
             pytest.fail("the window must not open")
     assert ei.value.code == 121 and ei.value.path == b.mountpoint
     assert loopfs.thaw_path(b.mountpoint), "the foreign freeze was undone"
@@ -154,18 +155,18 @@ def test_foreign_freeze_is_reported_and_left_frozen(nat, mounts):
 
 def test_unopenable_mount_is_123(nat, tmp_path):
     with pytest.raises(errors.FreezeError) as ei:
-        with freeze.freeze([str(tmp_path / "missing")], backend=nat):
+        with window.freeze([str(tmp_path / "missing")], backend=nat):
             pass
     assert ei.value.code == 123
 
 
 def test_nested_freeze_other_filesystem_proceeds_same_one_says_so(nat, mounts):
     a, b = mounts.make("ext4"), mounts.make("ext4")
-    with freeze.freeze([a.mountpoint], timeout=20, backend=nat):
-        with freeze.freeze([b.mountpoint], timeout=20, backend=nat) as inner:
+    with window.freeze([a.mountpoint], timeout=20, backend=nat):
+        with window.freeze([b.mountpoint], timeout=20, backend=nat) as inner:
             assert [m.state for m in inner.mounts] == ["frozen"]
         with pytest.raises(errors.FreezeError) as ei:
-            with freeze.freeze([b.mountpoint, a.mountpoint], timeout=20, backend=nat):
+            with window.freeze([b.mountpoint, a.mountpoint], timeout=20, backend=nat):
                 pytest.fail("a nested freeze of a held filesystem must not open")
         assert ei.value.code == 121 and "already holds" in ei.value.detail and a.mountpoint in ei.value.detail
         assert not loopfs.thaw_path(b.mountpoint), "the refused nested freeze left b frozen"
@@ -176,20 +177,20 @@ def test_bad_arguments_are_clear_errors(nat, mounts):
     a = mounts.make("ext4")
     for bad in (0, -1, float("nan"), float("inf"), 1e12, "soon"):
         with pytest.raises(ValueError, match="timeout"):
-            with freeze.freeze([a.mountpoint], timeout=bad, backend=nat):
+            with window.freeze([a.mountpoint], timeout=bad, backend=nat):
                 pytest.fail("must not freeze")
     with pytest.raises(ValueError, match="no mount point"):
-        with freeze.freeze([], backend=nat):
+        with window.freeze([], backend=nat):
             pass
     with pytest.raises(TypeError, match="list of paths"):
-        with freeze.freeze(a.mountpoint, backend=nat):
+        with window.freeze(a.mountpoint, backend=nat):
             pass
     assert not loopfs.thaw_path(a.mountpoint)
 
 
 def test_foreign_freeze_during_window_is_left_to_its_owner(nat, mounts):
     a, c = mounts.make("ext4"), mounts.make("ext4")
-    with freeze.freeze([a.mountpoint], timeout=20, backend=nat) as win:
+    with window.freeze([a.mountpoint], timeout=20, backend=nat) as win:
         assert subprocess.run(["fsfreeze", "-f", c.mountpoint]).returncode == 0  # not ours: the tool may
         ours = subprocess.run(["fsfreeze", "-f", a.mountpoint], capture_output=True)
         assert ours.returncode != 0, "a second freeze of our mount must fail (EBUSY)"
@@ -200,7 +201,7 @@ def test_foreign_freeze_during_window_is_left_to_its_owner(nat, mounts):
 
 def test_foreign_thaw_during_window_is_not_an_error(nat, mounts):
     a = mounts.make("ext4")
-    with freeze.freeze([a.mountpoint], timeout=20, backend=nat) as win:
+    with window.freeze([a.mountpoint], timeout=20, backend=nat) as win:
         subprocess.run(["fsfreeze", "-u", a.mountpoint], check=True)
     assert win.error is None and win.mounts[0].thaw_errno in (0, 22)  # EINVAL: already thawed
     assert not loopfs.thaw_path(a.mountpoint)

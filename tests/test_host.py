@@ -6,7 +6,8 @@ import os
 import pytest
 
 from helpers import needs_root
-from pyexec import host, loopfs
+from pyexec import host
+from pyexec.demo import loopfs
 from test_config_trust import write_setup
 
 pytestmark = needs_root

@@ -21,7 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from helpers import needs_root, procs_matching
-from pyexec import errors, host, loopfs, report
+from pyexec import errors, host, report
+from pyexec.demo import loopfs
 from test_config_trust import GOOD_PLUGIN, make, write_setup
 
 pytestmark = needs_root

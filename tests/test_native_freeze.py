@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from pyexec import loopfs, native
+from pyexec import native
+from pyexec.demo import loopfs
 from helpers import needs_btrfs, needs_root, needs_xfs
 
 pytestmark = needs_root

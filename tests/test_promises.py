@@ -14,7 +14,8 @@ import orjson
 import pytest
 
 from helpers import needs_btrfs, needs_root, procs_matching
-from pyexec import errors, freeze, host, loopfs, native, scripts
+from pyexec import errors, host, locks, native, scripts, window
+from pyexec.demo import loopfs
 from test_config_trust import write_setup
 from test_freeze_window import writable_within
 
@@ -47,7 +48,7 @@ def is_frozen(path: str) -> bool:
 
 def test_outer_then_inner_given_in_that_order_is_reordered(nat, mounts):
     outer, inner = nested(mounts)
-    with freeze.freeze([outer.mountpoint, inner.mountpoint], timeout=10, backend=nat) as win:
+    with window.freeze([outer.mountpoint, inner.mountpoint], timeout=10, backend=nat) as win:
         assert [m.state for m in win.mounts] == ["frozen", "frozen"]
     assert win.paths == [inner.mountpoint, outer.mountpoint], "a filesystem is frozen before what it lives on"
     assert win.error is None
@@ -66,7 +67,7 @@ def test_guardian_thaws_outer_when_inner_freeze_blocks_behind_it(nat, mounts):
 
     def body():
         try:
-            with freeze.window([outer.mountpoint, inner.mountpoint], bound, presync=False, backend=nat):
+            with window.window([outer.mountpoint, inner.mountpoint], bound, presync=False, backend=nat):
                 result["opened"] = True
         except errors.PyexecError as e:
             result["error"] = e
@@ -77,7 +78,7 @@ def test_guardian_thaws_outer_when_inner_freeze_blocks_behind_it(nat, mounts):
     t.join(10)
     assert took is not None and took < bound + 0.5, f"OUTER stayed frozen {took}s with a {bound}s bound"
     assert not t.is_alive(), "the controller stayed stuck in FIFREEZE"
-    assert "opened" not in result and isinstance(result["error"], freeze.FreezeTimeout)
+    assert "opened" not in result and isinstance(result["error"], errors.FreezeTimeout)
     assert time.monotonic() - t0 < bound + 5
     assert not is_frozen(inner.mountpoint) and not is_frozen(outer.mountpoint)
 
@@ -91,7 +92,7 @@ def test_btrfs_subvolume_is_one_superblock(nat, mounts):
     subprocess.run(["mount", "-o", "subvol=sub", b.device, sub_mp], check=True)
     try:
         assert os.stat(sub_mp).st_dev != os.stat(b.mountpoint).st_dev
-        with freeze.freeze([sub_mp, b.mountpoint], timeout=10, backend=nat) as win:
+        with window.freeze([sub_mp, b.mountpoint], timeout=10, backend=nat) as win:
             assert [m.state for m in win.mounts] == ["frozen"]
         assert len(win.paths) == 1 and win.error is None
     finally:
@@ -340,7 +341,7 @@ def test_run_waits_for_a_held_mount_then_fails_naming_the_holder(tmp_path, mount
     a = mounts.make("ext4")
     log = tmp_path / "log"
     hc = write_setup(tmp_path, pre=f"#!/bin/sh\necho pre >> {log}\n".encode())
-    with freeze.hold([a.mountpoint]):
+    with locks.hold([a.mountpoint]):
         t0 = time.monotonic()
         res = cli_run(hc, a.mountpoint, "--lock-wait", "0.3")
         waited = time.monotonic() - t0
@@ -363,8 +364,8 @@ def test_run_waits_for_a_held_mount_then_fails_naming_the_holder(tmp_path, mount
 
 STUCK = r"""
 import sys
-from pyexec import freeze
-with freeze.window(sys.argv[1:], 120, presync=False):
+from pyexec import errors, journal, locks, window
+with window.window(sys.argv[1:], 120, presync=False):
     pass
 """
 
@@ -483,7 +484,7 @@ def test_sigint_interrupts_a_snapshot_callable(tmp_path, mounts):
 def test_sigterm_while_waiting_for_a_lock(tmp_path, mounts):
     a = mounts.make("ext4")
     hc, log = setup_logged(tmp_path)
-    with freeze.hold([a.mountpoint]):
+    with locks.hold([a.mountpoint]):
         p = subprocess.Popen([*PYEXEC, "run", "--config", hc, "--mount", a.mountpoint, "--json", "--lock-wait", "30"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
         time.sleep(0.5)
@@ -502,7 +503,7 @@ def test_a_run_on_an_image_locks_the_filesystem_it_lives_on(tmp_path, mounts):
     outer, inner = nested(mounts)
     inner2 = mounts.make("ext4", image_dir=outer.mountpoint)
     hc, log = setup_logged(tmp_path)
-    with freeze.hold([inner.mountpoint]):
+    with locks.hold([inner.mountpoint]):
         res = cli_run(hc, outer.mountpoint, "--lock-wait", "0.2")
         assert orjson.loads(res.stdout)["code"] == 121 and not log.exists()
         res = cli_run(hc, inner2.mountpoint)
@@ -525,7 +526,7 @@ def test_a_loop_device_on_a_loop_device_is_ordered(tmp_path, mounts):
         os.mkdir(mp)
         subprocess.run(["mount", upper, mp], check=True)
         assert [x.mount_point for x in mounts_plan([outer.mountpoint, mp])] == [mp, outer.mountpoint]
-        with freeze.freeze([outer.mountpoint, mp], timeout=5) as win:
+        with window.freeze([outer.mountpoint, mp], timeout=5) as win:
             assert [x.state for x in win.mounts] == ["frozen", "frozen"]
         assert win.error is None
     finally:
@@ -548,5 +549,5 @@ def test_empty_mount_point_is_refused(tmp_path, mounts):
     res = cli_run(hc, "", "--mount", m.mountpoint)
     assert res.returncode == 2 and orjson.loads(res.stdout)["code"] == 11 and not log.exists()
     with pytest.raises(ValueError, match="empty mount point"):
-        with freeze.freeze([""]):
+        with window.freeze([""]):
             pass

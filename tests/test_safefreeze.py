@@ -13,7 +13,8 @@ import time
 import pytest
 
 from helpers import needs_root
-from pyexec import loopfs, safefreeze
+from pyexec.demo import loopfs
+from pyexec.azure import safefreeze
 from test_freeze_window import writable_within
 
 pytestmark = needs_root

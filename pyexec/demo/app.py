@@ -1,5 +1,5 @@
 """The demo's application: SQLite (WAL) writers and an append-only log, quiesced over a
-Unix socket.  `python -m pyexec.demo_app serve DB LOG SOCK` runs it; `... ctl CMD SOCK`
+Unix socket.  `python -m pyexec.demo.app serve DB LOG SOCK` runs it; `... ctl CMD SOCK`
 talks to it (the demo's pre/post scripts do that)."""
 from __future__ import annotations
 

@@ -8,7 +8,6 @@ import contextlib
 import os
 import subprocess
 
-from pyexec.freeze import thaw_path  # noqa: F401 - the tests and the demo thaw through loopfs
 
 # Smallest sizes the mkfs tools accept, with room for a test's data.
 MIN_SIZE_MB = {"ext4": 64, "ext3": 64, "xfs": 320, "btrfs": 128}
@@ -18,6 +17,13 @@ MKFS = {
     "xfs": ["mkfs.xfs", "-q", "-f"],
     "btrfs": ["mkfs.btrfs", "-q", "-f"],
 }
+
+
+def thaw_path(path: str) -> bool:
+    """Thaw path with util-linux fsfreeze if it is frozen; True if it was.  The sandbox's own
+    watchdog (tests, demo): a tool independent of pyexec's thaw, so it also checks pyexec's work."""
+    res = subprocess.run(["fsfreeze", "--unfreeze", path], capture_output=True, timeout=30)
+    return res.returncode == 0
 
 
 class LoopFSError(RuntimeError):

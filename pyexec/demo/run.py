@@ -21,7 +21,9 @@ import time
 
 import orjson
 
-from pyexec import demo_app, host, loopfs, report
+from pyexec import host, report
+from pyexec.demo import app as demo_app
+from pyexec.demo import loopfs
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
 
@@ -74,9 +76,9 @@ class Sandbox:
         py = sys.executable
         pre = _write(os.path.join(etc, "pre.sh"),
                      f"#!/bin/sh\n# quiesce: finish in-flight transactions, checkpoint the WAL, hold writes\n"
-                     f"exec {py} -m pyexec.demo_app ctl quiesce {self.sock} > {self.state}/pre.out\n", 0o700)
+                     f"exec {py} -m pyexec.demo.app ctl quiesce {self.sock} > {self.state}/pre.out\n", 0o700)
         post = _write(os.path.join(etc, "post.sh"),
-                      f"#!/bin/sh\nexec {py} -m pyexec.demo_app ctl resume {self.sock} > {self.state}/post.out\n",
+                      f"#!/bin/sh\nexec {py} -m pyexec.demo.app ctl resume {self.sock} > {self.state}/post.out\n",
                       0o700)
         noop = _write(os.path.join(etc, "noop.sh"), "#!/bin/sh\nexit 0\n", 0o700)
         plugin = {"pluginName": "ScriptRunner", "appName": "demo-sqlite",
@@ -100,7 +102,7 @@ class Sandbox:
         _say("starting the application: 4 SQLite writer threads (WAL) + an append-only log")
         self.db = os.path.join(self.db_fs.mountpoint, "app.db")
         self.log = os.path.join(self.log_fs.mountpoint, "app.log")
-        self.app = subprocess.Popen([sys.executable, "-m", "pyexec.demo_app", "serve", self.db, self.log, self.sock],
+        self.app = subprocess.Popen([sys.executable, "-m", "pyexec.demo.app", "serve", self.db, self.log, self.sock],
                                     stdout=subprocess.PIPE, cwd="/")
         if self.app.stdout.readline().strip() != b"ready":
             raise RuntimeError("the demo application did not start")

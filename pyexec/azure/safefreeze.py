@@ -19,7 +19,7 @@ import select
 import signal
 import time
 
-from pyexec import errors, freeze, native
+from pyexec import errors, limits, native, window
 
 EXIT_THAWED, EXIT_FAILED = 0, 1
 USAGE = "Usage: safefreeze TimeoutInSeconds MountPoint1 [MountPoint2 [MountPoint3 [..]]]"
@@ -45,7 +45,7 @@ def parse_args(argv: list[str]) -> tuple[float, list[str]]:
     """(timeout, mounts) from the command line; ValueError saying what is wrong."""
     if len(argv) < 2:
         raise ValueError("a timeout and at least one mount point are required")
-    return freeze.check_timeout(argv[0], "the timeout"), argv[1:]
+    return limits.check_timeout(argv[0], "the timeout"), argv[1:]
 
 
 def _protocol_line(err: errors.PyexecError) -> list[str]:
@@ -120,7 +120,7 @@ def run(timeout_s: float, paths: list[str], expedite: bool = True) -> Result:
             if os.getppid() != ppid:  # it died before the watch began
                 return Result(EXIT_FAILED, "the parent process exited before the freeze")
             try:
-                with freeze.freeze(paths, timeout=min(timeout_s + GUARDIAN_SLACK_S, freeze.MAX_TIMEOUT),
+                with window.freeze(paths, timeout=min(timeout_s + GUARDIAN_SLACK_S, limits.MAX_TIMEOUT),
                                    expedite=expedite) as win:
                     try:
                         os.kill(ppid, signal.SIGUSR1)

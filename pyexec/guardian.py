@@ -1,0 +1,61 @@
+"""The thaw guardian of one window: the C program (native/guardian.c) that thaws what the controller
+froze if the controller dies or overruns, and the thread that thaws if the guardian dies."""
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import threading
+
+from pyexec import native
+
+GUARDIAN = os.path.join(os.path.dirname(__file__), "pyexec-guardian")
+
+
+class Guardian:
+    """The guardian process of one window and a thread that thaws if it dies."""
+
+    def __init__(self, nat: native.Native, page, page_fd: int, journal: str):
+        self.nat = nat
+        self.proc = nat.spawn([GUARDIAN, str(os.getpid()), str(native.life_fd()), journal], {}, path=GUARDIAN,
+                              exec_fd=page_fd)
+        self.page = page
+        self.lost = False
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._watch, name="pyexec-guardian-watch", daemon=True)
+        self._thread.start()
+
+    def _watch(self):
+        p = select.poll()
+        p.register(self.proc.pidfd, select.POLLIN)
+        p.register(self._stop_r, select.POLLIN)
+        for fd, _ in p.poll():
+            if fd == self.proc.pidfd:
+                self.lost = True
+                # px_freeze reads this after each FIFREEZE and undoes what it froze; the thaw
+                # here skips a mount whose FIFREEZE is in flight (it would wait behind it).
+                if native.read_set(self.page).guardian_state < native.G_FIRED_DEADLINE:
+                    native.set_header(self.page, guardian_state=native.G_LOST)
+                self.nat.thaw(self.page)
+            return
+
+    def stop(self) -> None:
+        """End the watch, then the guardian, and reap it."""
+        os.write(self._stop_w, b"x")
+        self._thread.join()
+        with contextlib.suppress(OSError):
+            self.nat.kill_tree(self.proc, 0, 5_000_000_000)
+        self.proc.close()
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+
+
+def wait_ready(page, proc, timeout_s: float = 5.0) -> bool:
+    """Wait for the guardian's ready byte on its stdout (or its death, or timeout_s)."""
+    p = select.poll()
+    p.register(proc.out_fd, select.POLLIN)
+    p.register(proc.pidfd, select.POLLIN)
+    for fd, _ in p.poll(int(timeout_s * 1000)):
+        if fd == proc.out_fd and os.read(proc.out_fd, 1) == b"R":
+            break
+    return native.read_set(page).guardian_state >= native.G_READY

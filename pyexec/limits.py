@@ -1,0 +1,35 @@
+"""The numbers and lists pyexec accepts, checked before anything runs: one declaration of each bound."""
+from __future__ import annotations
+
+import math
+import os
+
+DEFAULT_TIMEOUT = 30.0  # the freeze bound of the library's freeze() when none is given
+MAX_TIMEOUT = 86400.0
+DEFAULT_LOCK_WAIT = 0.0
+
+
+def check_timeout(value, what: str = "timeout", zero_ok: bool = False) -> float:
+    """value as seconds: a finite number in (0, 86400] ([0, 86400] if zero_ok), else ValueError."""
+    try:
+        if isinstance(value, bool):  # float(True) is 1.0: a bug in the caller, not a bound
+            raise TypeError
+        t = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number of seconds, not {value!r}") from None
+    if not (math.isfinite(t) and (0 <= t if zero_ok else 0 < t) and t <= MAX_TIMEOUT):
+        low = "at least 0" if zero_ok else "more than 0"
+        raise ValueError(f"{what} must be {low} and at most {MAX_TIMEOUT:g} seconds, not {value!r}")
+    return t
+
+
+def check_paths(paths) -> list[str]:
+    """paths as a non-empty list of path strings, else TypeError/ValueError."""
+    if isinstance(paths, (str, bytes)) or not hasattr(paths, "__iter__"):
+        raise TypeError(f"mount points must be a list of paths, not {type(paths).__name__} {paths!r}")
+    out = [os.fsdecode(os.fspath(p)) for p in paths]
+    if not out:
+        raise ValueError("no mount point to freeze")
+    if any(not p.strip() for p in out):  # an unset $VAR: "" would mean the working directory
+        raise ValueError(f"an empty mount point in {out!r}")
+    return out

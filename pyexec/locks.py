@@ -1,0 +1,171 @@
+"""Who may freeze what: a lock per superblock under the run directory (exclusive for a filesystem to
+freeze, shared for one it lives on), the Azure extension's freeze lock, and the mounts this process
+holds.  A wait for a held lock is woken by the holder's close (inotify) or a signal, never a timer."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import fcntl
+import math
+import os
+import select
+import struct
+import threading
+import time
+
+from pyexec import errors, journal, limits, mounts
+
+# The Azure VM extension's freeze lock (its fsfreezer.py takes fcntl.lockf on this file): while it is
+# held, Azure Backup or Site Recovery is freezing.  Only taken where the directory exists.
+AZURE_LOCK_DIR = "/etc/azure/MicrosoftRecoverySvcsSafeFreezeLock"
+AZURE_LOCK_FILE = "SafeFreezeLockFile"
+
+
+_IN_CLOSE_WRITE, _IN_CLOSE_NOWRITE = 0x08, 0x10  # linux/inotify.h
+_libc = None
+
+
+def _inotify_close_watch(path: str) -> int:
+    """An inotify fd that becomes readable when any open file of path is closed: a lock holder's
+    release (flock and lockf locks end with the close of the holder's file)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "inotify_init1")
+    if _libc.inotify_add_watch(fd, os.fsencode(path), _IN_CLOSE_WRITE | _IN_CLOSE_NOWRITE) < 0:
+        e = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(e, f"inotify_add_watch {path}")
+    return fd
+
+
+def _lock(path: str, what: str, deadline: float, posix: bool = False, shared: bool = False,
+          cancel_fd: int = -1) -> int:
+    """Take a lock on path (flock, exclusive or shared; or lockf for the Azure lock), waiting until
+    deadline (time.monotonic) for its holder to let go: woken by the holder's close or by cancel_fd,
+    never by a timer tick.  Returns the fd that holds it; FreezeError 121 naming the holder after
+    the deadline, or when cancel_fd becomes readable (a signal)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    watch = -1
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    try:
+        while True:
+            try:
+                if posix:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                else:
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                break
+            except (BlockingIOError, PermissionError):
+                pass
+            if watch < 0:  # watch, then try once more: a release between the two is not missed
+                watch = _inotify_close_watch(path)
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise errors.FreezeError(121, f"{what} is held by pid {_holder(fd, posix)} "
+                                         f"(lock {path}); gave up waiting")
+            p = select.poll()
+            p.register(watch, select.POLLIN)
+            if cancel_fd >= 0:
+                p.register(cancel_fd, select.POLLIN)
+            ready = dict(p.poll(math.ceil(left * 1000)))
+            if cancel_fd in ready:
+                raise errors.FreezeError(121, f"interrupted while waiting for {what} (held by pid "
+                                         f"{_holder(fd, posix)})")
+            if ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(watch, 65536)
+        if not posix and not shared:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    finally:
+        if watch >= 0:
+            os.close(watch)
+
+
+def _holder(fd: int, posix: bool) -> str:
+    if posix:  # F_GETLK names the holder of a POSIX lock
+        req = struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0)
+        with contextlib.suppress(OSError):
+            return str(struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, req))[4])
+        return "?"
+    with contextlib.suppress(OSError, ValueError):
+        return str(int(os.pread(fd, 32, 0)))
+    return "?"
+
+
+_held_lock = threading.Lock()
+_held: dict[str, str] = {}  # superblock (major:minor) → mount point, held by this process
+
+
+@dataclasses.dataclass
+class Held:
+    """Mounts planned (in freeze order) and locked for one run: freeze(held) freezes them."""
+
+    mounts: list[mounts.Mount]
+
+    @property
+    def paths(self) -> list[str]:
+        return [m.mount_point for m in self.mounts]
+
+
+@contextlib.contextmanager
+def hold(paths, lock_wait: float = limits.DEFAULT_LOCK_WAIT, planned: list[mounts.Mount] | None = None,
+         cancel_fd: int = -1):
+    """Plan paths and lock their superblocks (and the Azure freeze lock where it exists) for the
+    block: a run takes this before its pre-scripts, so it never quiesces what it cannot freeze.
+
+    Each superblock to freeze is locked exclusively, each one they live on (a loop image's
+    filesystem) shared: a thaw writes through to it, so nobody may freeze it meanwhile, while runs
+    on two images of one filesystem go on together.  Runs on other filesystems go on beside it; one
+    that needs a held lock waits up to lock_wait seconds (or until cancel_fd is readable), then
+    FreezeError 121 names the holder's pid."""
+    lock_wait = limits.check_timeout(lock_wait, "lock_wait", zero_ok=True)
+    plan = planned if planned is not None else mounts.plan(limits.check_paths(paths))
+    devs = [m.dev for m in plan]
+    os.makedirs(journal.RUN_DIR, mode=0o700, exist_ok=True)
+    run_dev = _superblock_of(journal.RUN_DIR)
+    if run_dev in devs:
+        raise errors.FreezeError(123, f"the run directory {journal.RUN_DIR} is on a filesystem to freeze "
+                                 "(set PYEXEC_RUN_DIR to a directory on tmpfs)")
+    with _held_lock:
+        nested = [_held[d] for d in devs if d in _held]
+        if nested:
+            raise errors.FreezeError(121, "this process already holds " + ", ".join(nested)
+                                     + " frozen: a freeze nested in another freeze of the same filesystem")
+        for d, m in zip(devs, plan):
+            _held[d] = m.mount_point
+    fds: list[int] = []
+    try:
+        deadline = time.monotonic() + lock_wait
+        if os.path.isdir(AZURE_LOCK_DIR):
+            fds.append(_lock(os.path.join(AZURE_LOCK_DIR, AZURE_LOCK_FILE), "the Azure extension's freeze lock",
+                             deadline, posix=True, cancel_fd=cancel_fd))
+        below = {m.dev: m for m in mounts.underneath(plan)}
+        wanted = [(m, False) for m in plan] + [(m, True) for d, m in below.items() if d not in devs]
+        for m, shared in sorted(wanted, key=lambda w: w[0].dev):  # one global order: runs cannot deadlock
+            fds.append(_lock(os.path.join(journal.RUN_DIR, f"sb-{m.dev.replace(':', '-')}.lock"),
+                             f"{m.mount_point} (another pyexec run)", deadline, shared=shared,
+                             cancel_fd=cancel_fd))
+        yield Held(plan)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        with _held_lock:
+            for d in devs:
+                _held.pop(d, None)
+
+
+def _superblock_of(path: str) -> str | None:
+    try:
+        return mounts.plan([path])[0].dev
+    except errors.PyexecError:
+        return None

@@ -1,0 +1,215 @@
+"""The freeze window: `with freeze(mounts, timeout=...) as window:`.
+
+Plans the mounts (mounts.plan: once per superblock, each before what it lives on), takes their locks
+(locks.hold), opens the mount points, starts the thaw guardian (off the critical path), then freezes
+through the native core, yields, and thaws in `finally`.  The freeze set's page is the run journal
+(journal.py).  Inside the window nothing is written to disk and no module is imported."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import mmap
+import os
+import time
+from collections.abc import Callable
+
+import orjson
+
+from pyexec import errors, journal, limits, locks, native
+from pyexec.guardian import Guardian, wait_ready
+
+
+@dataclasses.dataclass
+class MountResult:
+    """One mount of a window: what happened to it and when (CLOCK_MONOTONIC ns)."""
+
+    path: str
+    state: str
+    freeze_errno: int
+    thaw_errno: int
+    freeze_start_ns: int
+    freeze_end_ns: int
+    thaw_start_ns: int
+    thaw_end_ns: int
+    sync_ns: int
+
+
+@dataclasses.dataclass
+class Window:
+    """A freeze window: per-mount stamps, its length, and pyexec's own share of it."""
+
+    paths: list[str]
+    backend: str
+    expedite: bool
+    presync: bool
+    timeout_s: float
+    mounts: list[MountResult] = dataclasses.field(default_factory=list)
+    start_ns: int = 0
+    end_ns: int = 0
+    frozen_ns: int = 0  # last FIFREEZE done
+    thaw_begin_ns: int = 0  # first FITHAW issued
+    rcu: str = "untouched"
+    guardian: str = "none"
+    error: errors.PyexecError | None = None
+    deadline_ns: int = 0  # the bound the guardian enforces (CLOCK_MONOTONIC)
+    journal: str = ""  # the run journal while the window is open
+    _thaw: Callable[[], None] | None = dataclasses.field(default=None, repr=False)
+
+    def thaw_now(self) -> None:
+        """Thaw at once, before the with-block ends (the snapshot was abandoned)."""
+        if self._thaw is not None:
+            self._thaw()
+
+    @property
+    def length_ns(self) -> int:
+        """First FIFREEZE issued to last FITHAW done."""
+        return max(0, self.end_ns - self.start_ns)
+
+    @property
+    def ioctl_ns(self) -> int:
+        """Time spent inside FIFREEZE/FITHAW calls."""
+        return sum((m.freeze_end_ns - m.freeze_start_ns) + (m.thaw_end_ns - m.thaw_start_ns)
+                   for m in self.mounts if m.freeze_start_ns)
+
+    @property
+    def hold_ns(self) -> int:
+        """The caller's time inside the window (the snapshot action)."""
+        return max(0, self.thaw_begin_ns - self.frozen_ns) if self.thaw_begin_ns else 0
+
+    @property
+    def overhead_ns(self) -> int:
+        """Window time that is neither an ioctl nor the caller's: pyexec's own cost."""
+        return max(0, self.length_ns - self.ioctl_ns - self.hold_ns)
+
+    def as_dict(self) -> dict:
+        """The window as report fields."""
+        return {
+            "paths": self.paths, "backend": self.backend, "expedite": self.expedite, "presync": self.presync,
+            "timeout_s": self.timeout_s, "start_ns": self.start_ns, "end_ns": self.end_ns,
+            "length_ns": self.length_ns, "ioctl_ns": self.ioctl_ns, "hold_ns": self.hold_ns,
+            "overhead_ns": self.overhead_ns, "rcu_expedited": self.rcu, "guardian": self.guardian,
+            "mounts": [dataclasses.asdict(m) for m in self.mounts],
+            "error": self.error.as_dict() if self.error else None,
+        }
+
+
+@contextlib.contextmanager
+def freeze(paths, timeout: float = limits.DEFAULT_TIMEOUT, expedite: bool = True, presync: bool = True,
+           guardian: bool = True, backend: native.Native | None = None, lock_wait: float = limits.DEFAULT_LOCK_WAIT):
+    """Freeze paths (mount points, or a Held from hold()) for the body of the with-block.
+
+    Raises ValueError/TypeError for a bad timeout or paths; FreezeError (121/123) if the freeze
+    cannot be done, with nothing left frozen; FreezeTimeout (122) after the block if it outlived
+    `timeout` and the guardian thawed it (a snapshot taken then is not consistent).  The guardian
+    thaws at `timeout` seconds even if this process hangs or dies."""
+    timeout = limits.check_timeout(timeout)
+    with contextlib.ExitStack() as stack:
+        held = paths if isinstance(paths, locks.Held) else stack.enter_context(locks.hold(paths, lock_wait))
+        with window(held.paths, timeout, expedite, presync, guardian, backend) as win:
+            yield win
+
+
+@contextlib.contextmanager
+def window(paths: list[str], timeout: float, expedite: bool = True, presync: bool = True,
+           guardian: bool = True, backend: native.Native | None = None):
+    """The window over paths exactly in the order given, unlocked: freeze() plans and locks first.
+    (Tests call it directly to give an order freeze() would refuse.)"""
+    nat = backend or native.default()
+    win = Window(paths=list(paths), backend=nat.name, expedite=expedite, presync=presync, timeout_s=timeout)
+    fds: list[int] = []
+    if len(paths) > nat.max_mounts:
+        raise errors.FreezeError(121, f"{len(paths)} filesystems: at most {nat.max_mounts} per window")
+    with contextlib.ExitStack() as stack:
+        stack.callback(lambda: [os.close(fd) for fd in fds])
+        for p in paths:
+            try:
+                fds.append(os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+            except OSError as err:
+                raise errors.FreezeError(123, f"cannot open mount point: {err.strerror}", p, errno=err.errno) from err
+        os.makedirs(journal.RUN_DIR, mode=0o700, exist_ok=True)
+        journal.recover(nat)  # a run killed together with its guardian left its mounts frozen: thaw them first
+        path = win.journal = journal.journal_path()
+        page_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        stack.callback(os.close, page_fd)
+        stack.callback(journal.unlink, path)
+        meta = orjson.dumps({"pid": os.getpid(), "paths": win.paths, "time": time.time()})
+        os.ftruncate(page_fd, nat.set_size)
+        os.pwrite(page_fd, meta, nat.set_size)
+        page = mmap.mmap(page_fd, nat.set_size)
+        stack.callback(page.close)
+        nat.set_init(page, fds)
+        # The bound runs from before the guardian's start: it sleeps on the deadline it reads first.
+        win.deadline_ns = nat.now_ns() + int(timeout * 1e9)
+        native.set_header(page, controller_pid=os.getpid(), deadline_ns=win.deadline_ns)
+        g = None
+        if guardian:
+            g = Guardian(nat, page, page_fd, path)
+            stack.callback(g.stop)
+            if not wait_ready(page, g.proc):
+                raise errors.FreezeError(121, "the thaw guardian did not start")
+            win.guardian = "ready"
+
+        def thaw() -> None:
+            win.thaw_begin_ns = win.thaw_begin_ns or nat.now_ns()
+            nat.thaw(page)
+        win._thaw = thaw
+        flags = (native.FREEZE_EXPEDITE if expedite else 0) | (native.FREEZE_PRESYNC if presync else 0)
+        rc = nat.freeze(page, flags)
+        rec = native.read_set(page)
+        _fill(win, rec)
+        if rc < 0:
+            if rc == -errno.ETIMEDOUT:
+                win.error = _guardian_error(rec, g, timeout, win) or errors.FreezeTimeout(
+                    f"the {timeout:g}s bound passed while freezing; what was frozen is thawed", win)
+            else:
+                bad = win.paths[rec.failed_index] if rec.failed_index >= 0 else None
+                win.error = errors.freeze_error(-rc, bad)
+            raise win.error
+        win.frozen_ns = max(m.freeze_end_ns for m in win.mounts)
+        ok = False
+        try:
+            yield win
+            ok = True
+        finally:
+            win._thaw = None
+            win.thaw_begin_ns = win.thaw_begin_ns or nat.now_ns()
+            trc = nat.thaw(page)
+            rec = native.read_set(page)
+            _fill(win, rec)
+            if g is not None:
+                win.guardian = "idle"
+            win.error = _guardian_error(rec, g, timeout, win)
+            if trc < 0 and trc != -errno.EINVAL and win.error is None:
+                win.error = errors.freeze_error(-trc, None, "FITHAW")
+        if ok and win.error is not None:
+            raise win.error
+
+
+def _guardian_error(rec: native.SetRecord, g: "Guardian | None", timeout: float, win: Window):
+    """The error a guardian's intervention means for the window, if any; sets win.guardian."""
+    if g is None:
+        return None
+    state = rec.guardian_state
+    if state == native.G_FIRED_DEADLINE:
+        win.guardian = "fired:deadline"
+        return errors.FreezeTimeout(f"the window passed its {timeout:g}s bound and was thawed by the guardian", win)
+    if state == native.G_LOST or g.lost:
+        win.guardian = "lost"
+        return errors.FreezeError(121, "the thaw guardian died, so the filesystems were thawed at once: "
+                                  "the window did not hold")
+    return None
+
+
+def _fill(window: Window, rec: native.SetRecord) -> None:
+    window.start_ns = rec.window_start_ns
+    # The last thaw that landed ends the window, whoever issued it (the guardian, an early thaw):
+    # the controller's final px_thaw may come much later and find nothing left to thaw.
+    thawed = [m.thaw_end_ns for m in rec.mounts if m.thaw_end_ns]
+    window.end_ns = max(thawed) if thawed else rec.window_end_ns
+    window.rcu = rec.rcu_state
+    window.mounts = [
+        MountResult(path, m.state, m.freeze_errno, m.thaw_errno, m.freeze_start_ns, m.freeze_end_ns,
+                    m.thaw_start_ns, m.thaw_end_ns, m.sync_end_ns - m.sync_start_ns)
+        for path, m in zip(window.paths, rec.mounts)
+    ]
