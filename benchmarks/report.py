@@ -60,6 +60,12 @@ def main(path: str = "results/bench.json", out_dir: str = "results") -> int:
         rows += median_max_rows(stall, "stall_ns", lambda n, b: b["params"]["action"])
         rows.append("")
 
+    if "test_run_sync" in med and "test_run_async" in med:
+        r = med["test_run_async"] / med["test_run_sync"]
+        rows += ["### run vs run_async (no-op scripts, 1 ext4)", "", "| API | median |", "|---|---|",
+                 f"| run | {us(med['test_run_sync'])} |", f"| run_async | {us(med['test_run_async'])} |", "",
+                 f"Target: run_async's overhead at most 10 %. Reached: {(r - 1) * 100:+.1f} %.", ""]
+
     tail = bs.get("test_stall_tail_interleaved")
     if tail:
         g = tail["extra_info"]["stall_ns"]
