@@ -24,14 +24,6 @@ PLUGIN_TIMEOUT_DEFAULT = 30  # as documented for timeoutInSeconds
 MAX_RETRIES = 100
 SECTION = "pre_post"
 
-DEFAULT_HOST_CONFIG = f"""[{SECTION}]
-timeoutInSeconds = {HOST_TIMEOUT_MAX}
-numberOfPlugins = 1
-pluginName0 = ScriptRunner
-pluginPath0 = /etc/azure
-pluginConfigPath0 = {PLUGIN_CONFIG_PATH}
-"""
-
 
 @dataclasses.dataclass(frozen=True)
 class PluginEntry:

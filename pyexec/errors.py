@@ -2,7 +2,7 @@
 
 Codes and names follow the reference plugin host (Azure VMBackup `common.py`) and the
 public troubleshooting table; messages and actions follow that table in substance.
-Every other module raises or reports these entries; no error text lives elsewhere.
+Every other module raises or reports these entries: no other module defines a code.
 """
 from __future__ import annotations
 
@@ -105,11 +105,6 @@ TABLE: dict[int, Entry] = {e.code: e for e in [
     _e(318, "PluginConfigOwnershipError", "The plugin config file is not owned by root.",
        "Run chown root:root on VMSnapshotScriptPluginConfig.json."),
 ]}
-
-
-def entry(code: int) -> Entry:
-    """The table row for a code."""
-    return TABLE[code]
 
 
 class PyexecError(Exception):

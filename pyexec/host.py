@@ -103,7 +103,7 @@ class RunReport:
     snapshot_run: scripts.ScriptResult | None = None  # the snapshot command's result, if one ran
     mounts: list = dataclasses.field(default_factory=list)
     phases_ns: dict = dataclasses.field(default_factory=dict)
-    interrupted: str | None = None  # the signal that cut the run short (SIGINT, SIGTERM, SIGHUP)
+    interrupted: str | None = None  # what cut the run short: a signal's name (SIGINT, …) or "cancelled"
 
 
 def run_phase(checked: CheckResult, phase: str, nat=None, env_extra=None, cancel_fd: int = -1) -> list[scripts.ScriptResult]:

@@ -17,10 +17,8 @@ import struct
 FREEZE_EXPEDITE = 1
 FREEZE_PRESYNC = 2
 SPAWN_DIE_WITH_PARENT = -2  # as cgroup_fd: no cgroup, and the kernel kills the child if we die
-THAW_GUARDIAN_FDS = 1
 THAW_IN_FLIGHT = 2
 G_NONE, G_READY, G_FIRED_DEADLINE, G_FIRED_DIED, G_LOST = range(5)
-M_IDLE, M_FREEZING, M_FROZEN, M_BUSY, M_THAWED, M_FAILED = range(6)
 MOUNT_STATES = ("idle", "freezing", "frozen", "busy", "thawed", "failed")
 RCU_STATES = ("untouched", "set", "restored", "skipped", "already")
 PHASES = ("idle", "freezing", "frozen", "thawing", "done")
@@ -121,7 +119,7 @@ class Proc:
 def read_set(buf) -> SetRecord:
     """Decode a px_set from buf."""
     h = _SET_HEADER.unpack_from(buf, 0)
-    magic, _version, n = h[0], h[1], h[2]
+    magic, n = h[0], h[2]
     if magic != 0x50584653:
         raise ValueError("not a pyexec freeze set")
     mounts = []
@@ -224,7 +222,9 @@ class Native:
         return self.mod.rcu_restore(buf)
 
     def spawn(self, argv, env, path=None, exec_fd: int = -1, cgroup_fd: int = -1) -> Proc:
-        """Spawn argv with env (a dict): path, else exec_fd, else argv[0]; OSError on exec failure."""
+        """Spawn argv with env (a dict); OSError on exec failure.  Executes path (argv[0] when neither
+        path nor exec_fd is given), with exec_fd (if >= 0) as fd 3 in the child; path None and
+        exec_fd >= 0 executes exec_fd itself."""
         if path is None and exec_fd < 0:
             path = argv[0]
         bargv = [os.fsencode(a) for a in argv]

@@ -2,9 +2,9 @@
 not raised, and turned into a cancel fd.
 
 A signal must not unwind the run at an arbitrary instant (a quiesced application would stay
-quiesced), and it must wake the native waits at once.  Inside `Cancel()` the three signals get a
-handler that only records the first one, and Python's wake-up fd writes a byte into a pipe whose
-read end every native wait polls (`cancel_fd`): a running script or snapshot command is killed,
+quiesced), and it must wake the native waits at once.  Inside `Cancel()` each of SIGNALS gets a
+handler that does nothing (outside `raising()`, the caller's own code), and Python's wake-up fd
+writes the signal's number into a pipe whose read end every native wait polls (`cancel_fd`): a running script or snapshot command is killed,
 the window thaws, the post-scripts run, and the caller exits 128 + signal."""
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ class Interrupted(Exception):
 class Cancel:
     """A scope in which SIGNALS cancel the run instead of interrupting it.
 
-    Outside the main thread (where Python cannot install handlers) it is inert: fd is -1."""
+    Outside the main thread (where Python cannot install handlers) it is inert (fd is -1), unless
+    handle_signals is False: then it is a pipe that only trigger() cancels, in any thread."""
 
     def __init__(self, handle_signals: bool = True):
         self.fd = -1
@@ -109,7 +110,7 @@ class Cancel:
 
     @property
     def cancelled(self) -> bool:
-        """Whether one of the signals has arrived."""
+        """Whether one of the signals has arrived, or trigger() was called."""
         return self._first() is not None
 
     @property

@@ -89,10 +89,10 @@ with window.freeze(sys.argv[1:], timeout=60) as w:
 """
 
 
-def test_sigkill_of_controller_inside_window_thaws(mounts, tmp_path):
+def test_sigkill_of_controller_inside_window_thaws(nat, mounts, tmp_path):
     a = mounts.make("ext4")
     w = mounts.writer(os.path.join(a.mountpoint, "f"))
-    env = {**os.environ, "PYEXEC_RUN_DIR": str(tmp_path / "run")}
+    env = {**os.environ, "PYEXEC_RUN_DIR": str(tmp_path / "run"), "PYEXEC_BACKEND": nat.name}
     ctl = subprocess.Popen([sys.executable, "-c", CONTROLLER, a.mountpoint], stdout=subprocess.PIPE, env=env,
                            cwd="/")
     try:
