@@ -126,16 +126,31 @@ def cmd_demo(args) -> int:
     return run.main(args)
 
 
+EPILOG = """\
+With --json, stdout is one JSON document and nothing else; progress goes to stderr.
+
+exit status:
+  0      run: app-consistent; check: no problem; demo: verified; status, recover
+  1      run: file-system-consistent (the snapshot was taken, but a script or the check
+         failed); demo: not verified
+  2      run: failed, no snapshot; a usage error (11 InvalidParameter), a config, trust or script
+         problem found by check; demo: not root
+  3      check: a mount cannot be frozen or opened (121 FsFreezeFailed, 123 UnableToOpenMount)
+  128+N  run: cut short by signal N (130: SIGINT), after the post-scripts ran
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="pyexec", description="Application-consistent snapshots with a minimal freeze window.")
+    ap = argparse.ArgumentParser(prog="pyexec", description="Application-consistent snapshots with a minimal freeze window.",
+                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     version_arg(ap)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("check", help="validate configs and scripts; run and freeze nothing")
+    sub = ap.add_subparsers(dest="cmd", required=True, title="commands", metavar="COMMAND")
+    c = sub.add_parser("check", help="validate the configs and scripts, show the freeze order; run nothing")
     config_arg(c)
     c.add_argument("--mount", action="append", help="mount point to check the freeze order of (repeatable)")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--json", action="store_true", help="one JSON document on stdout")
     c.set_defaults(fn=cmd_check)
-    r = sub.add_parser("run", help="check, pre-scripts, freeze + snapshot + thaw, post-scripts")
+    r = sub.add_parser("run", help="check, pre-scripts, freeze + snapshot + thaw, post-scripts: the outcome")
     config_arg(r)
     r.add_argument("--mount", action="append", help=MOUNT_HELP)
     r.add_argument("--snapshot-cmd", help="command run inside the freeze window (shell quoting rules; a bare "
@@ -145,17 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for another run holding one of the filesystems (default 0)")
     r.add_argument("--no-expedite", action="store_true", help="do not set rcu_expedited around FIFREEZE")
     r.add_argument("--no-presync", action="store_true", help="do not syncfs before the window")
-    r.add_argument("--json", action="store_true")
-    r.add_argument("--quiet", action="store_true")
+    r.add_argument("--json", action="store_true", help="the report as one JSON document on stdout")
+    r.add_argument("--quiet", action="store_true", help="no progress on stderr")
     r.set_defaults(fn=cmd_run)
-    sub.add_parser("status", help="what pyexec holds frozen now").set_defaults(fn=cmd_status)
-    sub.add_parser("recover", help="thaw what a crashed run left frozen").set_defaults(fn=cmd_recover)
-    d = sub.add_parser("demo", help="snapshot a live SQLite database on loop mounts, verified")
+    sub.add_parser("status", help="what pyexec runs hold frozen now, and the kernel paths in use").set_defaults(fn=cmd_status)
+    sub.add_parser("recover", help="thaw what a crashed run left frozen (a live run's are left alone)").set_defaults(fn=cmd_recover)
+    d = sub.add_parser("demo", help="snapshot a live SQLite database on loop mounts and verify it (root)")
     d.add_argument("--rounds", type=int, default=1)
     d.add_argument("--keep", action="store_true", help="leave the sandbox for inspection")
-    d.add_argument("--json", action="store_true")
+    d.add_argument("--json", action="store_true", help="the report on stdout, alone (progress on stderr)")
     d.add_argument("--no-quiesce", action="store_true", help="run without the pre-script, to compare")
     d.add_argument("--dir", default=None, help="where to build the sandbox (default: a new temp dir)")
+    d.add_argument("--report", default=None, type=os.path.abspath, metavar="PATH",
+                   help="also write the JSON report to PATH (the sandbox's copy goes with it unless --keep)")
     d.set_defaults(fn=cmd_demo)
     return ap
 

@@ -21,20 +21,34 @@ def loop_devices() -> list[str]:
 @needs_xfs
 @needs_btrfs
 def test_demo_verifies_and_leaves_nothing_behind(tmp_path):
-    before = loop_devices()
-    r = subprocess.run([sys.executable, "-m", "pyexec.cli", "demo", "--rounds", "2", "--dir", str(tmp_path)],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    """--json: stdout is the report alone (progress on stderr), also in --report PATH; the working
+    directory and --dir are left empty."""
+    cwd, sandbox = tmp_path / "cwd", tmp_path / "sandbox"
+    cwd.mkdir()
+    sandbox.mkdir()
+    r = subprocess.run([sys.executable, "-m", "pyexec.cli", "demo", "--rounds", "2", "--dir", str(sandbox), "--json",
+                        "--report", str(tmp_path / "report.json")],
+                       capture_output=True, text=True, cwd=cwd, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "application-consistent snapshot verified" in r.stdout
-    doc = orjson.loads((tmp_path / "pyexec-demo-report.json").read_bytes())
+    doc = orjson.loads(r.stdout)  # one JSON document and nothing else
+    assert "demo: sandbox in" in r.stderr and "application-consistent snapshot verified" in r.stderr
+    assert orjson.loads((tmp_path / "report.json").read_bytes()) == doc
     assert doc["ok"] and len(doc["rounds"]) == 2
     for rnd in doc["rounds"]:
         v = rnd["verification"]
         assert v["integrity_check"] == "ok" and v["db_matches_quiesce_point"] and v["log_last_record_whole"]
         assert rnd["report"]["outcome"] == "app-consistent"
-    assert loop_devices() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["pyexec-demo-report.json"]
-    assert str(tmp_path) not in open("/proc/self/mountinfo").read()
+    # Other tests (another session's included) may attach loop devices meanwhile: look for ours only.
+    assert [d for d in loop_devices() if str(sandbox) in d] == []
+    assert list(cwd.iterdir()) == [] and list(sandbox.iterdir()) == []
+    assert str(sandbox) not in open("/proc/self/mountinfo").read()
+
+
+def test_demo_json_without_root_is_one_document():
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                        "pyexec.cli", "demo", "--json"], capture_output=True, text=True, cwd="/", timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert orjson.loads(r.stdout) == {"rounds": [], "ok": False, "error": "needs root"}
 
 
 def test_readme_error_table_matches_code():

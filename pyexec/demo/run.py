@@ -29,7 +29,8 @@ FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
 
 
 def _say(msg: str) -> None:
-    print(f"demo: {msg}", flush=True)
+    """Progress: stderr, so that stdout holds only the results (with --json, the report alone)."""
+    print(f"demo: {msg}", file=sys.stderr, flush=True)
 
 
 def _write(path: str, data: str, mode: int) -> str:
@@ -179,13 +180,21 @@ def verify(sb: Sandbox, rnd: int, snaps: dict, pre_reply: str | None) -> dict:
 
 
 def main(args) -> int:
-    """Run the demo; exit 0 only when every round ends verified and app-consistent."""
+    """Run the demo; exit 0 only when every round ends verified and app-consistent (2: not root).
+
+    Progress goes to stderr; each round's summary and the verdict to stdout, or, with --json, to
+    stderr, and stdout gets the report alone (one JSON document, a failed demo included).  The
+    report is written into the sandbox (kept with --keep) and to --report PATH if given, never
+    into the working directory."""
+    out = sys.stderr if args.json else sys.stdout
     if os.geteuid() != 0:
         print("pyexec demo: needs root (loop devices, mount, FIFREEZE)", file=sys.stderr)
+        _emit(args, {"rounds": [], "ok": False, "error": "needs root"})
         return 2
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     sb = Sandbox(args.dir, quiesce=not args.no_quiesce)
-    rounds, ok = [], True
+    rounds: list[dict] = []
+    ok, error = True, None
     try:
         sb.build()
         sb.start_app()
@@ -212,8 +221,8 @@ def main(args) -> int:
             after = demo_app.ctl("stats", sb.sock)
             v["app_kept_running"] = int(after.split()[0]) > int(before.split()[0])
             rounds.append({"report": report.to_dict(rep), "verification": v})
-            print(report.summary(rep))
-            print(f"  verification: {_verdict(v)}")
+            print(report.summary(rep), file=out)
+            print(f"  verification: {_verdict(v)}", file=out)
             ok = ok and v["verified"] and v["app_kept_running"] and rep.outcome == host.APP
             for img in snaps.values():
                 with contextlib.suppress(FileNotFoundError):
@@ -221,23 +230,44 @@ def main(args) -> int:
         windows = [r["report"]["window"]["length_ns"] / 1e3 for r in rounds if r["report"]["window"]]
         if len(windows) > 1:
             print(f"freeze windows over {len(windows)} rounds: median {statistics.median(windows):.0f} µs, "
-                  f"max {max(windows):.0f} µs")
-        doc = orjson.dumps({"rounds": rounds, "ok": ok}, option=orjson.OPT_INDENT_2)
-        with open("pyexec-demo-report.json", "wb") as f:
-            f.write(doc)
-        if args.json:
-            sys.stdout.buffer.write(doc + b"\n")
+                  f"max {max(windows):.0f} µs", file=out)
     except KeyboardInterrupt:
         print("demo: interrupted: cleaning up", file=sys.stderr)
-        ok = False
+        ok, error = False, "interrupted"
     except (loopfs.LoopFSError, RuntimeError, OSError) as e:
         print(f"demo: failed: {e}", file=sys.stderr)
-        ok = False
+        ok, error = False, f"failed: {e}"
     finally:
+        doc = {"rounds": rounds, "ok": ok, **({"error": error} if error else {})}
+        where: list[str] = []
+        with contextlib.suppress(OSError):  # the sandbox's own copy: gone with it unless --keep
+            _write_report(os.path.join(sb.dir, REPORT), doc)
+            if args.keep:
+                where.append(os.path.join(sb.dir, REPORT))
         sb.close(keep=args.keep)
+    if args.report:
+        _write_report(args.report, doc)
+        where.append(args.report)
+    _emit(args, doc)
     result = "application-consistent snapshot verified" if ok else "NOT verified (see above)"
-    print(f"demo: {result}; full report in pyexec-demo-report.json")
+    print(f"demo: {result}; " + (f"full report in {' and '.join(where)}" if where else
+                                 "--report PATH (or --json) keeps the full report"), file=out)
     return 0 if ok else 1
+
+
+REPORT = "demo-report.json"
+
+
+def _write_report(path: str, doc: dict) -> None:
+    with open(path, "wb") as f:
+        f.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+
+
+def _emit(args, doc: dict) -> None:
+    """With --json, the report: the one document on stdout."""
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+        sys.stdout.flush()
 
 
 def _verdict(v: dict) -> str:
