@@ -12,30 +12,56 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from typing import Any, TypedDict, Unpack
 
-from pyexec import config, host, limits, signals, window
+from pyexec import config, host, limits, locks, native, signals, window
+
+# A coroutine function as the snapshot action: awaited on the caller's loop, inside the window.
+AsyncSnapshot = Callable[[window.Window | None], Coroutine[Any, Any, object]]
 
 
-async def run_async(host_path: str = config.HOST_CONFIG_PATH, mount_points=None, snapshot: Any = None,
-                    freeze_timeout: float = 60.0, **kw: Any) -> host.RunReport:
+class RunOptions(TypedDict, total=False):
+    """run()'s other keyword arguments, as run_async() passes them on."""
+
+    expedite: bool
+    presync: bool
+    nat: native.Native | None
+    progress: Callable[[str], object]
+    lock_wait: float
+
+
+class FreezeOptions(TypedDict, total=False):
+    """freeze()'s other keyword arguments, as freeze_async() passes them on."""
+
+    expedite: bool
+    presync: bool
+    guardian: bool
+    backend: native.Native | None
+    lock_wait: float
+
+
+async def run_async(host_path: str = config.HOST_CONFIG_PATH, mount_points: Iterable[limits.Path] | None = None,
+                    snapshot: host.Snapshot | AsyncSnapshot = None, freeze_timeout: float = 60.0,
+                    **kw: Unpack[RunOptions]) -> host.RunReport:
     """run() without blocking the event loop; cancellable like a signalled run (post-scripts first).
 
     `snapshot` may also be a coroutine function taking the window: it runs on this loop."""
     loop = asyncio.get_running_loop()
-    action = snapshot
+    action: host.Snapshot
     if inspect.iscoroutinefunction(snapshot):
-        coro_fn: Callable[[window.Window | None], Awaitable[Any]] = snapshot
+        coro_fn = snapshot
 
         def on_loop(win: window.Window | None) -> None:  # in the worker thread, inside the window
-            fut = asyncio.run_coroutine_threadsafe(coro_fn(win), loop)  # type: ignore[arg-type]
+            fut = asyncio.run_coroutine_threadsafe(coro_fn(win), loop)
             try:
                 fut.result()
             except BaseException:
                 fut.cancel()
                 raise
         action = on_loop
+    else:
+        action = snapshot
 
     cancel = signals.Cancel(handle_signals=False)
     cancel.__enter__()
@@ -56,7 +82,8 @@ async def run_async(host_path: str = config.HOST_CONFIG_PATH, mount_points=None,
 
 
 @contextlib.asynccontextmanager
-async def freeze_async(paths, timeout: float = limits.DEFAULT_TIMEOUT, **kw: Any) -> AsyncIterator[window.Window]:
+async def freeze_async(paths: Iterable[limits.Path] | locks.Held, timeout: float = limits.DEFAULT_TIMEOUT,
+                       **kw: Unpack[FreezeOptions]) -> AsyncIterator[window.Window]:
     """freeze() for asyncio: the freeze and the thaw run off the loop; the guardian bounds the window
     as always.  A cancellation inside the block thaws, then goes on up."""
     loop = asyncio.get_running_loop()

@@ -6,6 +6,8 @@ import argparse
 import os
 import signal
 import sys
+from collections.abc import Iterable, Sequence
+from typing import TextIO
 
 import orjson
 
@@ -25,7 +27,7 @@ def version_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
 
-def print_problems(errs, out=sys.stdout) -> None:
+def print_problems(errs: Iterable[errors.PyexecError], out: TextIO = sys.stdout) -> None:
     """Each error as its code, name, file, problem and recommended action."""
     for e in errs:
         d = e.as_dict()
@@ -34,7 +36,7 @@ def print_problems(errs, out=sys.stdout) -> None:
               + f"\n     problem: {d['detail'] or d['message']}\n     action:  {d['action']}", file=out)
 
 
-def cmd_check(args) -> int:
+def cmd_check(args: argparse.Namespace) -> int:
     from pyexec import host
     res = host.check(args.config)
     try:
@@ -64,7 +66,7 @@ def cmd_check(args) -> int:
     return 0 if not res.errors else errors.TABLE[res.code].exit_status
 
 
-def cmd_run(args) -> int:
+def cmd_run(args: argparse.Namespace) -> int:
     from pyexec import host, report, signals
     # Progress goes to stderr only (never to stdout, even with stderr closed: print(file=None) would).
     progress = (lambda m: None) if args.quiet or sys.stderr is None else (
@@ -97,7 +99,7 @@ def _print_kernel() -> None:
         print(f"  {job + ':':<16} {path}")
 
 
-def cmd_status(args) -> int:
+def cmd_status(args: argparse.Namespace) -> int:
     found = journal.journals()
     _print_kernel()
     if not found:
@@ -109,7 +111,7 @@ def cmd_status(args) -> int:
     return 0
 
 
-def cmd_recover(args) -> int:
+def cmd_recover(args: argparse.Namespace) -> int:
     thawed, alive, rcu = journal.recover()
     for pid in alive:
         print(f"pid {pid} is still running: left alone")
@@ -121,7 +123,7 @@ def cmd_recover(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
+def cmd_demo(args: argparse.Namespace) -> int:
     from pyexec.demo import run
     return run.main(args)
 
@@ -177,11 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """`pyexec`."""
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        status: int = args.fn(args)
+        return status
     except errors.PyexecError as e:
         print_problems([e], out=sys.stderr)
         if getattr(args, "json", False):  # --json: still exactly one document on stdout

@@ -11,6 +11,7 @@ import configparser
 import dataclasses
 import json
 import math
+from typing import Any
 
 import orjson
 
@@ -139,8 +140,8 @@ def parse_host(data: bytes, path: str = HOST_CONFIG_PATH) -> HostConfig:
     return HostConfig(path, timeout, tuple(plugins), skip, tuple(warnings))
 
 
-def _no_duplicates(pairs):
-    seen = {}
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    seen: dict[str, object] = {}
     for key, value in pairs:
         if key in seen:
             raise ValueError(f"duplicate key {key!r}")
@@ -167,7 +168,7 @@ _IGNORED_KEYS = {
 }
 
 
-def _check(kind: str, value):
+def _check(kind: str, value: object) -> tuple[object, str | None]:
     """The value converted, or an error string."""
     if kind == "path":
         if not isinstance(value, str) or not value.strip():
@@ -214,7 +215,7 @@ def parse_plugin(data: bytes, path: str = PLUGIN_CONFIG_PATH, host_timeout: int 
         raise Problems([ConfigError(305, f"the top level must be a JSON object, not {type(doc).__name__}", path)])
     errors: list[ConfigError] = []
     warnings: list[str] = []
-    fields = {}
+    fields: dict[str, Any] = {}  # PluginConfig's keyword arguments, each of its field's type (_check)
     for key, (field, kind, default) in _PLUGIN_KEYS.items():
         if key not in doc:
             if default is None:

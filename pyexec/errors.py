@@ -9,6 +9,10 @@ from __future__ import annotations
 import dataclasses
 import errno as _errno
 import os
+from typing import TYPE_CHECKING, TypedDict
+
+if TYPE_CHECKING:
+    from pyexec.window import Window
 
 # How a problem affects the backup, as the reference's caller decides it.
 FALLBACK = "fallback"  # the snapshot goes on, file-system consistent
@@ -27,7 +31,8 @@ class Entry:
     exit_status: int
 
 
-def _e(code, name, message, action, effect=FALLBACK, exit_status=None):
+def _e(code: int, name: str, message: str, action: str, effect: str = FALLBACK,
+       exit_status: int | None = None) -> Entry:
     return Entry(code, name, message, action, effect, exit_status if exit_status is not None else 2)
 
 
@@ -107,6 +112,18 @@ TABLE: dict[int, Entry] = {e.code: e for e in [
 ]}
 
 
+class ErrorDict(TypedDict):
+    """An error as report fields (PyexecError.as_dict)."""
+
+    code: int
+    name: str
+    file: str | None
+    key: str | None
+    message: str
+    detail: str
+    action: str
+
+
 class PyexecError(Exception):
     """An error with a row of the table, the file or key it concerns, and detail."""
 
@@ -129,7 +146,7 @@ class PyexecError(Exception):
         parts.append(self.detail or self.entry.message)
         return ": ".join(parts)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> ErrorDict:
         """The error as report fields."""
         return {"code": self.code, "name": self.entry.name, "file": self.path, "key": self.key,
                 "message": self.entry.message, "detail": self.detail, "action": self.entry.action}
@@ -158,7 +175,7 @@ class FreezeError(PyexecError):
 class FreezeTimeout(FreezeError):
     """The window outlived its bound: the guardian thawed it (code 122).  .window has the detail."""
 
-    def __init__(self, detail: str, window=None):
+    def __init__(self, detail: str, window: Window | None = None):
         super().__init__(122, detail)
         self.window = window
 
@@ -184,11 +201,11 @@ _FREEZE_KINDS = {
 def oserror(err: int, syscall: str, path: str | bytes | None = None) -> OSError:
     """OSError for a negative-errno return of the native core, naming the failing syscall."""
     exc = OSError(err, f"{os.strerror(err)} [{syscall}]", os.fsdecode(path) if path is not None else None)
-    exc.syscall = syscall
+    setattr(exc, "syscall", syscall)  # OSError has no such field: psutil's hint, for a caller to read
     return exc
 
 
-def freeze_error(err: int, path: str, what: str = "FIFREEZE") -> FreezeError:
+def freeze_error(err: int, path: str | None, what: str = "FIFREEZE") -> FreezeError:
     """The freeze exception of the right kind for an errno of a freeze ioctl."""
     cls = _FREEZE_KINDS.get(err, FreezeError)
     return cls(121, f"{what} failed: {os.strerror(err)} (errno {err})", path, errno=err)

@@ -15,7 +15,7 @@ GUARDIAN = os.path.join(os.path.dirname(__file__), "pyexec-guardian")
 class Guardian:
     """The guardian process of one window and a thread that thaws if it dies."""
 
-    def __init__(self, nat: native.Native, page, page_fd: int, journal: str):
+    def __init__(self, nat: native.Native, page: native.SetBuffer, page_fd: int, journal: str):
         self.nat = nat
         self.proc = nat.spawn([GUARDIAN, str(os.getpid()), str(native.life_fd()), journal], {}, path=GUARDIAN,
                               exec_fd=page_fd)
@@ -25,7 +25,7 @@ class Guardian:
         self._thread = threading.Thread(target=self._watch, name="pyexec-guardian-watch", daemon=True)
         self._thread.start()
 
-    def _watch(self):
+    def _watch(self) -> None:
         p = select.poll()
         p.register(self.proc.pidfd, select.POLLIN)
         p.register(self._stop_r, select.POLLIN)
@@ -50,7 +50,7 @@ class Guardian:
         os.close(self._stop_w)
 
 
-def wait_ready(page, proc, timeout_s: float = 5.0) -> bool:
+def wait_ready(page: native.SetBuffer, proc: native.Proc, timeout_s: float = 5.0) -> bool:
     """Wait for the guardian's ready byte on its stdout (or its death, or timeout_s)."""
     p = select.poll()
     p.register(proc.out_fd, select.POLLIN)

@@ -5,12 +5,20 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TypeVar
 
 from pyexec import config, errors, limits, locks, mounts, native, scripts, signals, trust, window
 
 APP = "app-consistent"
 FS = "file-system-consistent"
 FAILED = "failed"
+# The snapshot inside the window: nothing, a callable given the window (None when nothing is frozen),
+# or a command (a string split with shell rules, or an argv).
+Snapshot = Callable[[window.Window | None], object] | str | bytes | Sequence[scripts.CommandArg] | None
+_Action = Callable[[window.Window | None], object] | list[str] | None  # a Snapshot, its command resolved
+_T = TypeVar("_T")
 
 
 @dataclasses.dataclass
@@ -53,7 +61,8 @@ class CheckResult:
                     f.close()
 
 
-def _load(path: str, kind: trust.Kind, parse, errs: list):
+def _load(path: str, kind: trust.Kind, parse: Callable[[bytes, str], _T],
+          errs: list[errors.PyexecError]) -> _T | None:
     try:
         with trust.open_trusted(path, kind) as f:
             return parse(f.read(), path)
@@ -94,38 +103,43 @@ class RunReport:
     outcome: str = FAILED
     code: int = 0
     check_errors: list[errors.PyexecError] = dataclasses.field(default_factory=list)
-    warnings: list = dataclasses.field(default_factory=list)
-    pre: list = dataclasses.field(default_factory=list)
-    post: list = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    pre: list[scripts.ScriptResult] = dataclasses.field(default_factory=list)
+    post: list[scripts.ScriptResult] = dataclasses.field(default_factory=list)
     window: window.Window | None = None
     snapshot: str = "skipped"  # taken | skipped | failed
     snapshot_detail: str = ""
     snapshot_run: scripts.ScriptResult | None = None  # the snapshot command's result, if one ran
-    mounts: list = dataclasses.field(default_factory=list)
-    phases_ns: dict = dataclasses.field(default_factory=dict)
+    mounts: list[str] = dataclasses.field(default_factory=list)
+    phases_ns: dict[str, int] = dataclasses.field(default_factory=dict)
     interrupted: str | None = None  # what cut the run short: a signal's name (SIGINT, …) or "cancelled"
 
 
-def run_phase(checked: CheckResult, phase: str, nat=None, env_extra=None, cancel_fd: int = -1) -> list[scripts.ScriptResult]:
-    """Run every plugin's pre- or post-script in parallel; one result per plugin, in config order."""
+def run_phase(checked: CheckResult, phase: str, nat: native.Native | None = None,
+              env_extra: Mapping[str, str] | None = None, cancel_fd: int = -1) -> list[scripts.ScriptResult]:
+    """Run every plugin's pre- or post-script in parallel; one result per plugin, in config order.
+    For a check without problems only: ValueError, before anything runs, for a plugin that failed it."""
     nat = nat or native.default()
-    jobs = []
+    jobs: list[Callable[[], scripts.ScriptResult]] = []
     for pc in checked.plugins:
         c = pc.config
         script = pc.pre if phase == "pre" else pc.post
+        if c is None or script is None:
+            raise ValueError(f"plugin {pc.entry.name} did not pass the check: its scripts cannot run")
         params = c.pre_params if phase == "pre" else c.post_params
         retries = c.pre_retries if phase == "pre" else c.post_retries
-        jobs.append(dict(script=script, params=params, phase=phase, timeout_s=c.timeout, retries=retries,
-                         continue_on_failure=c.continue_on_failure, plugin=pc.entry.name, host_limit=c.host_limit,
-                         env_extra=env_extra, nat=nat, cancel_fd=cancel_fd))
+        jobs.append(functools.partial(
+            scripts.run_script, script=script, params=params, phase=phase, timeout_s=c.timeout, retries=retries,
+            continue_on_failure=c.continue_on_failure, plugin=pc.entry.name, host_limit=c.host_limit,
+            env_extra=env_extra, nat=nat, cancel_fd=cancel_fd))
     if len(jobs) <= 1:  # no thread to start for the common single plugin
-        return [scripts.run_script(**job) for job in jobs]
+        return [job() for job in jobs]
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs)) as ex:
-        futs = [ex.submit(scripts.run_script, **job) for job in jobs]
+        futs = [ex.submit(job) for job in jobs]
         return [f.result() for f in futs]
 
 
-def plan_mounts(checked: CheckResult, mount_points=None) -> list[mounts.Mount]:
+def plan_mounts(checked: CheckResult, mount_points: Iterable[limits.Path] | None = None) -> list[mounts.Mount]:
     """What a run freezes, in order: mount_points if given, else discovery minus mountsToSkip.
     `check` and `run` both choose with this."""
     if mount_points is not None:
@@ -134,7 +148,8 @@ def plan_mounts(checked: CheckResult, mount_points=None) -> list[mounts.Mount]:
     return mounts.discover(skip=skip)
 
 
-def _snapshot(action, win, cancel, nat, timeout_s: float, rep: RunReport):
+def _snapshot(action: _Action, win: window.Window | None, cancel: signals.Cancel, nat: native.Native,
+              timeout_s: float, rep: RunReport) -> BaseException | None:
     """Take the snapshot: None, a callable(window) or an argv.  Its failures become the report's
     snapshot state; returns a BaseException to re-raise once the post-scripts have run."""
     if action is None:
@@ -167,10 +182,10 @@ def _snapshot(action, win, cancel, nat, timeout_s: float, rep: RunReport):
 SHELL_OPERATORS = {"&&", "||", ";", "|", ">", ">>", "<", "&", "2>&1"}
 
 
-def run(host_path: str = config.HOST_CONFIG_PATH, mount_points=None, snapshot=None, freeze_timeout: float = 60.0,
-        expedite: bool = True, presync: bool = True, nat: native.Native | None = None,
-        progress=lambda msg: None, lock_wait: float = limits.DEFAULT_LOCK_WAIT,
-        cancel: signals.Cancel | None = None) -> RunReport:
+def run(host_path: str = config.HOST_CONFIG_PATH, mount_points: Iterable[limits.Path] | None = None,
+        snapshot: Snapshot = None, freeze_timeout: float = 60.0, expedite: bool = True, presync: bool = True,
+        nat: native.Native | None = None, progress: Callable[[str], object] = lambda msg: None,
+        lock_wait: float = limits.DEFAULT_LOCK_WAIT, cancel: signals.Cancel | None = None) -> RunReport:
     """The whole flow.  Raises ValueError/TypeError for a bad argument (freeze_timeout, snapshot
     command, mount list) before anything runs; every other problem becomes the report's code.
 
@@ -181,19 +196,18 @@ def run(host_path: str = config.HOST_CONFIG_PATH, mount_points=None, snapshot=No
     nat = nat or native.default()
     freeze_timeout = limits.check_timeout(freeze_timeout, "freeze_timeout")
     lock_wait = limits.check_timeout(lock_wait, "lock_wait", zero_ok=True)
-    if snapshot is not None and not callable(snapshot):
-        snapshot = scripts.resolve_command(snapshot)
+    action: _Action = snapshot if snapshot is None or callable(snapshot) else scripts.resolve_command(snapshot)
     if mount_points is not None:
         mount_points = limits.check_paths(mount_points)
-    progress = _quiet(progress)
-    operators = sorted(SHELL_OPERATORS & set(snapshot[1:])) if isinstance(snapshot, list) else []
-    reraise = None
+    say = _quiet(progress)
+    operators = sorted(SHELL_OPERATORS & set(action[1:])) if isinstance(action, list) else []
+    reraise: BaseException | None = None
     with contextlib.ExitStack() as stack:
         if cancel is None:
             cancel = stack.enter_context(signals.Cancel())
         rep = RunReport()
         t = nat.now_ns()
-        progress("check: host config, plugin configs, scripts")
+        say("check: host config, plugin configs, scripts")
         checked = check(host_path)
         stack.callback(checked.close)
         rep.phases_ns["check"] = nat.now_ns() - t
@@ -203,13 +217,13 @@ def run(host_path: str = config.HOST_CONFIG_PATH, mount_points=None, snapshot=No
             rep.warnings.append(f"the snapshot command has {' '.join(operators)} as arguments: no shell runs it "
                                 "(use sh -c '…' for a shell command line)")
         do_freeze = checked.fs_freeze if checked.plugins else True
-        held = None
+        held: locks.Held | None = None
         try:
             plan = plan_mounts(checked, mount_points)
             rep.mounts = [m.mount_point for m in plan]
             if do_freeze and plan:
                 # Before any pre-script: a run must not quiesce what it then cannot freeze.
-                progress(f"lock: {len(plan)} filesystem(s)")
+                say(f"lock: {len(plan)} filesystem(s)")
                 held = stack.enter_context(locks.hold(None, lock_wait, planned=plan, cancel_fd=cancel.fd))
         except errors.FreezeError as e:
             rep.check_errors.append(e)
@@ -224,7 +238,7 @@ def run(host_path: str = config.HOST_CONFIG_PATH, mount_points=None, snapshot=No
                 go_on = False
                 rep.snapshot_detail = "not taken: the check failed and continueBackupOnFailure is false"
             if go_on and not checked.errors and checked.plugins:
-                progress(f"pre-scripts: {len(checked.plugins)} plugin(s) in parallel")
+                say(f"pre-scripts: {len(checked.plugins)} plugin(s) in parallel")
                 t = nat.now_ns()
                 pre_started = True
                 rep.pre = run_phase(checked, "pre", nat, cancel_fd=cancel.fd)
@@ -236,7 +250,7 @@ def run(host_path: str = config.HOST_CONFIG_PATH, mount_points=None, snapshot=No
                 rep.snapshot, rep.snapshot_detail = "failed", "interrupted before the snapshot"
             elif go_on:
                 t = nat.now_ns()
-                reraise = _window(rep, held, snapshot, freeze_timeout, expedite, presync, nat, cancel, progress)
+                reraise = _window(rep, held, action, freeze_timeout, expedite, presync, nat, cancel, say)
                 rep.phases_ns["freeze+snapshot"] = nat.now_ns() - t
         except BaseException as e:  # noqa: BLE001 - the post-scripts first, then it goes on up
             reraise = e
@@ -244,7 +258,7 @@ def run(host_path: str = config.HOST_CONFIG_PATH, mount_points=None, snapshot=No
                 rep.snapshot, rep.snapshot_detail = "failed", f"{type(e).__name__}: {e}"
         finally:
             if pre_started:  # resume the application, even when signalled (a second signal included)
-                progress("post-scripts")
+                say("post-scripts")
                 t = nat.now_ns()
                 rep.post = run_phase(checked, "post", nat, {"PYEXEC_SNAPSHOT": rep.snapshot})
                 rep.phases_ns["post"] = nat.now_ns() - t
@@ -254,7 +268,7 @@ def run(host_path: str = config.HOST_CONFIG_PATH, mount_points=None, snapshot=No
     return rep
 
 
-def _quiet(progress):
+def _quiet(progress: Callable[[str], object]) -> Callable[[str], None]:
     """progress that cannot fail: a closed stderr or a caller's bug must not cost a post-script."""
     def say(msg: str) -> None:
         try:
@@ -264,8 +278,9 @@ def _quiet(progress):
     return say
 
 
-def _window(rep: RunReport, held, snapshot, timeout: float, expedite: bool, presync: bool, nat, cancel,
-            progress):
+def _window(rep: RunReport, held: locks.Held | None, snapshot: _Action, timeout: float, expedite: bool,
+            presync: bool, nat: native.Native, cancel: signals.Cancel,
+            progress: Callable[[str], None]) -> BaseException | None:
     """Freeze (if held says what), take the snapshot, thaw; the outcome goes into rep.  Returns a
     BaseException of the snapshot action to re-raise after the post-scripts."""
     if held is None:

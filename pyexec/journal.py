@@ -7,6 +7,7 @@ import contextlib
 import glob
 import itertools
 import os
+from typing import TypedDict
 
 import orjson
 
@@ -16,7 +17,30 @@ RUN_DIR = os.environ.get("PYEXEC_RUN_DIR", "/run/pyexec")  # tmpfs on a normal s
 RCU_EXPEDITED = "/sys/kernel/rcu_expedited"
 
 
-def journals() -> list[tuple[str, dict, bool]]:
+class JournalMeta(TypedDict):
+    """A journal's metadata (window.py writes it after the page), with the page's mount states."""
+
+    pid: int
+    paths: list[str]
+    time: float
+    states: list[str]
+
+
+class MountState(TypedDict):
+    path: str
+    state: str
+
+
+class RunStatus(TypedDict):
+    """One run's entry of status()."""
+
+    pid: int | None
+    running: bool
+    journal: str
+    mounts: list[MountState]
+
+
+def journals() -> list[tuple[str, JournalMeta, bool]]:
     """Every readable run journal under RUN_DIR: (path, its metadata with "states", whether its
     controller or guardian still runs)."""
     out = []
@@ -25,7 +49,7 @@ def journals() -> list[tuple[str, dict, bool]]:
         try:
             with open(j, "rb") as f:
                 data = f.read()
-            doc = orjson.loads(data[size:].rstrip(b"\0"))
+            doc: JournalMeta = orjson.loads(data[size:].rstrip(b"\0"))
             rec = native.read_set(data[:size])
         except (OSError, ValueError, orjson.JSONDecodeError):
             continue
@@ -36,7 +60,7 @@ def journals() -> list[tuple[str, dict, bool]]:
     return out
 
 
-def status() -> list[dict]:
+def status() -> list[RunStatus]:
     """What pyexec runs hold frozen now: one entry per journal, with its pid, whether it (or its
     guardian) still runs, and each mount's state."""
     return [{"pid": doc.get("pid"), "running": running, "journal": j,
@@ -61,14 +85,18 @@ def recover(nat: native.Native | None = None) -> tuple[list[str], list[int], boo
     Only mounts the journal marks frozen (or freezing: killed inside a FIFREEZE, the one
     ambiguous instant) are thawed; a mount another tool froze after the crash is left alone."""
     nat = nat or native.default()
-    thawed, alive, rcu = [], [], False
+    thawed: list[str] = []
+    alive: list[int] = []
+    rcu = False
     for j, doc, running in journals():
         if running:
-            alive.append(doc.get("pid"))
+            pid = doc.get("pid")
+            if pid is not None:  # pyexec always writes it; a journal without one names no pid
+                alive.append(pid)
             continue
         with open(j, "rb") as f:
             page = bytearray(f.read(nat.set_size))
-        opened = []
+        opened: list[tuple[int, str, int]] = []
         for i, (p, state) in enumerate(zip(doc.get("paths", []), doc["states"])):
             if state not in ("frozen", "freezing"):
                 continue

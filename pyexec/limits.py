@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 
 DEFAULT_TIMEOUT = 30.0  # the freeze bound of the library's freeze() when none is given
 MAX_TIMEOUT = 86400.0
 DEFAULT_LOCK_WAIT = 0.0
+Path = str | bytes | os.PathLike[str] | os.PathLike[bytes]  # a mount point, as the caller names it
 
 
-def check_timeout(value, what: str = "timeout", zero_ok: bool = False) -> float:
+def check_timeout(value: float | str, what: str = "timeout", zero_ok: bool = False) -> float:
     """value as seconds: a finite number in (0, 86400] ([0, 86400] if zero_ok), else ValueError."""
     try:
         if isinstance(value, bool):  # float(True) is 1.0: a bug in the caller, not a bound
@@ -23,9 +25,9 @@ def check_timeout(value, what: str = "timeout", zero_ok: bool = False) -> float:
     return t
 
 
-def check_paths(paths) -> list[str]:
+def check_paths(paths: Iterable[Path] | None) -> list[str]:
     """paths as a non-empty list of path strings, else TypeError/ValueError."""
-    if isinstance(paths, (str, bytes)) or not hasattr(paths, "__iter__"):
+    if paths is None or isinstance(paths, (str, bytes)) or not hasattr(paths, "__iter__"):
         raise TypeError(f"mount points must be a list of paths, not {type(paths).__name__} {paths!r}")
     out = [os.fsdecode(os.fspath(p)) for p in paths]
     if not out:

@@ -13,6 +13,7 @@ import select
 import struct
 import threading
 import time
+from collections.abc import Iterable, Iterator
 
 from pyexec import errors, journal, limits, mounts
 
@@ -23,7 +24,7 @@ AZURE_LOCK_FILE = "SafeFreezeLockFile"
 
 
 _IN_CLOSE_WRITE, _IN_CLOSE_NOWRITE = 0x08, 0x10  # linux/inotify.h
-_libc = None
+_libc: ctypes.CDLL | None = None
 
 
 def _inotify_close_watch(path: str) -> int:
@@ -32,7 +33,7 @@ def _inotify_close_watch(path: str) -> int:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
-    fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    fd: int = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
     if fd < 0:
         raise OSError(ctypes.get_errno(), "inotify_init1")
     if _libc.inotify_add_watch(fd, os.fsencode(path), _IN_CLOSE_WRITE | _IN_CLOSE_NOWRITE) < 0:
@@ -118,8 +119,8 @@ class Held:
 
 
 @contextlib.contextmanager
-def hold(paths, lock_wait: float = limits.DEFAULT_LOCK_WAIT, planned: list[mounts.Mount] | None = None,
-         cancel_fd: int = -1):
+def hold(paths: Iterable[limits.Path] | None, lock_wait: float = limits.DEFAULT_LOCK_WAIT,
+         planned: list[mounts.Mount] | None = None, cancel_fd: int = -1) -> Iterator[Held]:
     """Plan paths and lock their superblocks (and the Azure freeze lock where it exists) for the
     block: a run takes this before its pre-scripts, so it never quiesces what it cannot freeze.
 

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import errno
 import os
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 from pyexec import errors
 
@@ -17,6 +18,8 @@ FREEZABLE = ("ext3", "ext4", "xfs", "btrfs")
 NOT_FREEZABLE = {"tmpfs", "ramfs", "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "overlay",
                  "squashfs", "nfs", "nfs4", "cifs", "smb3", "autofs", "debugfs", "tracefs", "securityfs", "pstore",
                  "bpf", "mqueue", "hugetlbfs", "configfs", "binfmt_misc", "efivarfs", "nsfs", "rpc_pipefs"}
+# Where a block device's data lives: loop_backing_file, or a test's stand-in (a path, paths or None).
+Backing = Callable[[str], str | Sequence[str] | None]
 MAX_MOUNTS = 128  # PX_MAX_MOUNTS of native/pyexec_core.h (tests/test_mounts.py keeps the two equal)
 
 
@@ -78,7 +81,7 @@ def loop_backing_file(source: str, _depth: int = 0) -> list[str]:
     return out
 
 
-def _backing_list(backing, source: str) -> list[str]:
+def _backing_list(backing: Backing, source: str) -> list[str]:
     found = backing(source)
     if not found:
         return []
@@ -94,7 +97,7 @@ def _visible(mounts: list[Mount]) -> dict[str, Mount]:
     return {m.mount_point: m for m in mounts}
 
 
-def _host_of(mounts, path: str) -> Mount | None:
+def _host_of(mounts: Iterable[Mount], path: str) -> Mount | None:
     """The mount path lives on: the deepest one containing it."""
     return max((m for m in mounts if _contains(m.mount_point, path)), key=lambda m: len(m.mount_point), default=None)
 
@@ -106,12 +109,13 @@ def _mountinfo(text: str | None) -> list[Mount]:
     return parse_mountinfo(text)
 
 
-def select(mounts: list[Mount], skip=(), fstypes=FREEZABLE, backing=loop_backing_file) -> list[Mount]:
+def select(mounts: list[Mount], skip: Iterable[str] = (), fstypes: Collection[str] = FREEZABLE,
+           backing: Backing = loop_backing_file) -> list[Mount]:
     """The freezable mounts, one per superblock, minus `skip`, in freeze order."""
     visible = _visible(mounts)
-    skip = {os.path.normpath(s) for s in skip}
+    skipped = {os.path.normpath(s) for s in skip}
     # A freeze is per superblock: skipping one of its mounts (a bind, a subvolume) skips them all.
-    skip_devs = {m.dev for m in visible.values() if m.mount_point in skip}
+    skip_devs = {m.dev for m in visible.values() if m.mount_point in skipped}
     per_dev: dict[str, Mount] = {}
     for m in visible.values():
         if m.fstype not in fstypes or m.dev in skip_devs:
@@ -124,7 +128,8 @@ def select(mounts: list[Mount], skip=(), fstypes=FREEZABLE, backing=loop_backing
     return order(chosen, visible=list(visible.values()), backing=backing)
 
 
-def order(chosen: list[Mount], visible: list[Mount] | None = None, backing=loop_backing_file) -> list[Mount]:
+def order(chosen: list[Mount], visible: list[Mount] | None = None,
+          backing: Backing = loop_backing_file) -> list[Mount]:
     """chosen in freeze order: each before what it lives on, deepest first, `/` last."""
     visible = visible or chosen
 
@@ -154,7 +159,7 @@ def order(chosen: list[Mount], visible: list[Mount] | None = None, backing=loop_
     return done
 
 
-def plan(paths, text: str | None = None, backing=loop_backing_file) -> list[Mount]:
+def plan(paths: Iterable[str], text: str | None = None, backing: Backing = loop_backing_file) -> list[Mount]:
     """The filesystems under paths (mount points or any path on one), once per superblock, in
     freeze order; FreezeError 123 for a path that is not there or an order that cannot be safe.
 
@@ -183,7 +188,8 @@ def plan(paths, text: str | None = None, backing=loop_backing_file) -> list[Moun
     return order(list(per_dev.values()), visible=list(visible.values()), backing=backing)
 
 
-def underneath(chosen: list[Mount], text: str | None = None, backing=loop_backing_file) -> list[Mount]:
+def underneath(chosen: list[Mount], text: str | None = None,
+               backing: Backing = loop_backing_file) -> list[Mount]:
     """The filesystems the chosen ones' devices live in, transitively (a loop image's filesystem,
     through any stack of devices), not counting the chosen themselves: a thaw of a chosen one may
     write to them."""
@@ -201,7 +207,7 @@ def underneath(chosen: list[Mount], text: str | None = None, backing=loop_backin
     return list(found.values())
 
 
-def discover(skip=(), path: str = "/proc/self/mountinfo") -> list[Mount]:
+def discover(skip: Iterable[str] = (), path: str = "/proc/self/mountinfo") -> list[Mount]:
     """The freezable filesystems of this machine, in freeze order (read-only)."""
     with open(path) as f:
         return select(parse_mountinfo(f.read()), skip=skip)

@@ -10,8 +10,14 @@ from __future__ import annotations
 import dataclasses
 import errno
 import importlib
+import mmap
 import os
 import struct
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol, cast
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, StrOrBytesPath
 
 # Flags and states of native/pyexec_core.h.
 FREEZE_EXPEDITE = 1
@@ -29,6 +35,37 @@ _CAP_HEADER = struct.Struct("=QQIIII")
 CAP_HALF = 65536
 
 _MODULES = {"cython": "pyexec._native", "cffi": "pyexec._native_cffi"}
+SetBuffer = bytearray | mmap.mmap  # memory for a px_set: a bytearray, or the journal page
+StatusTuple = tuple[int, int, int, int, int, int, int]  # px_status: code, signal, core, utime, stime, maxrss, seen
+ProcTuple = tuple[int, int, int, int]  # px_proc: pid, pidfd, out_fd, err_fd
+
+
+class Binding(Protocol):
+    """What each binding module provides: pyexec/_native.pyi (Cython), pyexec/_native_cffi.py."""
+
+    NAME: str
+    SET_SIZE: int
+    CAPTURE_SIZE: int
+    MAX_MOUNTS: int
+
+    def probe(self) -> tuple[int, int, int, int, int, int]: ...
+    def now_ns(self) -> int: ...
+    def set_init(self, buf: SetBuffer, fds: Sequence[int]) -> int: ...
+    def freeze(self, buf: SetBuffer, flags: int) -> int: ...
+    def thaw(self, buf: SetBuffer, flags: int) -> int: ...
+    def rcu_restore(self, buf: SetBuffer) -> int: ...
+    def spawn(self, path: bytes | None, exec_fd: int, argv: list[bytes], env: list[bytes],
+              cgroup_fd: int = -1) -> ProcTuple: ...
+    def wait(self, proc: ProcTuple, deadline_ns: int, cancel_fd: int, cap_out: bytearray | None,
+             cap_err: bytearray | None) -> tuple[int, StatusTuple | None]: ...
+    def kill_tree(self, proc: ProcTuple, cgroup_fd: int, grace_ns: int, kill_wait_ns: int,
+                  cap_out: bytearray | None, cap_err: bytearray | None) -> tuple[int, StatusTuple | None]: ...
+
+
+if TYPE_CHECKING:  # mypy checks both bindings against Binding (load() can only cast)
+    from pyexec import _native, _native_cffi
+    _cython: Binding = _native
+    _cffi: Binding = _native_cffi
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +143,7 @@ class Proc:
     out_fd: int
     err_fd: int
 
-    def astuple(self) -> tuple:
+    def astuple(self) -> ProcTuple:
         return (self.pid, self.pidfd, self.out_fd, self.err_fd)
 
     def close(self) -> None:
@@ -116,7 +153,7 @@ class Proc:
                 os.close(fd)
 
 
-def read_set(buf) -> SetRecord:
+def read_set(buf: ReadableBuffer) -> SetRecord:
     """Decode a px_set from buf."""
     h = _SET_HEADER.unpack_from(buf, 0)
     magic, n = h[0], h[2]
@@ -143,19 +180,19 @@ def _field_offset(st: struct.Struct, index: int) -> tuple[int, str]:
     return struct.calcsize("=" + fmt[:index]), "=" + fmt[index]
 
 
-def set_header(buf, **fields: int) -> None:
+def set_header(buf: SetBuffer, **fields: int) -> None:
     """Store header fields of a px_set in buf (e.g. controller_pid, deadline_ns, guardian_state)."""
     for name, value in fields.items():
         off, fmt = _field_offset(_SET_HEADER, _HEADER_FIELDS.index(name))
         struct.pack_into(fmt, buf, off, value)
 
 
-def set_mount_fd(buf, i: int, fd: int) -> None:
+def set_mount_fd(buf: SetBuffer, i: int, fd: int) -> None:
     """Store the fd of mount i of a px_set in buf (recover reopens a dead run's mounts)."""
     struct.pack_into("=i", buf, _SET_HEADER.size + i * _MOUNT.size, fd)
 
 
-def read_capture(buf) -> Captured:
+def read_capture(buf: bytearray) -> Captured:
     """Decode a px_capture from buf."""
     total, dropped, head_len, tail_len, tail_pos, _eof = _CAP_HEADER.unpack_from(buf, 0)
     base = _CAP_HEADER.size
@@ -171,7 +208,7 @@ def read_capture(buf) -> Captured:
 class Native:
     """One binding of the native core, with results decoded into Python objects."""
 
-    def __init__(self, mod):
+    def __init__(self, mod: Binding):
         self.mod = mod
         self.name = mod.NAME
         self.set_size = mod.SET_SIZE
@@ -181,12 +218,13 @@ class Native:
             raise ImportError(f"{self.name}: px_set layout does not match pyexec.native")
         if self.capture_size != _CAP_HEADER.size + 2 * CAP_HALF:
             raise ImportError(f"{self.name}: px_capture layout does not match pyexec.native")
-        if hasattr(mod, "offsets"):  # cffi knows the compiler's offsetof: every field, not only sizes
+        offsets: Callable[[str, Iterable[str]], list[int]] | None = getattr(mod, "offsets", None)
+        if offsets is not None:  # cffi knows the compiler's offsetof: every field, not only sizes
             for cname, st, names, tail in (("px_set", _SET_HEADER, _HEADER_FIELDS, "m"),
                                            ("px_mount", _MOUNT, _MOUNT_FIELDS, None),
                                            ("px_capture", _CAP_HEADER, _CAP_FIELDS, "head")):
                 want = [_field_offset(st, i)[0] for i in range(len(names))] + ([st.size] if tail else [])
-                if mod.offsets(cname, names + ((tail,) if tail else ())) != want:
+                if offsets(cname, names + ((tail,) if tail else ())) != want:
                     raise ImportError(f"{self.name}: {cname} field offsets do not match pyexec.native")
 
     def now_ns(self) -> int:
@@ -205,23 +243,24 @@ class Native:
         """Memory for one output capture."""
         return bytearray(self.capture_size)
 
-    def set_init(self, buf, fds) -> int:
+    def set_init(self, buf: SetBuffer, fds: Iterable[int]) -> int:
         """Load fds (in freeze order) into buf: 0 or -errno."""
         return self.mod.set_init(buf, list(fds))
 
-    def freeze(self, buf, flags: int = 0) -> int:
+    def freeze(self, buf: SetBuffer, flags: int = 0) -> int:
         """FIFREEZE every mount of buf in order: 0 or -errno (buf says which failed)."""
         return self.mod.freeze(buf, flags)
 
-    def thaw(self, buf, flags: int = 0) -> int:
+    def thaw(self, buf: SetBuffer, flags: int = 0) -> int:
         """FITHAW what buf says is ours, in reverse: 0 or the first -errno."""
         return self.mod.thaw(buf, flags)
 
-    def rcu_restore(self, buf) -> int:
+    def rcu_restore(self, buf: SetBuffer) -> int:
         """Put rcu_expedited back where buf says it is still ours."""
         return self.mod.rcu_restore(buf)
 
-    def spawn(self, argv, env, path=None, exec_fd: int = -1, cgroup_fd: int = -1) -> Proc:
+    def spawn(self, argv: Sequence[StrOrBytesPath], env: Mapping[str, str], path: StrOrBytesPath | None = None,
+              exec_fd: int = -1, cgroup_fd: int = -1) -> Proc:
         """Spawn argv with env (a dict); OSError on exec failure.  Executes path (argv[0] when neither
         path nor exec_fd is given), with exec_fd (if >= 0) as fd 3 in the child; path None and
         exec_fd >= 0 executes exec_fd itself."""
@@ -232,7 +271,8 @@ class Native:
         bpath = os.fsencode(path) if path is not None else None
         return Proc(*self.mod.spawn(bpath, exec_fd, bargv, benv, cgroup_fd))
 
-    def wait(self, proc: Proc, deadline_ns: int = -1, out=None, err=None, cancel_fd: int = -1) -> Status | None:
+    def wait(self, proc: Proc, deadline_ns: int = -1, out: bytearray | None = None, err: bytearray | None = None,
+             cancel_fd: int = -1) -> Status | None:
         """Wait for proc to exit (reaped: Status) or for the deadline (None); Cancelled when
         cancel_fd becomes readable first (proc not reaped)."""
         rc, st = self.mod.wait(proc.astuple(), deadline_ns, cancel_fd, out, err)
@@ -240,15 +280,15 @@ class Native:
             raise Cancelled()
         return self._status(rc, st, "wait")
 
-    def kill_tree(self, proc: Proc, grace_ns: int, kill_wait_ns: int, out=None, err=None,
-                  cgroup_fd: int = -1) -> Status | None:
+    def kill_tree(self, proc: Proc, grace_ns: int, kill_wait_ns: int, out: bytearray | None = None,
+                  err: bytearray | None = None, cgroup_fd: int = -1) -> Status | None:
         """TERM the tree, wait grace_ns, KILL it, reap: Status, or None if it would not die."""
         rc, st = self.mod.kill_tree(proc.astuple(), cgroup_fd, grace_ns, kill_wait_ns, out, err)
         return self._status(rc, st, "kill_tree")
 
     @staticmethod
-    def _status(rc, st, what):
-        if rc == 0:
+    def _status(rc: int, st: StatusTuple | None, what: str) -> Status | None:
+        if rc == 0 and st is not None:
             return Status(st[0], st[1], bool(st[2]), *st[3:])
         if rc == -errno.ETIMEDOUT:
             return None
@@ -283,7 +323,8 @@ def load(name: str) -> Native:
     if name not in _MODULES:
         raise ValueError(f"unknown backend {name!r}: choose cython or cffi")
     if name not in _loaded:
-        _loaded[name] = Native(importlib.import_module(_MODULES[name]))
+        # A module satisfies Binding structurally; import_module can only say ModuleType.
+        _loaded[name] = Native(cast(Binding, importlib.import_module(_MODULES[name])))
     return _loaded[name]
 
 

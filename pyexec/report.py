@@ -2,14 +2,42 @@
 from __future__ import annotations
 
 import os
+from typing import TypedDict
 
 import orjson
 
 from pyexec import scripts
-from pyexec.errors import TABLE
+from pyexec.errors import TABLE, ErrorDict
+from pyexec.host import RunReport
+from pyexec.window import WindowDict
 
 
-def to_dict(rep) -> dict:
+class SnapshotDict(TypedDict):
+    state: str  # taken | skipped | failed
+    detail: str
+    command: scripts.ScriptDict | None
+
+
+class ReportDict(TypedDict):
+    """The JSON report of a run (`pyexec run --json`)."""
+
+    outcome: str
+    code: int
+    error: str | None
+    interrupted: str | None
+    problems: list[ErrorDict]
+    warnings: list[str]
+    snapshot: SnapshotDict
+    mounts: list[str]
+    phases_ns: dict[str, int]
+    pre: list[scripts.ScriptDict]
+    post: list[scripts.ScriptDict]
+    window: WindowDict | None
+    pid: int
+    kernel: dict[str, str]
+
+
+def to_dict(rep: RunReport) -> ReportDict:
     """A RunReport as plain data."""
     return {
         "outcome": rep.outcome,
@@ -30,12 +58,12 @@ def to_dict(rep) -> dict:
     }
 
 
-def dumps(rep) -> bytes:
+def dumps(rep: RunReport) -> bytes:
     """The report as indented JSON."""
     return orjson.dumps(to_dict(rep), option=orjson.OPT_INDENT_2)
 
 
-def summary(rep) -> str:
+def summary(rep: RunReport) -> str:
     """A few lines for a person."""
     lines = [f"outcome: {rep.outcome}" + (f" (code {rep.code} {TABLE[rep.code].name})" if rep.code else "")
              + (f", interrupted by {rep.interrupted}" if rep.interrupted else "")]
@@ -46,8 +74,8 @@ def summary(rep) -> str:
         w = rep.window
         lines.append(f"  freeze window    {w.length_ns / 1e3:10.1f} µs  (ioctls {w.ioctl_ns / 1e3:.1f} µs, "
                      f"snapshot {w.hold_ns / 1e3:.1f} µs, pyexec {w.overhead_ns / 1e3:.1f} µs)")
-    for w in rep.warnings:
-        lines.append(f"  warning: {w}")
+    for warning in rep.warnings:
+        lines.append(f"  warning: {warning}")
     for e in rep.check_errors:
         lines.append(f"  problem {e.describe()}")
     for r in rep.pre + rep.post:

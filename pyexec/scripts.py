@@ -11,6 +11,8 @@ import pwd
 import shlex
 import shutil
 import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TypedDict
 
 from pyexec import native, trust
 from pyexec.errors import TABLE, PyexecError
@@ -29,6 +31,35 @@ OK_STATUS = 0
 CODES = {"pre": {"failed": 300, "timeout": 308, "host_timeout": 310},
          "post": {"failed": 301, "timeout": 309, "host_timeout": 311}}
 _cg_seq = itertools.count()
+CommandArg = str | bytes | os.PathLike[str] | os.PathLike[bytes]  # an element of a snapshot argv
+
+
+class OutputDict(TypedDict):
+    """Captured output as report fields."""
+
+    text: str  # head and tail, undecodable bytes escaped
+    total: int
+    dropped: int
+
+
+class ScriptDict(TypedDict):
+    """A ScriptResult as report fields."""
+
+    plugin: str
+    phase: str
+    path: str
+    tries: int
+    exit_code: int | None
+    signal: int
+    timed_out: bool
+    duration_ns: int
+    stdout: OutputDict | None
+    stderr: OutputDict | None
+    error_code: int
+    error: str | None
+    continue_backup: bool
+    detail: str
+    cancelled: bool
 
 
 @dataclasses.dataclass
@@ -54,9 +85,9 @@ class ScriptResult:
     def ok(self) -> bool:
         return self.error_code == 0
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> ScriptDict:
         """The result as report fields (output as text, undecodable bytes escaped)."""
-        def text(c):
+        def text(c: native.Captured | None) -> OutputDict | None:
             if c is None:
                 return None
             return {"text": c.data.decode("utf-8", "backslashreplace"), "total": c.total, "dropped": c.dropped}
@@ -145,7 +176,7 @@ class _Warden:
 
 
 @contextlib.contextmanager
-def script_cgroup(enabled: bool = True):
+def script_cgroup(enabled: bool = True) -> Iterator[int]:
     """A fresh leaf cgroup (its fd) for one script, or -1 where cgroup v2 is unusable.
 
     While the script runs the leaf is named run-N, which the warden kills if this process dies.
@@ -165,7 +196,7 @@ def script_cgroup(enabled: bool = True):
     finally:
         if fd is not None:
             os.close(fd)
-        if run:
+        if run and warden:  # run is only made inside warden's directory
             _retire(run, os.path.join(warden.path, "done"))
 
 
@@ -211,8 +242,9 @@ def _runs_directly(script: TrustedFile) -> bool:
     return script.executable and (head.startswith(b"#!") or head == b"\x7fELF")
 
 
-def _attempt(nat: native.Native, argv, path, exec_fd: int, env: dict, deadline: int, cancel_fd: int,
-             use_cgroup: bool, on_stop=None):
+def _attempt(nat: native.Native, argv: Sequence[str], path: str, exec_fd: int, env: Mapping[str, str],
+             deadline: int, cancel_fd: int, use_cgroup: bool, on_stop: Callable[[], None] | None = None,
+             ) -> tuple[native.Status | None, native.Captured, native.Captured, bool, bool]:
     """Spawn once and wait: (status or None, out, err, timed_out, cancelled); OSError if it cannot
     start.  On the deadline or a cancel, on_stop() runs first (the snapshot's window thaws), then
     the whole tree is killed and reaped."""
@@ -237,8 +269,8 @@ def _attempt(nat: native.Native, argv, path, exec_fd: int, env: dict, deadline: 
     return st, native.read_capture(out), native.read_capture(err), timed_out, cancelled
 
 
-def run_script(script: TrustedFile, params, phase: str, timeout_s: float, retries: int,
-               continue_on_failure: bool, plugin: str = "", env_extra: dict | None = None,
+def run_script(script: TrustedFile, params: Sequence[str], phase: str, timeout_s: float, retries: int,
+               continue_on_failure: bool, plugin: str = "", env_extra: Mapping[str, str] | None = None,
                nat: native.Native | None = None, use_cgroup: bool = True, cancel_fd: int = -1,
                host_limit: bool = False) -> ScriptResult:
     """Run script (already checked and open) until it succeeds, its tries run out, the deadline
@@ -295,7 +327,7 @@ def run_script(script: TrustedFile, params, phase: str, timeout_s: float, retrie
     return res
 
 
-def resolve_command(command) -> list[str]:
+def resolve_command(command: str | bytes | Iterable[CommandArg]) -> list[str]:
     """A snapshot command (a string split with shell rules, or an argv list) as an argv whose first
     element is an absolute path to an executable file; ValueError saying what is wrong.
 
@@ -328,7 +360,7 @@ def resolve_command(command) -> list[str]:
     return [prog, *argv[1:]]
 
 
-def run_command(argv: list[str], deadline_ns: int, cancel_fd: int = -1, on_stop=None,
+def run_command(argv: list[str], deadline_ns: int, cancel_fd: int = -1, on_stop: Callable[[], None] | None = None,
                 nat: native.Native | None = None) -> ScriptResult:
     """Run the snapshot command (an argv from resolve_command) as a script is run: its own cgroup,
     bounded output, its tree killed at deadline_ns or on cancel (after on_stop(): the thaw)."""

@@ -12,6 +12,12 @@ import contextlib
 import os
 import signal
 import threading
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any
+
+# What signal.signal returns: the previous handler.
+Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 # Every signal whose default action would end pyexec (SIGKILL and SIGSTOP cannot be caught; SIGPIPE
 # Python ignores already).
@@ -42,11 +48,11 @@ class Cancel:
         self.signum: int | None = None
         self._handle = handle_signals
         self._w = -1
-        self._old: dict = {}
+        self._old: dict[signal.Signals, Handler] = {}
         self._old_wakeup = -1
         self._raising = 0
 
-    def _handler(self, signum, _frame) -> None:
+    def _handler(self, signum: int, _frame: FrameType | None) -> None:
         # The wake-up fd has the signal.  Only inside raising() (the caller's own code, which no
         # fd can wake) does it unwind anything.
         if self._raising:
@@ -54,10 +60,11 @@ class Cancel:
             raise Interrupted(signum)
 
     @contextlib.contextmanager
-    def raising(self):
+    def raising(self) -> Iterator[None]:
         """Inside the block a signal raises Interrupted (at once if one came already)."""
-        if self.cancelled:
-            raise Interrupted(self._first())
+        first = self._first()
+        if first is not None:
+            raise Interrupted(first)
         self._raising = 1
         try:
             yield
@@ -77,7 +84,7 @@ class Cancel:
         self._old_wakeup = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.fd < 0:
             return
         if self._handle:

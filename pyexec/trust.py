@@ -41,7 +41,7 @@ class TrustedFile:
     path: str
     fd: int
     st: os.stat_result
-    kind: Kind | None = None
+    kind: Kind
 
     @property
     def executable(self) -> bool:
@@ -64,10 +64,10 @@ class TrustedFile:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self):
+    def __enter__(self) -> TrustedFile:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

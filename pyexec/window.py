@@ -12,7 +12,8 @@ import errno
 import mmap
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypedDict
 
 import orjson
 
@@ -33,6 +34,26 @@ class MountResult:
     thaw_start_ns: int
     thaw_end_ns: int
     sync_ns: int
+
+
+class WindowDict(TypedDict):
+    """A Window as report fields."""
+
+    paths: list[str]
+    backend: str
+    expedite: bool
+    presync: bool
+    timeout_s: float
+    start_ns: int
+    end_ns: int
+    length_ns: int
+    ioctl_ns: int
+    hold_ns: int
+    overhead_ns: int
+    rcu_expedited: str
+    guardian: str
+    mounts: list[dict[str, int | str]]  # MountResult's fields
+    error: errors.ErrorDict | None
 
 
 @dataclasses.dataclass
@@ -82,7 +103,7 @@ class Window:
         """Window time that is neither an ioctl nor the caller's: pyexec's own cost."""
         return max(0, self.length_ns - self.ioctl_ns - self.hold_ns)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> WindowDict:
         """The window as report fields."""
         return {
             "paths": self.paths, "backend": self.backend, "expedite": self.expedite, "presync": self.presync,
@@ -95,8 +116,9 @@ class Window:
 
 
 @contextlib.contextmanager
-def freeze(paths, timeout: float = limits.DEFAULT_TIMEOUT, expedite: bool = True, presync: bool = True,
-           guardian: bool = True, backend: native.Native | None = None, lock_wait: float = limits.DEFAULT_LOCK_WAIT):
+def freeze(paths: Iterable[limits.Path] | locks.Held, timeout: float = limits.DEFAULT_TIMEOUT, expedite: bool = True,
+           presync: bool = True, guardian: bool = True, backend: native.Native | None = None,
+           lock_wait: float = limits.DEFAULT_LOCK_WAIT) -> Iterator[Window]:
     """Freeze paths (mount points, or a Held from hold()) for the body of the with-block.
 
     Raises ValueError/TypeError for a bad timeout or paths; FreezeError (121/123) if the freeze
@@ -112,7 +134,7 @@ def freeze(paths, timeout: float = limits.DEFAULT_TIMEOUT, expedite: bool = True
 
 @contextlib.contextmanager
 def window(paths: list[str], timeout: float, expedite: bool = True, presync: bool = True,
-           guardian: bool = True, backend: native.Native | None = None):
+           guardian: bool = True, backend: native.Native | None = None) -> Iterator[Window]:
     """The window over paths exactly in the order given, unlocked: freeze() plans and locks first.
     (Tests call it directly to give an order freeze() would refuse.)"""
     nat = backend or native.default()
@@ -121,12 +143,17 @@ def window(paths: list[str], timeout: float, expedite: bool = True, presync: boo
     if len(paths) > nat.max_mounts:
         raise errors.FreezeError(121, f"{len(paths)} filesystems: at most {nat.max_mounts} per window")
     with contextlib.ExitStack() as stack:
-        stack.callback(lambda: [os.close(fd) for fd in fds])
+        @stack.callback
+        def close_fds() -> None:
+            for fd in fds:
+                os.close(fd)
         for p in paths:
             try:
                 fds.append(os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
             except OSError as err:
-                raise errors.FreezeError(123, f"cannot open mount point: {err.strerror}", p, errno=err.errno) from err
+                # os.open's OSError always carries an errno (typeshed allows None)
+                raise errors.FreezeError(123, f"cannot open mount point: {err.strerror}", p,
+                                         errno=err.errno or 0) from err
         os.makedirs(journal.RUN_DIR, mode=0o700, exist_ok=True)
         journal.recover(nat)  # a run killed together with its guardian left its mounts frozen: thaw them first
         path = win.journal = journal.journal_path()
@@ -186,7 +213,8 @@ def window(paths: list[str], timeout: float, expedite: bool = True, presync: boo
             raise win.error
 
 
-def _guardian_error(rec: native.SetRecord, g: "Guardian | None", timeout: float, win: Window):
+def _guardian_error(rec: native.SetRecord, g: Guardian | None, timeout: float,
+                    win: Window) -> errors.FreezeError | None:
     """The error a guardian's intervention means for the window, if any; sets win.guardian."""
     if g is None:
         return None

@@ -88,7 +88,8 @@ def test_sdist_holds_every_source_and_nothing_generated(dist):
     sdist, _ = dist
     assert sdist.name == f"pyexec-{VERSION}.tar.gz"
     names = set(sdist_members(sdist))
-    need = {"setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "pyexec/_native.pyx", "native/cffi_build.py"}
+    need = {"setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "pyexec/_native.pyx", "native/cffi_build.py",
+            "pyexec/_native.pyi", "pyexec/py.typed"}
     need |= {p.relative_to(ROOT).as_posix() for p in (ROOT / "native").glob("*.[ch]")}
     need |= tree_modules()
     assert "native/pyexec_core.h" in need and "native/guardian.c" in need and "native/warden.c" in need
@@ -124,6 +125,7 @@ def test_wheel_holds_both_bindings_and_both_programs(dist):
         mode = infos[f"pyexec/{prog}"].external_attr >> 16
         assert stat.S_ISREG(mode) and mode & 0o111 == 0o111, f"{prog} is not executable in the wheel: {oct(mode)}"
     assert not tree_modules() - names, f"modules missing from the wheel: {sorted(tree_modules() - names)}"
+    assert {"pyexec/py.typed", "pyexec/_native.pyi"} <= names, "typing information missing from the wheel"
     assert not [n for n in names if n.endswith((".pyx", ".c", ".h"))], "build sources in the wheel"
 
 

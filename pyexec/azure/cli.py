@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from collections.abc import Sequence
 
 import orjson
 
@@ -12,7 +13,7 @@ from pyexec import errors
 from pyexec.cli import MOUNT_HELP, config_arg, main, print_problems, version_arg
 
 
-def cmd_phase(args) -> int:
+def cmd_phase(args: argparse.Namespace) -> int:
     """`pluginhost pre|post`: one phase through the reference-shaped API."""
     from pyexec.azure import pluginhost
     ph = pluginhost.PluginHost(_StderrLogger() if not args.json else None)
@@ -41,11 +42,11 @@ def cmd_phase(args) -> int:
 class _StderrLogger:
     """The reference's logger interface, printing to stderr."""
 
-    def log(self, msg, local=True, level="Info"):
+    def log(self, msg: str, local: bool = True, level: str = "Info") -> None:
         print(f"pluginhost: {level}: {msg}", file=sys.stderr)
 
 
-def pluginhost_main(argv=None) -> int:
+def pluginhost_main(argv: Sequence[str] | None = None) -> int:
     """`pluginhost [--config PATH] {check,pre,post,run} [--json]`: the reference host's verbs."""
     ap = argparse.ArgumentParser(prog="pluginhost", description="The reference plugin host's verbs, over pyexec.")
     version_arg(ap)
@@ -68,7 +69,7 @@ def pluginhost_main(argv=None) -> int:
     return main([a.verb, "--config", a.config, *mounts] + (["--json"] if a.json else []))
 
 
-def safefreeze_main(argv=None) -> int:
+def safefreeze_main(argv: list[str] | None = None) -> int:
     """`safefreeze TIMEOUT_SECONDS MOUNT...`: the reference freeze helper, event-driven and guarded.
 
     Everything goes to stdout, as the reference prints it: its caller logs the helper's stdout."""

@@ -2,7 +2,16 @@
 over pyexec's check and script runner (event-driven, killing timed-out scripts, re-running retries)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Protocol
+
 from pyexec import config, host, scripts
+
+
+class Logger(Protocol):
+    """The reference's logger interface: what PluginHost calls on the logger it is given."""
+
+    def log(self, msg: str, local: bool, level: str) -> None: ...
 
 
 class PluginHostError:
@@ -19,13 +28,13 @@ class PluginHostError:
 class PluginHostResult:
     """A phase's outcome: one error entry per plugin, whether any failed, whether to go on."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.errors: list[PluginHostError] = []
         self.anyScriptFailed = False
         self.continueBackup = True
         self.errorCode = 0
-        self.fileCode: list = []
-        self.filePath: list = []
+        self.fileCode: list[int] = []  # the reference's fields, which its host leaves empty too
+        self.filePath: list[str] = []
         self.scripts: list[scripts.ScriptResult] = []  # pyexec's detail: tries, exit, output, duration
 
     def __str__(self) -> str:
@@ -36,15 +45,15 @@ class PluginHostResult:
 
 
 class _NullLogger:
-    def log(self, *_args, **_kw) -> None:
+    def log(self, msg: str, local: bool, level: str) -> None:
         pass
 
 
 class PluginHost:
     """The reference plugin host's interface: pre_check(), pre_script(), post_script()."""
 
-    def __init__(self, logger=None):
-        self.logger = logger or _NullLogger()
+    def __init__(self, logger: Logger | None = None):
+        self.logger: Logger = logger or _NullLogger()
         self.configLocation = config.HOST_CONFIG_PATH
         self.timeoutInSeconds = config.HOST_TIMEOUT_MAX
         self.pluginName: list[str] = []
@@ -57,6 +66,12 @@ class PluginHost:
 
     def pre_check(self) -> tuple[int, bool, bool]:
         """Check configs and scripts: (errorCode, dobackup, fsFreeze_on), as the reference returns them."""
+        checked = self._check()
+        # As the reference computes it; its caller skips the scripts when the code is not 0 and then
+        # snapshots only if dobackup (a problem with continueBackupOnFailure false fails the backup).
+        return checked.code, checked.dobackup, checked.fs_freeze
+
+    def _check(self) -> host.CheckResult:
         self.close()
         self._log(f"config file: {self.configLocation}")
         checked = self._checked = host.check(self.configLocation)
@@ -67,19 +82,16 @@ class PluginHost:
         self.pluginName = [p.entry.name for p in checked.plugins]
         self.noOfPlugins = len(checked.plugins)
         self.modulesLoaded = not checked.errors and self.noOfPlugins > 0
-        # As the reference computes it; its caller skips the scripts when the code is not 0 and then
-        # snapshots only if dobackup (a problem with continueBackupOnFailure false fails the backup).
-        return checked.code, checked.dobackup, checked.fs_freeze
+        return checked
 
-    def _phase(self, phase: str, env_extra=None) -> PluginHostResult:
-        if self._checked is None:
-            self.pre_check()
+    def _phase(self, phase: str, env_extra: Mapping[str, str] | None = None) -> PluginHostResult:
+        checked = self._checked if self._checked is not None else self._check()
         result = PluginHostResult()
         if not self.modulesLoaded:
-            result.errorCode = self._checked.code
+            result.errorCode = checked.code
             return result
         self._log(f"Starting {phase}script for all modules.")
-        result.scripts = host.run_phase(self._checked, phase, env_extra=env_extra)
+        result.scripts = host.run_phase(checked, phase, env_extra=env_extra)
         for r in result.scripts:
             result.errors.append(PluginHostError(r.error_code, r.plugin))
             if not r.ok:

@@ -18,6 +18,7 @@ import os
 import select
 import signal
 import time
+from collections.abc import Iterator
 
 from pyexec import errors, limits, native, window
 
@@ -58,7 +59,7 @@ def _protocol_line(err: errors.PyexecError) -> list[str]:
 
 
 @contextlib.contextmanager
-def _signal_pipe():
+def _signal_pipe() -> Iterator[int]:
     # Handlers that do nothing plus a wake-up fd: each signal becomes a byte to poll for.
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     old = {s: signal.signal(s, lambda *_: None) for s in (*THAW_SIGNALS, PARENT_DIED)}

@@ -31,18 +31,18 @@ class App:
         con.close()
         self.log = open(log, "ab", buffering=0)
 
-    def _enter(self):
+    def _enter(self) -> None:
         with self.gate:
             while not self.open:
                 self.gate.wait()
             self.in_flight += 1
 
-    def _leave(self):
+    def _leave(self) -> None:
         with self.gate:
             self.in_flight -= 1
             self.gate.notify_all()
 
-    def writer(self, wid: int):
+    def writer(self, wid: int) -> None:
         con = sqlite3.connect(self.db, timeout=30, isolation_level=None)
         n = 0
         while not self.stop:
@@ -52,14 +52,14 @@ class App:
                 cur = con.execute("INSERT INTO rows (writer, payload) VALUES (?, ?)", (wid, f"w{wid}-{n}" * 8))
                 con.execute("COMMIT")
                 with self.gate:
-                    self.last_row = max(self.last_row, cur.lastrowid)
+                    self.last_row = max(self.last_row, cur.lastrowid or 0)  # an INSERT always sets it
                 self._log(f"row {cur.lastrowid} by writer {wid}")
             finally:
                 self._leave()
             n += 1
             time.sleep(0.001)
 
-    def _log(self, text: str):
+    def _log(self, text: str) -> None:
         with self.gate:
             self.log_seq += 1
             body = f"{self.log_seq} {text}"

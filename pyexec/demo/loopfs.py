@@ -92,5 +92,5 @@ class LoopFS:
     def __enter__(self) -> "LoopFS":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

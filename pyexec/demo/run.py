@@ -7,6 +7,7 @@ both disks and reflinks (FICLONE) both images inside the window; the snapshots a
 mounted read-only and checked.  Everything is removed afterwards, on error or Ctrl-C too."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import os
@@ -18,14 +19,24 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import TypedDict
 
 import orjson
 
 from pyexec import host, report
 from pyexec.demo import app as demo_app
 from pyexec.demo import loopfs
+from pyexec.window import Window
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
+Verification = dict[str, object]  # what verify() found: mounts, integrity_check, last row and record, verdict
+
+
+class Round(TypedDict):
+    """One round of the demo's report."""
+
+    report: report.ReportDict
+    verification: Verification
 
 
 def _say(msg: str) -> None:
@@ -60,7 +71,7 @@ class Sandbox:
     def __init__(self, base: str | None, quiesce: bool):
         self.dir = tempfile.mkdtemp(prefix="pyexec-demo-", dir=base)
         self.fs: list[loopfs.LoopFS] = []
-        self.app: subprocess.Popen | None = None
+        self.app: subprocess.Popen[bytes] | None = None
         self.sock = os.path.join(self.dir, "app.sock")
         self.quiesce = quiesce
 
@@ -105,7 +116,7 @@ class Sandbox:
         self.log = os.path.join(self.log_fs.mountpoint, "app.log")
         self.app = subprocess.Popen([sys.executable, "-m", "pyexec.demo.app", "serve", self.db, self.log, self.sock],
                                     stdout=subprocess.PIPE, cwd="/")
-        if self.app.stdout.readline().strip() != b"ready":
+        if self.app.stdout is None or self.app.stdout.readline().strip() != b"ready":
             raise RuntimeError("the demo application did not start")
         time.sleep(0.5)
 
@@ -123,9 +134,9 @@ class Sandbox:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def verify(sb: Sandbox, rnd: int, snaps: dict, pre_reply: str | None) -> dict:
+def verify(sb: Sandbox, rnd: int, snaps: dict[str, str], pre_reply: str | None) -> Verification:
     """Mount the snapshot images read-only and check what the application left in them."""
-    res: dict = {"round": rnd}
+    res: Verification = {"round": rnd}
     vdir = os.path.join(sb.dir, f"verify{rnd}")
     os.mkdir(vdir)
     mounted = []
@@ -179,7 +190,7 @@ def verify(sb: Sandbox, rnd: int, snaps: dict, pre_reply: str | None) -> dict:
     return res
 
 
-def main(args) -> int:
+def main(args: argparse.Namespace) -> int:
     """Run the demo; exit 0 only when every round ends verified and app-consistent (2: not root).
 
     Progress goes to stderr; each round's summary and the verdict to stdout, or, with --json, to
@@ -193,7 +204,7 @@ def main(args) -> int:
         return 2
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     sb = Sandbox(args.dir, quiesce=not args.no_quiesce)
-    rounds: list[dict] = []
+    rounds: list[Round] = []
     ok, error = True, None
     try:
         sb.build()
@@ -202,7 +213,7 @@ def main(args) -> int:
             snaps = {"db": os.path.join(sb.outer.mountpoint, f"snap{rnd}-db.img"),
                      "log": os.path.join(sb.outer.mountpoint, f"snap{rnd}-log.img")}
 
-            def take(window, snaps=snaps):
+            def take(window: Window | None, snaps: dict[str, str] = snaps) -> None:
                 reflink(sb.db_fs.image, snaps["db"])
                 reflink(sb.log_fs.image, snaps["log"])
 
@@ -215,7 +226,7 @@ def main(args) -> int:
                 with contextlib.suppress(OSError):
                     pre_reply = open(os.path.join(sb.state, "pre.out")).read().strip() or None
             _say(f"round {rnd}: verifying the snapshot (read-only mounts, integrity_check, last row, last record)")
-            v = verify(sb, rnd, snaps, pre_reply) if rep.snapshot == "taken" else {"verified": False}
+            v: Verification = verify(sb, rnd, snaps, pre_reply) if rep.snapshot == "taken" else {"verified": False}
             before = demo_app.ctl("stats", sb.sock)
             time.sleep(0.3)
             after = demo_app.ctl("stats", sb.sock)
@@ -223,7 +234,7 @@ def main(args) -> int:
             rounds.append({"report": report.to_dict(rep), "verification": v})
             print(report.summary(rep), file=out)
             print(f"  verification: {_verdict(v)}", file=out)
-            ok = ok and v["verified"] and v["app_kept_running"] and rep.outcome == host.APP
+            ok = ok and bool(v["verified"]) and bool(v["app_kept_running"]) and rep.outcome == host.APP
             for img in snaps.values():
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(img)
@@ -258,19 +269,19 @@ def main(args) -> int:
 REPORT = "demo-report.json"
 
 
-def _write_report(path: str, doc: dict) -> None:
+def _write_report(path: str, doc: dict[str, object]) -> None:
     with open(path, "wb") as f:
         f.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
 
 
-def _emit(args, doc: dict) -> None:
+def _emit(args: argparse.Namespace, doc: dict[str, object]) -> None:
     """With --json, the report: the one document on stdout."""
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
         sys.stdout.flush()
 
 
-def _verdict(v: dict) -> str:
+def _verdict(v: Verification) -> str:
     parts = [f"integrity_check={v.get('integrity_check')}", f"db last row={v.get('db_last_row')}"]
     if "pre_script_last_row" in v:
         parts.append(f"quiesce point={v['pre_script_last_row']} ({'match' if v['db_matches_quiesce_point'] else 'MISMATCH'})")
