@@ -129,7 +129,8 @@ def plan_mounts(checked: CheckResult, mount_points=None) -> list[mounts.Mount]:
     """What a run freezes, in order: mount_points if given, else discovery minus mountsToSkip.
     `check` and `run` both choose with this."""
     if mount_points is not None:
-        return mounts.plan(limits.check_paths(mount_points))
+        mount_points = list(mount_points)
+        return mounts.plan(limits.check_paths(mount_points)) if mount_points else []
     skip = checked.host.mounts_to_skip if checked.host else ()
     return mounts.discover(skip=skip)
 
@@ -183,8 +184,10 @@ def run(host_path: str = config.HOST_CONFIG_PATH, mount_points=None, snapshot=No
     lock_wait = limits.check_timeout(lock_wait, "lock_wait", zero_ok=True)
     if snapshot is not None and not callable(snapshot):
         snapshot = scripts.resolve_command(snapshot)
-    if mount_points is not None:
-        mount_points = limits.check_paths(mount_points)
+    if mount_points is not None:  # [] freezes nothing (a snapshot without a freeze)
+        mount_points = list(mount_points)
+        if mount_points:
+            mount_points = limits.check_paths(mount_points)
     progress = _quiet(progress)
     operators = sorted(SHELL_OPERATORS & set(snapshot[1:])) if isinstance(snapshot, list) else []
     reraise = None
