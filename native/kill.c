@@ -1,6 +1,9 @@
 /* Kill a script's whole process tree: TERM, a grace period, KILL, reap.  The tree is its cgroup
- * where there is one (cgroup.kill, kernel 5.14; else the cgroup frozen (5.2), each pid killed,
- * thawed), plus its process group; without a cgroup only the group (what escapes then: README). */
+ * where there is one, plus its process group; without a cgroup only the group (what escapes then:
+ * README).  A cgroup v2 leaf: cgroup.kill (5.14), else frozen (cgroup.freeze, 5.2), each pid killed,
+ * thawed; its emptiness is an event (cgroup.events).  A cgroup v1 freezer leaf (a v1-only machine):
+ * frozen (freezer.state), each pid killed, thawed, and each killed pid's exit awaited on its pidfd,
+ * pass after pass until the leaf is empty; v1 has no emptiness event. */
 #define _GNU_SOURCE
 #include "pyexec_core.h"
 
@@ -10,8 +13,15 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#ifndef CGROUP_SUPER_MAGIC
+#define CGROUP_SUPER_MAGIC 0x27e0eb
+#endif
+#define KILL_PASSES 16
+#define MAX_LISTED 4096
 
 static void signal_tree(const px_proc *p, int sig)
 {
@@ -62,8 +72,9 @@ static int write_file(int dir_fd, const char *name, const char *val)
     return rc;
 }
 
-/* SIGKILL every pid listed in the cgroup's cgroup.procs; the count killed, or -errno. */
-static int kill_listed(int cgroup_fd)
+/* SIGKILL every pid listed in the cgroup's cgroup.procs, keeping up to max of them in pids (if
+ * given); the count killed, or -errno. */
+static int kill_listed(int cgroup_fd, pid_t *pids, int max)
 {
     char buf[4096];
     int fd = openat(cgroup_fd, "cgroup.procs", O_RDONLY | O_CLOEXEC);
@@ -79,8 +90,11 @@ static int kill_listed(int cgroup_fd)
         while ((nl = strchr(line, '\n')) != NULL) {
             *nl = 0;
             long pid = strtol(line, NULL, 10);
-            if (pid > 0 && kill((pid_t)pid, SIGKILL) == 0)
+            if (pid > 0 && kill((pid_t)pid, SIGKILL) == 0) {
+                if (pids && n < max)
+                    pids[n] = (pid_t)pid;
                 n++;
+            }
             line = nl + 1;
         }
         keep = len - (size_t)(line - buf);
@@ -90,26 +104,81 @@ static int kill_listed(int cgroup_fd)
     return n;
 }
 
+int px_cgroup_is_v1(int cgroup_fd)
+{
+    struct statfs sf;
+    return fstatfs(cgroup_fd, &sf) == 0 && sf.f_type == CGROUP_SUPER_MAGIC;
+}
+
+/* Wait until every pid of pids has exited, each on its own pidfd (kernel 5.3), or the deadline. */
+static void wait_pids_gone(const pid_t *pids, int n, int64_t deadline_ns)
+{
+    for (int i = 0; i < n; i++) {
+        int fd = (int)syscall(SYS_pidfd_open, pids[i], 0);
+        if (fd < 0)
+            continue; /* gone already (ESRCH), or no pidfd on this kernel */
+        struct pollfd pf = {fd, POLLIN, 0};
+        for (;;) {
+            struct timespec ts;
+            px_left_ts(deadline_ns, px_now_ns(), &ts);
+            int r = ppoll(&pf, 1, &ts, NULL);
+            if (!(r < 0 && errno == EINTR))
+                break;
+        }
+        close(fd);
+    }
+}
+
+/* A cgroup v1 freezer leaf: freeze it so nothing forks while its pids are listed and killed, thaw
+ * (the kills land), await those exits; again until a pass finds nobody.  0 once empty. */
+static int v1_kill_all(int cgroup_fd, int64_t deadline_ns)
+{
+    pid_t pids[MAX_LISTED];
+    for (int pass = 0; pass < KILL_PASSES && px_now_ns() < deadline_ns; pass++) {
+        int frozen = write_file(cgroup_fd, "freezer.state", "FROZEN") == 0;
+        int n = kill_listed(cgroup_fd, pids, MAX_LISTED);
+        if (frozen)
+            write_file(cgroup_fd, "freezer.state", "THAWED");
+        if (n <= 0)
+            return n;
+        if (!px_features_get()->pidfd_open)
+            return -ENOSYS; /* no way to await their exits without a timed poll: one pass only */
+        wait_pids_gone(pids, n < MAX_LISTED ? n : MAX_LISTED, deadline_ns);
+    }
+    return -ETIMEDOUT;
+}
+
 /* SIGKILL everything in the cgroup: cgroup.kill (5.14) in one step; else freeze it (5.2) so that
  * nothing forks while its pids are listed and killed, then thaw it; else one listing pass. */
 static void cgroup_kill_all(int cgroup_fd, int64_t deadline_ns)
 {
     const px_features *f = px_features_get();
+    if (px_cgroup_is_v1(cgroup_fd)) {
+        v1_kill_all(cgroup_fd, deadline_ns);
+        return;
+    }
     if (f->cgroup_kill && write_file(cgroup_fd, "cgroup.kill", "1") == 0)
         return;
     if (f->cgroup_freeze && write_file(cgroup_fd, "cgroup.freeze", "1") == 0) {
         cgroup_events_wait(cgroup_fd, "frozen 1", deadline_ns);
-        kill_listed(cgroup_fd);
+        kill_listed(cgroup_fd, NULL, 0);
         write_file(cgroup_fd, "cgroup.freeze", "0"); /* SIGKILL takes effect on the thaw */
         return;
     }
-    kill_listed(cgroup_fd);
+    kill_listed(cgroup_fd, NULL, 0);
+}
+
+/* Wait until the cgroup is empty: an event on v2; on v1 the kill passes have waited already. */
+static void cgroup_wait_empty(int cgroup_fd, int64_t deadline_ns)
+{
+    if (!px_cgroup_is_v1(cgroup_fd))
+        cgroup_events_wait(cgroup_fd, "populated 0", deadline_ns);
 }
 
 int px_cgroup_kill(int cgroup_fd, int64_t deadline_ns)
 {
     cgroup_kill_all(cgroup_fd, deadline_ns);
-    cgroup_events_wait(cgroup_fd, "populated 0", deadline_ns);
+    cgroup_wait_empty(cgroup_fd, deadline_ns);
     return 0;
 }
 
@@ -134,6 +203,6 @@ int px_kill_tree(const px_proc *p, int cgroup_fd, int64_t grace_ns, int64_t kill
     st->exit_seen_ns = seen;
     rc = px_reap(p, st);
     if (cgroup_fd >= 0) /* a setsid'd grandchild may still be dying */
-        cgroup_events_wait(cgroup_fd, "populated 0", px_now_ns() + kill_wait_ns);
+        cgroup_wait_empty(cgroup_fd, px_now_ns() + kill_wait_ns);
     return rc;
 }

@@ -190,6 +190,9 @@ int px_reap(const px_proc *p, px_status *st);
  * it is gone already.  For the guardian and the warden. */
 int px_watch_controller(pid_t ctl, int life_fd);
 
+/* Whether a cgroup directory fd is of a v1 hierarchy (the freezer's, on a v1-only machine). */
+int px_cgroup_is_v1(int cgroup_fd);
+
 /* SIGKILL every process in a cgroup and its descendants (cgroup.kill), then wait until it
  * is empty or the deadline passes.  For the warden; scripts are killed by px_kill_tree. */
 int px_cgroup_kill(int cgroup_fd, int64_t deadline_ns);

@@ -263,7 +263,8 @@ static int spawn_clone(const char *path, int exec_fd, char *const argv[], char *
         rc = -errno;
         goto done;
     }
-    int use_clone3 = cgroup_fd >= 0 && f->clone3_cgroup;
+    /* CLONE_INTO_CGROUP takes a cgroup v2 directory only; a v1 leaf is joined by the child. */
+    int use_clone3 = cgroup_fd >= 0 && f->clone3_cgroup && !px_cgroup_is_v1(cgroup_fd);
     if (cgroup_fd >= 0 && !use_clone3) {
         cg_procs = openat(cgroup_fd, "cgroup.procs", O_WRONLY | O_CLOEXEC);
         if (cg_procs < 0) {
@@ -271,9 +272,11 @@ static int spawn_clone(const char *path, int exec_fd, char *const argv[], char *
             goto done;
         }
     }
+    /* A child that joins its cgroup itself is outside it for a moment: if we die then, the warden's
+     * sweep would miss it, so it dies with us instead (and without any cgroup it always does). */
+    int die_with_us = cgroup_fd == PX_SPAWN_DIE_WITH_PARENT || cg_procs >= 0;
     struct child_args a = {path, exec_fd, out_w, err_w, devnull, ep_w, cg_procs,
-                           f->close_range_cloexec, cgroup_fd == PX_SPAWN_DIE_WITH_PARENT ? getpid() : 0,
-                           argv, envp};
+                           f->close_range_cloexec, die_with_us ? getpid() : 0, argv, envp};
     if (cgroup_fd < 0)
         cgroup_fd = -1;
     /* The child shares our memory until it execs: no handler of ours may run in it, so every

@@ -100,9 +100,13 @@ class ScriptResult:
         }
 
 
+def _disabled(name: str) -> bool:
+    return name in os.environ.get("PYEXEC_DISABLE", "").split(",")
+
+
 def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> str | None:
     """Where cgroup v2 is mounted, or None (also when PYEXEC_DISABLE names cgroup2)."""
-    if "cgroup2" in os.environ.get("PYEXEC_DISABLE", "").split(","):
+    if _disabled("cgroup2"):
         return None
     with contextlib.suppress(OSError), open(mountinfo) as f:
         for line in f:
@@ -112,24 +116,49 @@ def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> str | None:
     return None
 
 
+def freezer_v1_root(mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """Where the cgroup v1 freezer hierarchy is mounted, or None (also when PYEXEC_DISABLE names
+    cgroup_v1): the scripts' cgroups on a machine without a usable cgroup v2."""
+    if _disabled("cgroup_v1"):
+        return None
+    with contextlib.suppress(OSError), open(mountinfo) as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            rf = right.split()
+            if rf[:1] == ["cgroup"] and len(rf) >= 3 and "freezer" in rf[2].split(","):
+                return left.split()[4]
+    return None
+
+
+def cgroup_root() -> tuple[str, str] | None:
+    """Where the scripts' cgroups go: (cgroup v2 mount, "v2"), else (v1 freezer mount, "v1"), else None."""
+    v2 = cgroup2_root()
+    if v2:
+        return v2, "v2"
+    v1 = freezer_v1_root()
+    return (v1, "v1") if v1 else None
+
+
 def kernel_paths(nat: native.Native | None = None) -> dict[str, str]:
     """Which path each kernel-dependent job takes on this machine (probed once): for `pyexec
     check`, `pyexec status` and the report."""
     f = (nat or native.default()).features()
-    cg = cgroup2_root() is not None
-    if not cg:
-        kill = "process group (no cgroup v2; the script dies with pyexec by PR_SET_PDEATHSIG)"
-    elif f["cgroup_kill"]:
-        kill = "cgroup.kill"
-    elif f["cgroup_freeze"]:
-        kill = "cgroup freeze + kill + thaw"
+    cg = cgroup_root()
+    if cg is None:
+        kill = "process group (no cgroup; the script dies with pyexec by PR_SET_PDEATHSIG)"
+        join = "none (no cgroup)"
+    elif cg[1] == "v1":
+        kill = ("cgroup v1 freezer: freeze, kill each pid, thaw, await their pidfds" if f["pidfd_open"]
+                else "cgroup v1 freezer: freeze, kill each pid, thaw (one pass: no pidfd to await them)")
+        join = "vfork child writes cgroup.procs (cgroup v1 freezer)"
     else:
-        kill = "kill of each pid in cgroup.procs"
+        kill = ("cgroup.kill" if f["cgroup_kill"] else "cgroup freeze + kill + thaw" if f["cgroup_freeze"]
+                else "kill of each pid in cgroup.procs")
+        join = "clone3 CLONE_INTO_CGROUP" if f["clone3_cgroup"] else "vfork child writes cgroup.procs"
     return {
         "child waits": "pidfd" if f["pidfd_open"] else "waiter thread + pipe (no pidfd_open)",
         "reaping": "waitid P_PIDFD" if f["waitid_pidfd"] else "waitid P_PID",
-        "cgroup join": ("clone3 CLONE_INTO_CGROUP" if f["clone3_cgroup"] else "vfork child writes cgroup.procs")
-        if cg else "none (no cgroup v2)",
+        "cgroup join": join,
         "tree kill": kill,
         "fd closing": "close_range" if f["close_range_cloexec"] else "/proc/self/fd walk",
         "guardian watch": "pidfd" if f["pidfd_open"] else "life pipe hang-up",
@@ -163,13 +192,13 @@ class _Warden:
 
     @classmethod
     def get(cls) -> "_Warden | None":
-        """The warden of this process (started on first use), or None without a usable cgroup v2."""
+        """The warden of this process (started on first use), or None without a usable cgroup."""
         with cls._lock:
             cur = cls._current
             if cur is None or cur.pid != os.getpid():  # a forked child needs its own
-                root = cgroup2_root()
+                found = cgroup_root()
                 try:
-                    cur = cls._current = cls(root) if root else None
+                    cur = cls._current = cls(found[0]) if found else None
                 except OSError:
                     cur = None
             return cur

@@ -10,7 +10,9 @@ Profiles (what each answers differently from this machine's kernel):
           falls back from ENOSYS only, and pyexec's probe takes the same fallback for E2BIG); no
           cgroup.kill
   5.7     no close_range (ENOSYS); no cgroup.kill
-  v1      this kernel, cgroup v2 hidden (a cgroup-v1-only machine)
+  4.18-v1 4.18 with cgroup v2 hidden: RHEL 8 as it boots by default (cgroup v1 only)
+  v1      this kernel, cgroup v2 hidden (a cgroup-v1-only machine: the v1 freezer hierarchy)
+  nocgroup this kernel with no usable cgroup at all
   native  this kernel as it is
 The filter is inherited by every child, so a whole pytest run sees one kernel."""
 from __future__ import annotations
@@ -37,11 +39,17 @@ PROFILES = {
              "cgroup_kill,cgroup_freeze"),
     "5.4": ({"clone3": errno.ENOSYS, "close_range": errno.ENOSYS}, "cgroup_kill"),
     "5.7": ({"close_range": errno.ENOSYS}, "cgroup_kill"),
+    "4.18-v1": ({"pidfd_open": errno.ENOSYS, "pidfd_send_signal": errno.ENOSYS, "clone3": errno.ENOSYS,
+                 "close_range": errno.ENOSYS, "waitid": ("arg0", P_PIDFD, errno.EINVAL)},
+                "cgroup_kill,cgroup_freeze,cgroup2"),
     "v1": ({}, "cgroup2"),
+    "nocgroup": ({}, "cgroup2,cgroup_v1"),
     "native": ({}, ""),
 }
 # What pyexec's probe must then report (native.Native.features()); None: as this machine has it.
 EXPECTED = {
+    "4.18-v1": {"pidfd_open": False, "waitid_pidfd": False, "clone3_cgroup": False, "close_range_cloexec": False,
+                "cgroup_kill": False, "cgroup_freeze": False},
     "4.18": {"pidfd_open": False, "waitid_pidfd": False, "clone3_cgroup": False, "close_range_cloexec": False,
              "cgroup_kill": False, "cgroup_freeze": False},
     "5.4": {"pidfd_open": True, "waitid_pidfd": True, "clone3_cgroup": False, "close_range_cloexec": False,
@@ -49,6 +57,7 @@ EXPECTED = {
     "5.7": {"pidfd_open": True, "waitid_pidfd": True, "clone3_cgroup": True, "close_range_cloexec": False,
             "cgroup_kill": False, "cgroup_freeze": True},
     "v1": None,
+    "nocgroup": None,
     "native": None,
 }
 

@@ -1,5 +1,5 @@
 """The suite under each kernel profile (tests/kernel_profile.py): a seccomp filter answers pyexec's
-syscalls as RHEL 8 (4.18), Ubuntu 20.04 (5.4) or 5.7 would, or cgroup v2 is hidden.  Each profile's
+syscalls as RHEL 8 (4.18), Ubuntu 20.04 (5.4) or 5.7 would, and cgroup v2 (or every cgroup) is hidden.  Each profile's
 probe must report its fallbacks, and the spawn, scripts, freeze, host, safefreeze, promise and kill-storm
 tests must pass on them (with both bindings where a test takes `nat`).  Counts go to
 results/kernel-profiles.json."""
@@ -30,7 +30,7 @@ def under(profile: str, *argv: str, **kw) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd="/", **kw)
 
 
-@pytest.mark.parametrize("profile", ["4.18", "5.4", "5.7", "v1"])
+@pytest.mark.parametrize("profile", ["4.18", "4.18-v1", "5.4", "5.7", "v1", "nocgroup"])
 def test_suite_under_kernel_profile(profile):
     probe = under(profile, sys.executable, "-c",
                   "import orjson; from pyexec import native, scripts\n"

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from pyexec import native
-from pyexec.scripts import cgroup2_root
+from pyexec.scripts import cgroup2_root, freezer_v1_root
 
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"}
 S = 1_000_000_000
@@ -230,9 +230,12 @@ def test_daemonizing_grandchild_does_not_delay_exit(nat, no_fd_leak):
         os.kill(daemon, signal.SIGKILL)
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or cgroup2_root() is None, reason="needs root and a cgroup2 mount")
-def test_cgroup_kill_reaches_setsid_descendants(nat, no_fd_leak):
-    cg = os.path.join(cgroup2_root(), f"pyexec-test-{os.getpid()}")
+@pytest.mark.parametrize("hierarchy", ["v2", "v1 freezer"])
+def test_cgroup_kill_reaches_setsid_descendants(nat, no_fd_leak, hierarchy):
+    root = cgroup2_root() if hierarchy == "v2" else freezer_v1_root()
+    if os.geteuid() != 0 or root is None:
+        pytest.skip(f"needs root and a cgroup {hierarchy} mount")
+    cg = os.path.join(root, f"pyexec-test-{os.getpid()}")
     os.mkdir(cg)
     cgfd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

@@ -296,13 +296,13 @@ def test_daemon_started_by_post_script_survives(tmp_path, mounts):
 
 
 def test_script_dies_with_a_sigkilled_pyexec(tmp_path, mounts):
-    """With a cgroup the warden kills the whole tree, a setsid'd descendant included; without one
-    (cgroup v1 only) the kernel kills the script itself (PR_SET_PDEATHSIG), and what it started
+    """With a cgroup (v2, or the v1 freezer) the warden kills the whole tree, a setsid'd descendant
+    included; without any the kernel kills the script itself (PR_SET_PDEATHSIG), and what it started
     can escape (README)."""
     m = mounts.make("ext4")
     tag = f"hung-{os.getpid()}-{time.monotonic_ns()}"
     started = tmp_path / "started"
-    escape = f"setsid sh -c 'sleep 300; : {tag}' &\n" if scripts.cgroup2_root() else ""
+    escape = f"setsid sh -c 'sleep 300; : {tag}' &\n" if scripts.cgroup_root() else ""
     hc = write_setup(tmp_path, pre=f"#!/bin/sh\ntouch {started}\n{escape}sleep 300 &\nwait\n".encode(),
                      plugin_doc={"preScriptParams": [tag]})
     p = subprocess.Popen([*PYEXEC, "run", "--config", hc, "--mount", m.mountpoint, "--quiet"],
@@ -418,9 +418,9 @@ def test_check_and_run_choose_mounts_alike(tmp_path, mounts):
 
 def test_timed_out_tree_dies_within_100ms_of_the_deadline(tmp_path):
     """A pre-script past its timeout goes with its whole tree, a setsid'd grandchild included."""
-    if scripts.cgroup2_root() is None:
-        pytest.skip("no cgroup v2 (kernel profile v1): a setsid'd grandchild escapes a process-group kill, "
-                    "as the README says; nothing else can reach it")
+    if scripts.cgroup_root() is None:
+        pytest.skip("no cgroup at all (kernel profile nocgroup): a setsid'd grandchild escapes a process-group "
+                    "kill, as the README says; nothing else can reach it")
     tag = f"late-{os.getpid()}-{time.monotonic_ns()}"
     hc = write_setup(tmp_path, pre=f"#!/bin/sh\nsetsid sh -c 'sleep 300; : {tag}' &\nsleep 300\n".encode(),
                      plugin_doc={"timeoutInSeconds": 1})
