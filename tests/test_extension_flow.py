@@ -362,3 +362,22 @@ def test_post_script_restarts_the_application_in_the_background(box):
         for pid in procs_matching(lambda argv: mark.encode() in argv):
             os.kill(pid, signal.SIGKILL)
 
+
+
+def test_daemon_restarted_by_pluginhost_post_outlives_the_host(tmp_path):
+    """`pluginhost post` as a caller runs it: the application its post-script starts in the
+    background is still running seconds after the host process has exited."""
+    import subprocess
+    import sys
+    from test_config_trust import write_setup
+    mark = f"app-{uuid.uuid4().hex[:8]}"
+    hc = write_setup(tmp_path, post=f"#!/bin/sh\nnohup sh -c 'sleep 300; :' {mark} >/dev/null 2>&1 &\n".encode())
+    prog = os.path.join(os.path.dirname(sys.executable), "pluginhost")
+    try:
+        res = subprocess.run([prog, "--config", hc, "post"], capture_output=True, cwd="/", timeout=60)
+        assert res.returncode == 0, res.stderr
+        time.sleep(3)
+        assert len(procs_matching(lambda argv: mark.encode() in argv)) == 1, "the warden killed the daemon"
+    finally:
+        for pid in procs_matching(lambda argv: mark.encode() in argv):
+            os.kill(pid, signal.SIGKILL)
