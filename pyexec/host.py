@@ -120,6 +120,7 @@ def run_phase(checked: CheckResult, phase: str, nat: native.Native | None = None
     """Run every plugin's pre- or post-script in parallel; one result per plugin, in config order.
     For a check without problems only: ValueError, before anything runs, for a plugin that failed it."""
     nat = nat or native.default()
+    base = scripts.base_env()
     jobs: list[Callable[[], scripts.ScriptResult]] = []
     for pc in checked.plugins:
         c = pc.config
@@ -131,7 +132,7 @@ def run_phase(checked: CheckResult, phase: str, nat: native.Native | None = None
         jobs.append(functools.partial(
             scripts.run_script, script=script, params=params, phase=phase, timeout_s=c.timeout, retries=retries,
             continue_on_failure=c.continue_on_failure, plugin=pc.entry.name, host_limit=c.host_limit,
-            env_extra=env_extra, nat=nat, cancel_fd=cancel_fd))
+            env_extra=env_extra, nat=nat, cancel_fd=cancel_fd, base=base))
     if len(jobs) <= 1:  # no thread to start for the common single plugin
         return [job() for job in jobs]
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs)) as ex:

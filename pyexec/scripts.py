@@ -301,14 +301,15 @@ def _attempt(nat: native.Native, argv: Sequence[str], path: str, exec_fd: int, e
 def run_script(script: TrustedFile, params: Sequence[str], phase: str, timeout_s: float, retries: int,
                continue_on_failure: bool, plugin: str = "", env_extra: Mapping[str, str] | None = None,
                nat: native.Native | None = None, use_cgroup: bool = True, cancel_fd: int = -1,
-               host_limit: bool = False) -> ScriptResult:
+               host_limit: bool = False, base: Mapping[str, str] | None = None) -> ScriptResult:
     """Run script (already checked and open) until it succeeds, its tries run out, the deadline
     passes or cancel_fd becomes readable (the run was interrupted: its tree is killed).
 
     `$0` is the configured path; each try first re-checks that the path still names the checked file
     (trust.recheck).  host_limit: timeout_s is the host config's limit (a timeout is then 310/311)."""
     nat = nat or native.default()
-    env = {**base_env(), "PYEXEC_PHASE": phase, **(env_extra or {})}
+    # base: base_env() computed once for a whole phase (its plugins start together).
+    env = {**(base if base is not None else base_env()), "PYEXEC_PHASE": phase, **(env_extra or {})}
     res = ScriptResult(plugin, phase, script.path)
     t0 = nat.now_ns()
     deadline = t0 + int(timeout_s * 1e9)
