@@ -160,3 +160,26 @@ def no_fd_leak():
     # listdir's own fd is gone by the time it returns; anything else is a leak.
     assert not leaked, f"fds leaked: {sorted(leaked)}"
 
+
+
+def kill_with_descendants(pids) -> None:
+    """SIGKILL pids and every process descended from them (a test's daemons and their children)."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat", "rb") as f:
+                    parent[int(d)] = int(f.read().rpartition(b")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    doomed = set(pids)
+    grew = True
+    while grew:
+        more = {p for p, pp in parent.items() if pp in doomed} - doomed
+        doomed |= more
+        grew = bool(more)
+    for p in doomed:
+        try:
+            os.kill(p, 9)
+        except ProcessLookupError:
+            pass

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import time
 import uuid
 
 import orjson
 import pytest
 
-from helpers import needs_root, procs_matching
+from helpers import kill_with_descendants, needs_root, procs_matching
 from pyexec import scripts, window
 from pyexec.azure import pluginhost
 from test_config_trust import make
@@ -359,8 +358,7 @@ def test_post_script_restarts_the_application_in_the_background(box):
         daemons = procs_matching(lambda argv: mark.encode() in argv)
         assert len(daemons) == 1, "the restarted application is not running"
     finally:
-        for pid in procs_matching(lambda argv: mark.encode() in argv):
-            os.kill(pid, signal.SIGKILL)
+        kill_with_descendants(procs_matching(lambda argv: mark.encode() in argv))
 
 
 
@@ -379,5 +377,4 @@ def test_daemon_restarted_by_pluginhost_post_outlives_the_host(tmp_path):
         time.sleep(3)
         assert len(procs_matching(lambda argv: mark.encode() in argv)) == 1, "the warden killed the daemon"
     finally:
-        for pid in procs_matching(lambda argv: mark.encode() in argv):
-            os.kill(pid, signal.SIGKILL)
+        kill_with_descendants(procs_matching(lambda argv: mark.encode() in argv))

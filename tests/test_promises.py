@@ -13,7 +13,7 @@ import time
 import orjson
 import pytest
 
-from helpers import needs_btrfs, needs_root, procs_matching
+from helpers import kill_with_descendants, needs_btrfs, needs_root, procs_matching
 from pyexec import errors, host, locks, native, scripts, window
 from pyexec.demo import loopfs
 from test_config_trust import write_setup
@@ -291,8 +291,7 @@ def test_daemon_started_by_post_script_survives(tmp_path, mounts):
         alive = procs_matching(lambda a: any(tag.encode() in x for x in a))
         assert len(alive) >= 2, "a daemon started by the post-script was killed after pyexec exited"
     finally:
-        for pid in procs_matching(lambda a: any(tag.encode() in x for x in a)):
-            os.kill(pid, signal.SIGKILL)
+        kill_with_descendants(procs_matching(lambda a: any(tag.encode() in x for x in a)))
 
 
 def test_script_dies_with_a_sigkilled_pyexec(tmp_path, mounts):
