@@ -130,11 +130,11 @@ def hold(paths: Iterable[limits.Path] | None, lock_wait: float = limits.DEFAULT_
     that needs a held lock waits up to lock_wait seconds (or until cancel_fd is readable), then
     FreezeError 121 names the holder's pid."""
     lock_wait = limits.check_timeout(lock_wait, "lock_wait", zero_ok=True)
-    plan = planned if planned is not None else mounts.plan(limits.check_paths(paths))
+    text = mounts.read_mountinfo()  # once, for the plan, the run directory and what lies beneath
+    plan = planned if planned is not None else mounts.plan(limits.check_paths(paths), text)
     devs = [m.dev for m in plan]
     os.makedirs(journal.RUN_DIR, mode=0o700, exist_ok=True)
-    run_dev = _superblock_of(journal.RUN_DIR)
-    if run_dev in devs:
+    if mounts.superblock_of(journal.RUN_DIR, text) in devs:
         raise errors.FreezeError(123, f"the run directory {journal.RUN_DIR} is on a filesystem to freeze "
                                  "(set PYEXEC_RUN_DIR to a directory on tmpfs)")
     with _held_lock:
@@ -150,7 +150,7 @@ def hold(paths: Iterable[limits.Path] | None, lock_wait: float = limits.DEFAULT_
         if os.path.isdir(AZURE_LOCK_DIR):
             fds.append(_lock(os.path.join(AZURE_LOCK_DIR, AZURE_LOCK_FILE), "the Azure extension's freeze lock",
                              deadline, posix=True, cancel_fd=cancel_fd))
-        below = {m.dev: m for m in mounts.underneath(plan)}
+        below = {m.dev: m for m in mounts.underneath(plan, text)}
         wanted = [(m, False) for m in plan] + [(m, True) for d, m in below.items() if d not in devs]
         for m, shared in sorted(wanted, key=lambda w: w[0].dev):  # one global order: runs cannot deadlock
             fds.append(_lock(os.path.join(journal.RUN_DIR, f"sb-{m.dev.replace(':', '-')}.lock"),
@@ -163,10 +163,3 @@ def hold(paths: Iterable[limits.Path] | None, lock_wait: float = limits.DEFAULT_
         with _held_lock:
             for d in devs:
                 _held.pop(d, None)
-
-
-def _superblock_of(path: str) -> str | None:
-    try:
-        return mounts.plan([path])[0].dev
-    except errors.PyexecError:
-        return None

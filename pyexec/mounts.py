@@ -102,11 +102,20 @@ def _host_of(mounts: Iterable[Mount], path: str) -> Mount | None:
     return max((m for m in mounts if _contains(m.mount_point, path)), key=lambda m: len(m.mount_point), default=None)
 
 
+def read_mountinfo() -> str:
+    """This process's /proc/self/mountinfo, to read once for several questions."""
+    with open("/proc/self/mountinfo") as f:
+        return f.read()
+
+
 def _mountinfo(text: str | None) -> list[Mount]:
-    if text is None:
-        with open("/proc/self/mountinfo") as f:
-            text = f.read()
-    return parse_mountinfo(text)
+    return parse_mountinfo(read_mountinfo() if text is None else text)
+
+
+def superblock_of(path: str, text: str | None = None) -> str | None:
+    """The superblock (major:minor) path lives on, or None."""
+    host = _host_of(_visible(_mountinfo(text)).values(), os.path.realpath(path))
+    return host.dev if host else None
 
 
 def select(mounts: list[Mount], skip: Iterable[str] = (), fstypes: Collection[str] = FREEZABLE,
