@@ -297,25 +297,33 @@ def test_daemon_started_by_post_script_survives(tmp_path, mounts):
 def test_script_dies_with_a_sigkilled_pyexec(tmp_path, mounts):
     """With a cgroup (v2, or the v1 freezer) the warden kills the whole tree, a setsid'd descendant
     included; without any the kernel kills the script itself (PR_SET_PDEATHSIG), and what it started
-    can escape (README)."""
+    can escape (README): the test then kills that itself."""
     m = mounts.make("ext4")
     tag = f"hung-{os.getpid()}-{time.monotonic_ns()}"
+    kid = f"kid-{os.getpid()}-{time.monotonic_ns()}"  # the script's plain background child
     started = tmp_path / "started"
-    escape = f"setsid sh -c 'sleep 300; : {tag}' &\n" if scripts.cgroup_root() else ""
-    hc = write_setup(tmp_path, pre=f"#!/bin/sh\ntouch {started}\n{escape}sleep 300 &\nwait\n".encode(),
+    cgroup = scripts.cgroup_root() is not None
+    escape = f"setsid sh -c 'sleep 300; : {tag}' &\n" if cgroup else ""
+    hc = write_setup(tmp_path, pre=f"#!/bin/sh\ntouch {started}\n{escape}sh -c 'sleep 300; : {kid}' &\nwait\n".encode(),
                      plugin_doc={"preScriptParams": [tag]})
     p = subprocess.Popen([*PYEXEC, "run", "--config", hc, "--mount", m.mountpoint, "--quiet"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
-    while not started.exists():
-        time.sleep(0.002)
-    time.sleep(0.05)
-    assert len(procs_matching(lambda a: any(tag.encode() in x for x in a))) == (2 if escape else 1)
-    p.kill()
-    p.wait()
-    deadline = time.monotonic() + 5
-    while procs_matching(lambda a: any(tag.encode() in x for x in a)):
-        assert time.monotonic() < deadline, "a script outlived its SIGKILLed pyexec"
-        time.sleep(0.01)
+    try:
+        while not started.exists():
+            time.sleep(0.002)
+        time.sleep(0.05)
+        assert len(procs_matching(lambda a: any(tag.encode() in x for x in a))) == (2 if escape else 1)
+        p.kill()
+        p.wait()
+        deadline = time.monotonic() + 5
+        while procs_matching(lambda a: any(tag.encode() in x for x in a)) or (
+                cgroup and procs_matching(lambda a: any(kid.encode() in x for x in a))):
+            assert time.monotonic() < deadline, "a script or its child outlived its SIGKILLed pyexec"
+            time.sleep(0.01)
+    finally:
+        p.kill()
+        p.wait()
+        kill_with_descendants(procs_matching(lambda a: any(tag.encode() in x or kid.encode() in x for x in a)))
 
 
 # 7: locks
