@@ -11,6 +11,7 @@ import configparser
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -34,6 +35,11 @@ class PluginEntry:
     name: str
     path: str
     config_path: str
+
+    @property
+    def builtin(self) -> str | None:
+        """The built-in quiescer this plugin names (postgresql, mariadb), or None for the ScriptRunner."""
+        return BUILTIN_PLUGINS.get(self.name.lower())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,14 +203,23 @@ def _check(kind: str, value: object) -> tuple[object, str | None]:
             return None, f"must be true or false (unquoted), not {value!r}"
         return value, None
     if kind == "str":
-        if not isinstance(value, str):
+        if not isinstance(value, str) or "\0" in value:
             return None, f"must be a string, not {value!r}"
+        return value, None
+    if kind == "port":
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+            return None, f"must be a port number (1-65535), not {value!r}"
+        return value, None
+    if kind == "backupmode":
+        if value not in PG_BACKUP_MODES:
+            return None, f"must be one of {', '.join(PG_BACKUP_MODES)}, not {value!r}"
         return value, None
     raise AssertionError(kind)
 
 
-def parse_plugin(data: bytes, path: str = PLUGIN_CONFIG_PATH, host_timeout: int = HOST_TIMEOUT_MAX) -> PluginConfig:
-    """Parse a plugin config; Problems (code 305) lists every bad key."""
+def _parse_json(data: bytes, path: str, keys: Mapping[str, tuple[str, str, object]],
+                ignored: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """A JSON object's keys checked against keys: (fields, warnings); Problems (305) lists every bad key."""
     text = _decode(data, path, 305)
     try:
         doc = orjson.loads(text)  # strict JSON: no NaN/Infinity, integers within 64 bits
@@ -215,8 +230,8 @@ def parse_plugin(data: bytes, path: str = PLUGIN_CONFIG_PATH, host_timeout: int 
         raise Problems([ConfigError(305, f"the top level must be a JSON object, not {type(doc).__name__}", path)])
     errors: list[ConfigError] = []
     warnings: list[str] = []
-    fields: dict[str, Any] = {}  # PluginConfig's keyword arguments, each of its field's type (_check)
-    for key, (field, kind, default) in _PLUGIN_KEYS.items():
+    fields: dict[str, Any] = {}  # the dataclass's keyword arguments, each of its field's type (_check)
+    for key, (field, kind, default) in keys.items():
         if key not in doc:
             if default is None:
                 errors.append(ConfigError(305, "required key is missing", path, key))
@@ -229,18 +244,92 @@ def parse_plugin(data: bytes, path: str = PLUGIN_CONFIG_PATH, host_timeout: int 
         else:
             fields[field] = value
     for key in doc:
-        if key in _IGNORED_KEYS:
+        if key in ignored:
             value = doc[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                     (isinstance(value, float) and not math.isfinite(value)):
                 errors.append(ConfigError(305, f"must be a number, not {value!r}", path, key))
-            warnings.append(f"{key}: {_IGNORED_KEYS[key]}")
-        elif key not in _PLUGIN_KEYS:
+            warnings.append(f"{key}: {ignored[key]}")
+        elif key not in keys:
             warnings.append(f"unknown key {key!r} ignored")
     if errors:
         raise Problems(errors)
+    return fields, warnings
+
+
+def _clamp_timeout(fields: dict[str, Any], warnings: list[str], host_timeout: int) -> None:
     if fields["timeout"] > host_timeout:
         warnings.append(f"timeoutInSeconds {fields['timeout']} exceeds the host's {host_timeout}; using {host_timeout}")
         fields["timeout"] = host_timeout
         fields["host_limit"] = True
+
+
+def parse_plugin(data: bytes, path: str = PLUGIN_CONFIG_PATH, host_timeout: int = HOST_TIMEOUT_MAX) -> PluginConfig:
+    """Parse a plugin config; Problems (code 305) lists every bad key."""
+    fields, warnings = _parse_json(data, path, _PLUGIN_KEYS, _IGNORED_KEYS)
+    _clamp_timeout(fields, warnings, host_timeout)
     return PluginConfig(path=path, warnings=tuple(warnings), **fields)
+
+
+# pluginName<i> values that name a built-in quiescer instead of the ScriptRunner (case-insensitive).
+BUILTIN_PLUGINS = {"postgresql": "postgresql", "postgres": "postgresql", "mariadb": "mariadb", "mysql": "mariadb"}
+# Where a built-in quiescer connects when its config names no host: the distributions' sockets.
+DB_DEFAULTS = {"postgresql": {"host": "/var/run/postgresql", "port": 5432, "user": "postgres",
+                              "database": "postgres"},
+               "mariadb": {"host": "/run/mysqld/mysqld.sock", "port": 3306, "user": "root", "database": ""}}
+PG_BACKUP_LABEL_DIR = "/var/lib/pyexec/postgresql"
+PG_BACKUP_MODES = ("auto", "always", "never")
+LOCK_WAIT_DEFAULT = 10  # seconds FLUSH TABLES WITH READ LOCK may wait (lock_wait_timeout)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatabaseConfig:
+    """A built-in quiescer's JSON config; `timeout` (each of quiesce and release) is min(plugin, host)."""
+
+    path: str
+    engine: str  # postgresql | mariadb
+    host: str  # a hostname, or an absolute path: PostgreSQL's socket directory, MariaDB's socket file
+    port: int
+    user: str
+    database: str
+    credentials_file: str = ""  # its first line is the password
+    timeout: int = PLUGIN_TIMEOUT_DEFAULT
+    host_limit: bool = False
+    continue_on_failure: bool = True
+    fs_freeze: bool = True
+    lock_wait: int = LOCK_WAIT_DEFAULT
+    flush_logs: bool = True
+    backup_mode: str = "auto"
+    backup_label_dir: str = PG_BACKUP_LABEL_DIR
+    warnings: tuple[str, ...] = ()
+
+
+def _db_keys(engine: str) -> dict[str, tuple[str, str, object]]:
+    d = DB_DEFAULTS[engine]
+    keys: dict[str, tuple[str, str, object]] = {
+        "host": ("host", "str", d["host"]),
+        "port": ("port", "port", d["port"]),
+        "user": ("user", "str", d["user"]),
+        "database": ("database", "str", d["database"]),
+        "credentialsFile": ("credentials_file", "path", ""),
+        "timeoutInSeconds": ("timeout", "timeout", PLUGIN_TIMEOUT_DEFAULT),
+        "continueBackupOnFailure": ("continue_on_failure", "bool", True),
+        "fsFreezeEnabled": ("fs_freeze", "bool", True),
+    }
+    if engine == "mariadb":
+        keys["lockWaitTimeoutInSeconds"] = ("lock_wait", "timeout", LOCK_WAIT_DEFAULT)
+        keys["flushLogs"] = ("flush_logs", "bool", True)
+    else:
+        keys["backupMode"] = ("backup_mode", "backupmode", "auto")
+        keys["backupLabelDirectory"] = ("backup_label_dir", "path", PG_BACKUP_LABEL_DIR)
+    return keys
+
+
+def parse_database(data: bytes, path: str, engine: str, host_timeout: int = HOST_TIMEOUT_MAX) -> DatabaseConfig:
+    """Parse a built-in quiescer's config (engine: postgresql | mariadb); Problems (305) lists every bad key."""
+    fields, warnings = _parse_json(data, path, _db_keys(engine), {})
+    if engine == "mariadb" and fields["lock_wait"] >= min(fields["timeout"], host_timeout):
+        raise Problems([ConfigError(305, f"must be less than timeoutInSeconds ({fields['timeout']}): the lock "
+                                         "wait is part of the quiesce's bound", path, "lockWaitTimeoutInSeconds")])
+    _clamp_timeout(fields, warnings, host_timeout)
+    return DatabaseConfig(path=path, engine=engine, warnings=tuple(warnings), **fields)

@@ -9,7 +9,7 @@ import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
-from pyexec import config, errors, limits, locks, mounts, native, scripts, signals, trust, window
+from pyexec import config, errors, limits, locks, mounts, native, quiesce, scripts, signals, trust, window
 
 APP = "app-consistent"
 FS = "file-system-consistent"
@@ -26,9 +26,10 @@ class PluginCheck:
     """One plugin as the check found it; scripts are open, checked files."""
 
     entry: config.PluginEntry
-    config: config.PluginConfig | None = None
+    config: config.PluginConfig | config.DatabaseConfig | None = None
     pre: trust.TrustedFile | None = None
     post: trust.TrustedFile | None = None
+    quiescer: quiesce.Quiescer | None = None  # a built-in plugin (entry.builtin) that passed the check
 
 
 @dataclasses.dataclass
@@ -55,10 +56,13 @@ class CheckResult:
         return all(p.config.continue_on_failure for p in self.plugins if p.config)
 
     def close(self) -> None:
+        """Close the checked scripts, and end any database session still open."""
         for p in self.plugins:
             for f in (p.pre, p.post):
                 if f:
                     f.close()
+            if p.quiescer:
+                p.quiescer.close()
 
 
 def _load(path: str, kind: trust.Kind, parse: Callable[[bytes, str], _T],
@@ -83,12 +87,20 @@ def check(host_path: str = config.HOST_CONFIG_PATH) -> CheckResult:
     for entry in host.plugins:
         pc = PluginCheck(entry)
         res.plugins.append(pc)
-        pc.config = _load(entry.config_path, trust.PLUGIN,
-                          lambda data, p: config.parse_plugin(data, p, host.timeout), errs)
-        if pc.config is None:
+        engine = entry.builtin
+        if engine is not None:
+            db = pc.config = _load(entry.config_path, trust.PLUGIN,
+                                   lambda data, p: config.parse_database(data, p, engine, host.timeout), errs)
+            if db is not None:
+                res.warnings.extend(f"{entry.config_path}: {w}" for w in db.warnings)
+                pc.quiescer = quiesce.prepare(entry, db, errs)
             continue
-        res.warnings.extend(f"{entry.config_path}: {w}" for w in pc.config.warnings)
-        for attr, path, kind in (("pre", pc.config.pre_script, trust.PRE), ("post", pc.config.post_script, trust.POST)):
+        sc = pc.config = _load(entry.config_path, trust.PLUGIN,
+                               lambda data, p: config.parse_plugin(data, p, host.timeout), errs)
+        if sc is None:
+            continue
+        res.warnings.extend(f"{entry.config_path}: {w}" for w in sc.warnings)
+        for attr, path, kind in (("pre", sc.pre_script, trust.PRE), ("post", sc.post_script, trust.POST)):
             try:
                 setattr(pc, attr, trust.open_trusted(path, kind))
             except errors.PyexecError as e:
@@ -116,16 +128,23 @@ class RunReport:
 
 
 def run_phase(checked: CheckResult, phase: str, nat: native.Native | None = None,
-              env_extra: Mapping[str, str] | None = None, cancel_fd: int = -1) -> list[scripts.ScriptResult]:
-    """Run every plugin's pre- or post-script in parallel; one result per plugin, in config order.
+              env_extra: Mapping[str, str] | None = None, cancel_fd: int = -1,
+              filesystems: int = 1) -> list[scripts.ScriptResult]:
+    """Run every plugin's pre- or post-script (a built-in's quiesce or release) in parallel; one result
+    per plugin, in config order.  filesystems: how many the window freezes (PostgreSQL's backup mode).
     For a check without problems only: ValueError, before anything runs, for a plugin that failed it."""
     nat = nat or native.default()
     base = scripts.base_env()
+    snapshot = (env_extra or {}).get("PYEXEC_SNAPSHOT", "unknown")
     jobs: list[Callable[[], scripts.ScriptResult]] = []
     for pc in checked.plugins:
         c = pc.config
+        if pc.quiescer is not None:
+            jobs.append(functools.partial(pc.quiescer.pre, filesystems, cancel_fd, nat) if phase == "pre"
+                        else functools.partial(pc.quiescer.post, snapshot, nat))
+            continue
         script = pc.pre if phase == "pre" else pc.post
-        if c is None or script is None:
+        if not isinstance(c, config.PluginConfig) or script is None:
             raise ValueError(f"plugin {pc.entry.name} did not pass the check: its scripts cannot run")
         params = c.pre_params if phase == "pre" else c.post_params
         retries = c.pre_retries if phase == "pre" else c.post_retries
@@ -241,7 +260,8 @@ def run(host_path: str = config.HOST_CONFIG_PATH, mount_points: Iterable[limits.
                 say(f"pre-scripts: {len(checked.plugins)} plugin(s) in parallel")
                 t = nat.now_ns()
                 pre_started = True
-                rep.pre = run_phase(checked, "pre", nat, cancel_fd=cancel.fd)
+                rep.pre = run_phase(checked, "pre", nat, cancel_fd=cancel.fd,
+                                    filesystems=len(plan) if do_freeze else 0)
                 rep.phases_ns["pre"] = nat.now_ns() - t
                 failed = [r for r in rep.pre if not r.ok]
                 if failed:

@@ -60,6 +60,7 @@ class ScriptDict(TypedDict):
     continue_backup: bool
     detail: str
     cancelled: bool
+    facts: dict[str, str]
 
 
 @dataclasses.dataclass
@@ -80,6 +81,8 @@ class ScriptResult:
     continue_backup: bool = True
     detail: str = ""
     cancelled: bool = False
+    # What a built-in quiescer recorded: binlog position, GTID, LSNs, the backup_label's path.
+    facts: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -97,6 +100,7 @@ class ScriptResult:
             "duration_ns": self.duration_ns, "stdout": text(self.stdout), "stderr": text(self.stderr),
             "error_code": self.error_code, "error": TABLE[self.error_code].name if self.error_code > 0 else None,
             "continue_backup": self.continue_backup, "detail": self.detail, "cancelled": self.cancelled,
+            "facts": dict(self.facts),
         }
 
 

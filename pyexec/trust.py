@@ -30,6 +30,8 @@ HOST = Kind("plugin host config", 313, 314, 315, 0o033, False)  # group/other: a
 PLUGIN = Kind("plugin config", 316, 317, 318, 0o177, False)     # 600 or 400: no exec, nothing for g/o
 PRE = Kind("pre-script", 302, 306, 306, 0o077 | 0o6000, True)    # nothing for g/o; no setuid/setgid
 POST = Kind("post-script", 303, 307, 307, 0o077 | 0o6000, True)
+# A built-in quiescer's password: the pre-phase's codes, as a pre-script of the quiescer's (306-style).
+CREDENTIALS = Kind("database credentials file", 302, 306, 306, 0o177, False)
 
 MAX_SYMLINKS = 40  # as the kernel's path walk (MAXSYMLINKS)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-from pyexec import config, host, scripts
+from pyexec import config, errors, host, scripts
 
 
 class Logger(Protocol):
@@ -91,7 +91,7 @@ class PluginHost:
             result.errorCode = checked.code
             return result
         self._log(f"Starting {phase}script for all modules.")
-        result.scripts = host.run_phase(checked, phase, env_extra=env_extra)
+        result.scripts = host.run_phase(checked, phase, env_extra=env_extra, filesystems=self._filesystems(checked))
         for r in result.scripts:
             result.errors.append(PluginHostError(r.error_code, r.plugin))
             if not r.ok:
@@ -101,6 +101,15 @@ class PluginHost:
         result.errorCode = next((r.error_code for r in result.scripts if not r.ok), 0)
         self._log(f"Finished {phase}script execution from PluginHost side. Continue Backup: {result.continueBackup}")
         return result
+
+    @staticmethod
+    def _filesystems(checked: host.CheckResult) -> int:
+        """How many filesystems the extension's freeze will take (all but mountsToSkip): a PostgreSQL
+        quiescer needs a backup when they are several.  Unknown counts as several."""
+        try:
+            return len(host.plan_mounts(checked))
+        except errors.PyexecError:
+            return 2
 
     def pre_script(self) -> PluginHostResult:
         """Run every plugin's pre-script in parallel."""

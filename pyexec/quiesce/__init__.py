@@ -1,0 +1,211 @@
+"""Built-in quiescers: a database session opened before the window, held through the freeze and the
+snapshot, and released after the thaw, inside pyexec's process.
+
+Why not a pre-script: MySQL's FLUSH TABLES WITH READ LOCK lives only as long as the session that
+took it, so `mysql -e "FLUSH TABLES WITH READ LOCK"` in a pre-script releases it when the client
+exits, before the freeze.  A quiescer is a plugin of the host config (`pluginName<i> = postgresql`
+or `mariadb`/`mysql`) whose phases run where a script's would: its quiesce in the pre-phase, its
+release in the post-phase (so on every path where a post-script runs), each bounded by the plugin's
+timeoutInSeconds and by a signal to pyexec.  If pyexec is SIGKILLed, the kernel closes the socket and
+the server ends the session and its lock: nothing outlives the run."""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import select
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import Protocol
+
+from pyexec import config, native, scripts, trust
+from pyexec.errors import PyexecError, ScriptError
+
+# The driver each engine needs and the extra that installs it (pyproject's optional-dependencies).
+DRIVERS = {"postgresql": ("psycopg", "postgresql"), "mariadb": ("pymysql", "mariadb")}
+ABORT_CONNECT_S = 2  # the second connection that cancels a statement on the server side
+
+
+class Failed(Exception):
+    """A quiesce or release step failed; detail says what and what is (not) held."""
+
+
+class Session(Protocol):
+    """One engine's session: what a Quiescer drives, in this order, each step bounded by a watchdog."""
+
+    def open(self, timeout_s: float) -> None: ...
+
+    def quiesce(self, filesystems: int) -> dict[str, str]: ...
+
+    def release(self, snapshot: str) -> dict[str, str]: ...
+
+    def abort(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def shutdown_fd(fd: int) -> None:
+    """Cut a connection's socket in both directions, so a blocked client call returns at once and
+    the server sees the session end (and drops its locks)."""
+    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as s:
+        s.shutdown(socket.SHUT_RDWR)
+
+
+def load_driver(engine: str, path: str) -> ModuleType:
+    """The engine's client library, or ScriptError 300 naming the extra that installs it."""
+    module, extra = DRIVERS[engine]
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ScriptError(300, f"the {engine} quiescer needs the {module} driver, which is not installed: "
+                               f"pip install 'pyexec[{extra}]'", path) from err
+
+
+def read_password(path: str) -> str:
+    """The first line of a credentials file that passes the trust rules (root's, mode 600 or 400)."""
+    if not path:
+        return ""
+    with trust.open_trusted(path, trust.CREDENTIALS) as f:
+        data = f.read(4096)
+    return data.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "strict")
+
+
+class _Watchdog:
+    """Calls abort() once if the deadline passes or cancel_fd becomes readable before the block ends:
+    one wait in another thread, woken by the block's end (no polling)."""
+
+    def __init__(self, deadline_ns: int, cancel_fd: int, abort: Callable[[], None], nat: native.Native):
+        self.fired: str | None = None  # "timeout" | "cancelled"
+        self._args = (deadline_ns, cancel_fd, abort, nat)
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        deadline_ns, cancel_fd, abort, nat = self._args
+        r, w = os.pipe2(os.O_CLOEXEC)
+
+        def watch() -> None:
+            fds = [r] + ([cancel_fd] if cancel_fd >= 0 else [])
+            ready, _, _ = select.select(fds, [], [], max(0.0, (deadline_ns - nat.now_ns()) / 1e9))
+            if r in ready:
+                return
+            self.fired = "cancelled" if ready else "timeout"
+            with contextlib.suppress(Exception):  # the session is being torn down either way
+                abort()
+
+        t = threading.Thread(target=watch, name="pyexec-quiesce-watchdog", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            os.write(w, b"x")
+            t.join()
+            os.close(r)
+            os.close(w)
+
+
+class Quiescer:
+    """A built-in plugin: its config, password and driver (loaded by the check), and its session
+    from the pre-phase to the post-phase."""
+
+    def __init__(self, entry: config.PluginEntry, cfg: config.DatabaseConfig):
+        """Load the driver and read the credentials: ScriptError/TrustError now, before anything runs."""
+        self.entry = entry
+        self.cfg = cfg
+        driver = load_driver(cfg.engine, cfg.path)
+        password = read_password(cfg.credentials_file)
+        self.session: Session | None = None
+        self._make: Callable[[], Session]
+        if cfg.engine == "postgresql":
+            from pyexec.quiesce.postgresql import PostgresSession
+            self._make = lambda: PostgresSession(cfg, password, driver)
+        else:
+            from pyexec.quiesce.mariadb import MariaDBSession
+            self._make = lambda: MariaDBSession(cfg, password, driver)
+
+    def _result(self, phase: str) -> scripts.ScriptResult:
+        return scripts.ScriptResult(self.entry.name, phase, self.cfg.path, tries=1)
+
+    def _step(self, res: scripts.ScriptResult, session: Session, step: Callable[[], dict[str, str]],
+              deadline_ns: int, cancel_fd: int, nat: native.Native) -> bool:
+        """Run one bounded step into res; False (and the session closed) if it failed."""
+        dog = _Watchdog(deadline_ns, cancel_fd, session.abort, nat)
+        err: BaseException | None = None
+        try:
+            with dog.watching():
+                res.facts.update(step())
+        except Failed as e:
+            err = e
+        except Exception as e:  # noqa: BLE001 - the driver's errors are many: each one is an outcome
+            err = e
+        if dog.fired is None and err is None:
+            return True
+        codes = scripts.CODES[res.phase]
+        if dog.fired == "cancelled":
+            res.error_code, res.cancelled = codes["failed"], True
+            res.detail = "interrupted: pyexec was signalled; the session was ended, nothing is held"
+        elif dog.fired == "timeout":
+            res.timed_out = True
+            res.error_code = codes["host_timeout" if self.cfg.host_limit else "timeout"]
+            limit = "the plugin host's timeoutInSeconds" if self.cfg.host_limit else "timeoutInSeconds"
+            res.detail = f"timed out after {self.cfg.timeout}s ({limit}); the session was ended, nothing is held"
+        else:
+            res.error_code = codes["failed"]
+            res.detail = str(err) if isinstance(err, Failed) else f"{type(err).__name__}: {err}".strip()
+        session.close()
+        return False
+
+    def pre(self, filesystems: int, cancel_fd: int = -1, nat: native.Native | None = None) -> scripts.ScriptResult:
+        """Open the session and quiesce (filesystems: how many the window freezes)."""
+        nat = nat or native.default()
+        res = self._result("pre")
+        t0 = nat.now_ns()
+        deadline = t0 + self.cfg.timeout * 1_000_000_000
+        self.close()  # a second pre-phase starts afresh
+        session = self._make()
+        def connect() -> dict[str, str]:
+            session.open(self.cfg.timeout)
+            return {}
+        ok = self._step(res, session, connect, deadline, cancel_fd, nat) and self._step(res, session, lambda: session.quiesce(filesystems), deadline, cancel_fd, nat)
+        if ok:
+            self.session = session
+            res.exit_code = 0
+        else:
+            res.continue_backup = self.cfg.continue_on_failure
+        res.duration_ns = nat.now_ns() - t0
+        return res
+
+    def post(self, snapshot: str, nat: native.Native | None = None) -> scripts.ScriptResult:
+        """Release what the pre-phase holds (nothing to do if it holds nothing) and end the session."""
+        nat = nat or native.default()
+        res = self._result("post")
+        t0 = nat.now_ns()
+        session, self.session = self.session, None
+        if session is None:
+            res.exit_code, res.detail = 0, "nothing held: the quiesce did not complete"
+        elif self._step(res, session, lambda: session.release(snapshot),
+                        t0 + self.cfg.timeout * 1_000_000_000, -1, nat):
+            res.exit_code = 0
+            session.close()
+        else:
+            res.continue_backup = self.cfg.continue_on_failure
+        res.duration_ns = nat.now_ns() - t0
+        return res
+
+    def close(self) -> None:
+        """End a session still open (the check's cleanup: no session outlives a run)."""
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+
+def prepare(entry: config.PluginEntry, cfg: config.DatabaseConfig, errs: list[PyexecError]) -> Quiescer | None:
+    """The plugin's Quiescer, or None with the reason appended to errs (missing driver, credentials)."""
+    try:
+        return Quiescer(entry, cfg)
+    except PyexecError as e:
+        errs.append(e)
+    except UnicodeDecodeError:
+        errs.append(ScriptError(300, "the credentials file's first line is not UTF-8 text", cfg.credentials_file))
+    return None

@@ -1,0 +1,128 @@
+"""The MariaDB / MySQL quiescer: FLUSH TABLES WITH READ LOCK held by pyexec's own session across the
+window, the binlog position and GTID recorded, UNLOCK TABLES after the thaw.
+
+The lock waits for running statements to finish (and blocks every new writer while it waits), so the
+wait is bounded twice: the server's lock_wait_timeout (lockWaitTimeoutInSeconds), and the plugin's
+deadline, at which a second connection KILLs the session (MariaDB KB, "FLUSH": FTWRL and long queries)."""
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+from pyexec import config
+from pyexec.quiesce import ABORT_CONNECT_S, Failed, shutdown_fd
+
+ER_LOCK_WAIT_TIMEOUT = 1205
+ER_ACCESS_DENIED = (1044, 1045, 1698)  # database, password, socket-auth user
+ER_SPECIFIC_ACCESS_DENIED = 1227  # needs RELOAD
+
+
+class MariaDBSession:
+    """One PyMySQL connection, autocommit; the read lock lives exactly as long as it."""
+
+    def __init__(self, cfg: config.DatabaseConfig, password: str, driver: ModuleType):
+        self.cfg = cfg
+        self._password = password
+        self._my = driver
+        self.conn: Any = None
+        self.thread_id = 0
+        self.locked = False
+
+    def _connect(self, timeout_s: float) -> Any:
+        sock = self.cfg.host if self.cfg.host.startswith("/") else None
+        return self._my.connect(unix_socket=sock, host=None if sock else self.cfg.host, port=self.cfg.port,
+                                user=self.cfg.user, password=self._password, database=self.cfg.database or None,
+                                connect_timeout=max(1, int(timeout_s)), autocommit=True)
+
+    def _rows(self, sql: str) -> list[tuple[Any, ...]]:
+        with self.conn.cursor() as cur:
+            cur.execute(sql)
+            return list(cur.fetchall())
+
+    def open(self, timeout_s: float) -> None:
+        """Connect, and bound the lock wait on the server's side."""
+        where = self.cfg.host if self.cfg.host.startswith("/") else f"{self.cfg.host}:{self.cfg.port}"
+        try:
+            self.conn = self._connect(timeout_s)
+        except self._my.err.OperationalError as e:
+            code = e.args[0] if e.args else 0
+            what = "access denied (user or password)" if code in ER_ACCESS_DENIED else "cannot connect"
+            raise Failed(f"{what}: MariaDB at {where} as {self.cfg.user}: {e.args[-1]}") from e
+        self.thread_id = self.conn.thread_id()
+        self._rows(f"SET SESSION lock_wait_timeout = {self.cfg.lock_wait}")
+
+    def quiesce(self, filesystems: int) -> dict[str, str]:
+        """FLUSH TABLES WITH READ LOCK; the binlog position and GTID it holds still."""
+        try:
+            self._rows("FLUSH TABLES WITH READ LOCK")
+        except self._my.err.OperationalError as e:
+            code = e.args[0] if e.args else 0
+            if code == ER_LOCK_WAIT_TIMEOUT:
+                raise Failed(f"FLUSH TABLES WITH READ LOCK waited lockWaitTimeoutInSeconds "
+                             f"({self.cfg.lock_wait}s) behind {self._blockers()}; nothing is held") from e
+            if code == ER_SPECIFIC_ACCESS_DENIED:
+                raise Failed(f"FLUSH TABLES WITH READ LOCK refused: {self.cfg.user} needs the RELOAD privilege") from e
+            raise
+        self.locked = True
+        facts: dict[str, str] = {"locked": "FLUSH TABLES WITH READ LOCK"}
+        if self.cfg.flush_logs:
+            # Under the read lock the InnoDB redo log is flushed to disk: the snapshot has every commit.
+            self._rows("FLUSH NO_WRITE_TO_BINLOG ENGINE LOGS")
+        status = self._rows("SHOW MASTER STATUS")
+        if status:
+            facts["binlog_file"], facts["binlog_position"] = str(status[0][0]), str(status[0][1])
+        gtid = self._rows("SELECT @@GLOBAL.gtid_binlog_pos") if self._is_mariadb() else \
+            self._rows("SELECT @@GLOBAL.gtid_executed")
+        if gtid and gtid[0][0]:
+            facts["gtid"] = str(gtid[0][0])
+        return facts
+
+    def _is_mariadb(self) -> bool:
+        return "MariaDB" in str(self.conn.get_server_info())
+
+    def _blockers(self) -> str:
+        """The longest-running statements of other sessions: what the lock waited for."""
+        try:
+            rows = self._rows("SELECT ID, TIME, LEFT(COALESCE(INFO, ''), 80) FROM information_schema.PROCESSLIST "
+                              "WHERE ID != CONNECTION_ID() AND COMMAND NOT IN ('Sleep', 'Daemon', 'Binlog Dump') "
+                              "ORDER BY TIME DESC LIMIT 3")
+        except Exception:  # noqa: BLE001 - only the detail of a message
+            return "other sessions' statements"
+        if not rows:
+            return "other sessions' statements"
+        return "; ".join(f"session {i} running {t}s: {q!r}" for i, t, q in rows)
+
+    def release(self, snapshot: str) -> dict[str, str]:
+        """UNLOCK TABLES, on the session that holds the lock."""
+        try:
+            self._rows("UNLOCK TABLES")
+        except (self._my.err.OperationalError, self._my.err.InterfaceError) as e:
+            raise Failed(f"the session holding the read lock was lost (server stopped or restarted?): "
+                         f"{e.args[-1] if e.args else e}; the lock ended with it") from e
+        self.locked = False
+        return {}
+
+    def abort(self) -> None:
+        """From the watchdog: KILL the session on the server (its wait and its lock end), cut the socket."""
+        if self.conn is None:
+            return
+        try:
+            killer = self._connect(ABORT_CONNECT_S)
+            try:
+                with killer.cursor() as cur:
+                    cur.execute(f"KILL {int(self.thread_id)}")
+            finally:
+                killer.close()
+        finally:
+            sock = getattr(self.conn, "_sock", None)
+            if sock is not None:
+                shutdown_fd(sock.fileno())
+
+    def close(self) -> None:
+        """End the session: the server releases a read lock still held with it."""
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:  # noqa: BLE001 - a lost connection is closed already
+                pass
+            self.conn = None

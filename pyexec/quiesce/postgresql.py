@@ -1,0 +1,125 @@
+"""The PostgreSQL quiescer: CHECKPOINT before the window; a non-exclusive backup held by the session
+when the window freezes more than one filesystem; the backup_label written after the thaw.
+
+Why a checkpoint: a snapshot of one filesystem is atomic, and PostgreSQL recovers from it as from a
+crash; the checkpoint just before it leaves little WAL to replay at restore.  Why the backup: frozen
+one after the other, several filesystems (data, pg_wal, tablespaces) are not one atomic image, and
+only a backup_label makes recovery start from a checkpoint older than every piece (PostgreSQL docs,
+"Making a Base Backup Using the Low Level API").  Non-exclusive mode ends with the session that
+started it, so the session is held from pre to post."""
+from __future__ import annotations
+
+import datetime
+import os
+from types import ModuleType
+from typing import Any
+
+from pyexec import config
+from pyexec.quiesce import ABORT_CONNECT_S, Failed, shutdown_fd
+
+PG15 = 150000  # pg_backup_start/pg_backup_stop replace pg_start_backup/pg_stop_backup (PostgreSQL 15)
+
+
+class PostgresSession:
+    """One psycopg connection, autocommit, every statement bounded by statement_timeout."""
+
+    def __init__(self, cfg: config.DatabaseConfig, password: str, driver: ModuleType):
+        self.cfg = cfg
+        self._password = password
+        self._pg = driver
+        self.conn: Any = None
+        self.in_backup = False
+        self.label = ""
+
+    def _connect(self, timeout_s: float) -> Any:
+        return self._pg.connect(host=self.cfg.host, port=self.cfg.port, user=self.cfg.user,
+                                dbname=self.cfg.database, password=self._password or None,
+                                connect_timeout=max(2, int(timeout_s)), autocommit=True,
+                                application_name="pyexec-quiesce")
+
+    def _one(self, sql: str, *args: object) -> Any:
+        row = self.conn.execute(sql, args or None).fetchone()
+        return row[0] if row else None
+
+    def open(self, timeout_s: float) -> None:
+        """Connect; the server itself ends a statement that outlives the plugin's timeout."""
+        try:
+            self.conn = self._connect(timeout_s)
+        except self._pg.OperationalError as e:
+            raise Failed(f"cannot connect to PostgreSQL at {self.cfg.host}:{self.cfg.port} as {self.cfg.user}: "
+                         f"{str(e).strip()}") from e
+        self.conn.execute(f"SET statement_timeout = {int(timeout_s * 1000)}")
+
+    def quiesce(self, filesystems: int) -> dict[str, str]:
+        """CHECKPOINT, then pg_backup_start if the snapshot is not one atomic image."""
+        facts = {"server_version": str(self.conn.info.server_version)}
+        try:
+            self.conn.execute("CHECKPOINT")
+        except self._pg.errors.InsufficientPrivilege as e:
+            raise Failed(f"CHECKPOINT refused: {self.cfg.user} needs superuser or the pg_checkpoint role") from e
+        facts["checkpoint_lsn"] = str(self._one("SELECT checkpoint_lsn FROM pg_control_checkpoint()"))
+        mode = self.cfg.backup_mode
+        if mode == "always" or (mode == "auto" and filesystems > 1):
+            self.label = "pyexec " + datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            start = "pg_backup_start(%s, true)" if self.conn.info.server_version >= PG15 \
+                else "pg_start_backup(%s, true, false)"
+            facts["backup_start_lsn"] = str(self._one(f"SELECT {start}", self.label))
+            self.in_backup = True
+        in_recovery = self._one("SELECT pg_is_in_recovery()")
+        facts["lsn"] = str(self._one("SELECT pg_last_wal_replay_lsn()" if in_recovery
+                                     else "SELECT pg_current_wal_lsn()"))
+        return facts
+
+    def release(self, snapshot: str) -> dict[str, str]:
+        """End the backup (writing its label if the snapshot was taken) and the session."""
+        if not self.in_backup:
+            return {}
+        stop = "pg_backup_stop(false)" if self.conn.info.server_version >= PG15 else "pg_stop_backup(false, false)"
+        try:
+            lsn, labelfile, spcmap = self.conn.execute(f"SELECT lsn, labelfile, spcmapfile FROM {stop}").fetchone()
+        except self._pg.OperationalError as e:
+            raise Failed(f"the session holding the backup was lost (server stopped?): {str(e).strip()}; "
+                         "the backup ended with it and no backup_label was written") from e
+        self.in_backup = False
+        facts = {"backup_stop_lsn": str(lsn)}
+        if snapshot != "taken":
+            facts["backup_label"] = f"not written: the snapshot is {snapshot}"
+            return facts
+        facts["backup_label"] = self._write_label(str(lsn), labelfile, spcmap)
+        return facts
+
+    def _write_label(self, lsn: str, labelfile: str, spcmap: str | None) -> str:
+        """backup_label (and tablespace_map) in a new directory under backupLabelDirectory, root's 0700:
+        a restore copies them into the restored data directory before the first start."""
+        stamp = self.label.split()[-1]
+        where = os.path.join(self.cfg.backup_label_dir, f"{stamp}-{lsn.replace('/', '_')}")
+        os.makedirs(where, mode=0o700, exist_ok=True)
+        for name, text in (("backup_label", labelfile), ("tablespace_map", spcmap)):
+            if text:
+                fd = os.open(os.path.join(where, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
+        return os.path.join(where, "backup_label")
+
+    def abort(self) -> None:
+        """From the watchdog: cancel the running statement on the server, then cut the socket."""
+        conn = self.conn
+        if conn is None:
+            return
+        cancel = getattr(conn, "cancel_safe", None)  # psycopg 3.2: bounded, does not block the loop
+        if cancel is not None:
+            cancel(timeout=ABORT_CONNECT_S)
+        else:
+            conn.cancel()
+        shutdown_fd(conn.fileno())
+
+    def close(self) -> None:
+        """End the session: the server ends a backup still in progress with it."""
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:  # noqa: BLE001 - a lost connection is closed already
+                pass
+            self.conn = None
