@@ -321,15 +321,19 @@ def _window(rep: RunReport, held: locks.Held | None, snapshot: _Action, timeout:
 
 
 def _finish(rep: RunReport, checked: CheckResult, cancel: signals.Cancel) -> RunReport:
-    """The reported code (the first problem's) and the outcome."""
+    """The reported code (the first problem's) and the outcome: app-consistent only when plugins
+    quiesced the application and every step succeeded."""
     rep.interrupted = cancel.name or rep.interrupted
     codes = [checked.code] + [r.error_code for r in rep.pre] + [r.error_code for r in rep.post]
     codes += [e.code for e in rep.check_errors if isinstance(e, errors.FreezeError)]
     rep.code = next((c for c in codes if c), 0)
     if rep.snapshot != "taken":
         rep.outcome = FAILED
-    elif rep.code == 0:
+    elif rep.code == 0 and rep.pre:
         rep.outcome = APP
+    elif rep.code == 0:  # no plugin quiesced anything: the freeze alone makes it file-system consistent
+        rep.outcome = FS
+        rep.warnings.append("no plugin is configured: nothing was quiesced, the snapshot is file-system consistent")
     else:
         rep.outcome = FS
     return rep

@@ -44,6 +44,20 @@ def test_demo_verifies_and_leaves_nothing_behind(tmp_path):
     assert str(sandbox) not in open("/proc/self/mountinfo").read()
 
 
+@needs_root
+@needs_xfs
+@needs_btrfs
+def test_demo_without_quiesce_says_file_system_consistent(tmp_path):
+    """--no-quiesce configures no plugin: the run reports what it is, never app-consistent."""
+    r = subprocess.run([sys.executable, "-m", "pyexec.cli", "demo", "--rounds", "1", "--no-quiesce", "--json",
+                        "--dir", str(tmp_path)], capture_output=True, text=True, cwd="/", timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rnd = orjson.loads(r.stdout)["rounds"][0]
+    assert rnd["report"]["outcome"] == "file-system-consistent" and rnd["report"]["pre"] == []
+    assert "file-system-consistent (nothing quiesced" in r.stderr and "application-consistent" not in r.stderr
+    assert "db_matches_quiesce_point" not in rnd["verification"]
+
+
 def test_demo_json_without_root_is_one_document():
     r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
                         "pyexec.cli", "demo", "--json"], capture_output=True, text=True, cwd="/", timeout=60)

@@ -75,3 +75,12 @@ def test_config_problem_falls_back_to_fs_consistent(tmp_path, mounts):
     m = mounts.make("ext4")
     rep = run(tmp_path, m, plugin_doc={"timeoutInSeconds": "30"})
     assert rep.outcome == host.FS and rep.code == 305 and rep.pre == [] and rep.window is not None
+
+
+def test_no_plugin_is_file_system_consistent_not_app(tmp_path, mounts):
+    """Nothing quiesced the application: a clean freeze and snapshot are file-system consistent."""
+    m = mounts.make("ext4")
+    rep = run(tmp_path, m, plugins=0)
+    assert (rep.outcome, rep.code, rep.snapshot, rep.pre) == (host.FS, 0, "taken", [])
+    assert any("nothing was quiesced" in w for w in rep.warnings)
+    assert not loopfs.thaw_path(m.mountpoint)
