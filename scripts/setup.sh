@@ -20,6 +20,59 @@ if ((${#need[@]})); then
     apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+# The database servers the tests and the demo run as private instances (pyexec/demo/servers.py):
+# the packages' own clusters and services are neither needed nor wanted.
+PG=/usr/lib/postgresql/15/bin
+dbneed=()
+[ -x $PG/postgres ] && [ -x $PG/initdb ] || dbneed+=(postgresql-15)
+[ -x $PG/pgbench ] && [ -x $PG/pg_amcheck ] || dbneed+=(postgresql-contrib)
+command -v mariadbd >/dev/null && command -v mariadb-install-db >/dev/null || dbneed+=(mariadb-server)
+command -v mariadb >/dev/null && command -v mariadb-admin >/dev/null || dbneed+=(mariadb-client)
+online_clusters() { command -v pg_lsclusters >/dev/null && pg_lsclusters -h | awk '$4 == "online" {print $1, $2}' || :; }
+if ((${#dbneed[@]})); then
+    echo "setup: installing ${dbneed[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    before=$(online_clusters)
+    # invoke-rc.d and deb-systemd-invoke ask policy-rc.d(8) first: 101 = "action forbidden", so no
+    # package starts its service during this install.  A policy the machine already has (a Docker
+    # image ships one) is left as it is.
+    own_policy=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        own_policy=1
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+    fi
+    apt-get update -qq
+    # postgresql-15's postinst creates and starts a "main" cluster unless postgresql-common's
+    # createcluster.conf says create_main_cluster = false (pg_createcluster(1)); that file belongs
+    # to postgresql-common, so it is installed first and the setting made before the server comes.
+    apt-get install -y -qq postgresql-common >/dev/null
+    conf=/etc/postgresql-common/createcluster.conf
+    if ! grep -Eq '^[[:space:]]*create_main_cluster[[:space:]]*=[[:space:]]*false' $conf; then
+        sed -i -E '/^[[:space:]]*create_main_cluster[[:space:]]*=/d' $conf
+        echo 'create_main_cluster = false' >>$conf
+    fi
+    apt-get install -y -qq "${dbneed[@]}" >/dev/null
+    if [ -n "$own_policy" ]; then
+        rm -f /usr/sbin/policy-rc.d
+        trap - EXIT
+    fi
+    # Whatever started anyway (an init that ignores policy-rc.d) is stopped: only what this install
+    # started, never a cluster that was running before it.
+    if [[ " ${dbneed[*]} " == *" mariadb-server "* ]]; then
+        if [ -d /run/systemd/system ]; then
+            systemctl stop mariadb.service 2>/dev/null || :
+        elif [ -S /run/mysqld/mysqld.sock ]; then
+            mariadb-admin --socket=/run/mysqld/mysqld.sock shutdown 2>/dev/null || :
+        fi
+    fi
+    after=$(online_clusters)
+    while read -r ver name; do
+        [ -n "$ver" ] && ! grep -qx "$ver $name" <<<"$before" && pg_ctlcluster "$ver" "$name" stop || :
+    done <<<"$after"
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
     echo "setup: creating $VENV"
     python3 -m venv "$VENV"
