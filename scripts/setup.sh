@@ -44,14 +44,16 @@ if ((${#dbneed[@]})); then
         chmod 755 /usr/sbin/policy-rc.d
     fi
     apt-get update -qq
-    # postgresql-15's postinst creates and starts a "main" cluster unless postgresql-common's
-    # createcluster.conf says create_main_cluster = false (pg_createcluster(1)); that file belongs
-    # to postgresql-common, so it is installed first and the setting made before the server comes.
-    apt-get install -y -qq postgresql-common >/dev/null
-    conf=/etc/postgresql-common/createcluster.conf
-    if ! grep -Eq '^[[:space:]]*create_main_cluster[[:space:]]*=[[:space:]]*false' $conf; then
-        sed -i -E '/^[[:space:]]*create_main_cluster[[:space:]]*=/d' $conf
-        echo 'create_main_cluster = false' >>$conf
+    if [[ " ${dbneed[*]} " == *" postgresql-15 "* ]]; then
+        # postgresql-15's postinst creates and starts a "main" cluster unless postgresql-common's
+        # createcluster.conf says create_main_cluster = false (pg_createcluster(1)); that file
+        # belongs to postgresql-common, so it is installed first and set before the server comes.
+        apt-get install -y -qq postgresql-common >/dev/null
+        conf=/etc/postgresql-common/createcluster.conf
+        if ! grep -Eq '^[[:space:]]*create_main_cluster[[:space:]]*=[[:space:]]*false' $conf; then
+            sed -i -E '/^[[:space:]]*create_main_cluster[[:space:]]*=/d' $conf
+            echo 'create_main_cluster = false' >>$conf
+        fi
     fi
     apt-get install -y -qq "${dbneed[@]}" >/dev/null
     if [ -n "$own_policy" ]; then

@@ -414,6 +414,9 @@ class PostgresServer(_Server):
             if self.proc is None:
                 raise self._fail("no postmaster.pid after a successful pg_ctl start")
         except BaseException:
+            if self.proc is None and self.rundir is not None:
+                # Interrupted inside pg_ctl: a postmaster may be up without us knowing it yet.
+                self._adopt_postmaster()
             self.stop()
             raise
         self.startup = self._parse_startup(_read_from(log, offset), time.monotonic() - t0)
@@ -504,6 +507,11 @@ class PostgresServer(_Server):
 MARIADB_TOOLS = ("mariadbd", "mariadb-install-db", "mariadb", "mariadb-admin")
 _INNODB_CHECKPOINT = re.compile(r"InnoDB: Starting crash recovery from checkpoint LSN=(\d+)")
 _INNODB_END = re.compile(r"InnoDB: (?:End of log at|.*?log sequence number) LSN=(\d+)")
+
+
+def _sql_str(text: str) -> str:
+    """text as a MariaDB string literal (backslashes escape in the default sql_mode)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 @functools.cache
@@ -654,6 +662,8 @@ class MariaDBServer(_Server):
             if fresh:
                 self._secure_root()
         except BaseException:
+            if self.proc is None and self._popen is not None:
+                self._popen.kill()  # interrupted before its pidfd was opened
             self.stop()
             raise
         finally:
@@ -678,7 +688,7 @@ class MariaDBServer(_Server):
     def _secure_root(self) -> None:
         # The client runs as OS root, so unix_socket admits it; from now on the password does too.
         self.sql("ALTER USER root@localhost IDENTIFIED VIA mysql_native_password USING "
-                 f"PASSWORD('{self.password}') OR unix_socket")
+                 f"PASSWORD({_sql_str(self.password)}) OR unix_socket")
 
     def _wait_ready(self, notify: socket.socket | None, deadline: float) -> None:
         assert self.proc is not None
@@ -774,8 +784,9 @@ class MariaDBServer(_Server):
 
     def create_user(self, user: str, password: str, privileges: str = "ALL PRIVILEGES") -> None:
         """Create user@localhost with password, granted privileges ON *.*."""
-        self.sql(f"CREATE USER '{user}'@'localhost' IDENTIFIED BY '{password}';\n"
-                 f"GRANT {privileges} ON *.* TO '{user}'@'localhost';")
+        who = f"{_sql_str(user)}@'localhost'"
+        self.sql(f"CREATE USER {who} IDENTIFIED BY {_sql_str(password)};\n"
+                 f"GRANT {privileges} ON *.* TO {who};")
 
     def __enter__(self) -> "MariaDBServer":
         super().__enter__()
