@@ -24,6 +24,7 @@ class Kind:
     owner_code: int
     bad_mode: int  # mode bits that must be clear
     is_script: bool
+    borrows_codes: bool = False  # its codes are another kind's: the detail says which file it is
 
 
 HOST = Kind("plugin host config", 313, 314, 315, 0o033, False)  # group/other: at most read
@@ -31,7 +32,7 @@ PLUGIN = Kind("plugin config", 316, 317, 318, 0o177, False)     # 600 or 400: no
 PRE = Kind("pre-script", 302, 306, 306, 0o077 | 0o6000, True)    # nothing for g/o; no setuid/setgid
 POST = Kind("post-script", 303, 307, 307, 0o077 | 0o6000, True)
 # A built-in quiescer's password: the pre-phase's codes, as a pre-script of the quiescer's (306-style).
-CREDENTIALS = Kind("database credentials file", 302, 306, 306, 0o177, False)
+CREDENTIALS = Kind("database credentials file", 302, 306, 306, 0o177, False, borrows_codes=True)
 
 MAX_SYMLINKS = 40  # as the kernel's path walk (MAXSYMLINKS)
 
@@ -74,6 +75,8 @@ class TrustedFile:
 
 
 def _fail(kind: Kind, code: int, detail: str, path: str) -> PyexecError:
+    if kind.borrows_codes:
+        detail = f"{kind.label}: {detail}"
     if code == kind.not_found:
         return (ScriptError if kind.is_script else ConfigError)(code, detail, path)
     return TrustError(code, detail, path)
