@@ -17,8 +17,8 @@ import pymysql
 import psycopg
 import pytest
 
-from helpers import IS_ROOT, Mounts
-from pyexec import host
+from helpers import IS_ROOT, Mounts, kill_with_descendants, procs_matching
+from pyexec import host, window
 from pyexec.demo import loopfs
 from pyexec.demo.servers import MariaDBServer, PostgresServer
 from test_config_trust import make
@@ -395,3 +395,59 @@ def test_a_bad_database_config_is_305_with_every_key(any_site, tmp_path):
     assert sorted(e.key for e in checked.errors) == ["host", "port", "timeoutInSeconds"]
     assert {e.code for e in checked.errors} == {305}
     checked.close()
+
+
+@MARIADB
+def test_the_extension_holds_the_readlock_from_pre_script_to_post_script(any_site):
+    """The Azure extension's own sequence (handle.py → PluginHost.pre_script, its snapshot with the
+    filesystems frozen, post_script): the read lock is held in between and gone after."""
+    from pyexec.azure import pluginhost
+    from test_extension_flow import extension_backup
+
+    m = any_site
+    ph = pluginhost.PluginHost(None)
+    ph.configLocation = m.setup("extension")
+    seen = {}
+
+    def snapshot(fsfreeze_on):
+        seen["held_before_freeze"] = write_waits_for_the_readlock(m)
+        with window.freeze(m.mount_points, timeout=20) as w:
+            seen["frozen"] = [x.state for x in w.mounts]
+        return seen
+
+    try:
+        out = extension_backup(ph, snapshot)
+    finally:
+        ph.close()
+    assert (out.status, out.code) == ("app-consistent", 0), out
+    assert seen == {"held_before_freeze": True, "frozen": ["frozen", "frozen"]}
+    assert out.pre.scripts[0].facts["binlog_file"]
+    write_now(m, 300)
+
+
+@MARIADB
+def test_sigkill_of_pyexec_holding_the_lock_releases_it(any_site, tmp_path):
+    """Only SIGKILL skips the post-phase: then the kernel closes pyexec's socket, the server ends the
+    session and its read lock, and the guardian thaws the window."""
+    m = any_site
+    marker = tmp_path / "in-window"
+    proc = subprocess.Popen([*PYEXEC, "run", "--config", m.setup("sigkill"), "--mount", m.mount_points[0],
+                             "--freeze-timeout", "3", "--json", "--snapshot-cmd",
+                             f"sh -c 'echo > {marker}; exec sleep 30'"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
+    try:
+        deadline = time.monotonic() + 20
+        while not marker.exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        proc.kill()
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        kill_with_descendants(procs_matching(lambda argv: str(marker).encode() in b" ".join(argv)))
+    # The insert waits (server-side, on the frozen disk) until the guardian thaws at the 3 s bound,
+    # then must find no read lock: lock_wait_timeout 5 s would fail it with 1205.
+    write_now(m, 400)
+    assert not any(q.startswith("FLUSH") for q in readlock_holders(m))
