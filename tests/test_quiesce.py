@@ -451,3 +451,33 @@ def test_sigkill_of_pyexec_holding_the_lock_releases_it(any_site, tmp_path):
     # then must find no read lock: lock_wait_timeout 5 s would fail it with 1205.
     write_now(m, 400)
     assert not any(q.startswith("FLUSH") for q in readlock_holders(m))
+
+
+@MARIADB
+@pytest.mark.parametrize("privs,code,expect", [
+    ("PROCESS, BINLOG MONITOR", 300, "needs the RELOAD privilege"),
+    ("RELOAD", 0, "unavailable: Access denied"),
+])
+def test_a_user_missing_a_privilege(any_site, privs, code, expect):
+    """Without RELOAD the quiesce fails 300 saying so; without BINLOG MONITOR the lock is taken and
+    the report says the position was unavailable."""
+    m = any_site
+    user = f"u{len(privs)}"
+    m.server.create_user(user, "pw-" + user, privs)
+    hc = m.setup(f"priv{len(privs)}", password="pw-" + user, user=user)
+    rep = host.run(hc, m.mount_points, freeze_timeout=20)
+    assert rep.code == code, rep.pre
+    text = rep.pre[0].detail if code else rep.pre[0].facts.get("binlog", "")
+    assert expect in text, rep.pre[0]
+
+
+@POSTGRESQL
+def test_a_postgresql_role_without_pg_checkpoint_is_refused_clearly(any_site):
+    pg = any_site
+    pg.server.psql("DO $$ BEGIN CREATE ROLE plain LOGIN PASSWORD 'plain-pw'; EXCEPTION WHEN duplicate_object "
+                   "THEN NULL; END $$")
+    rep = host.run(pg.setup("plain", password="plain-pw", user="plain"), pg.mount_points, freeze_timeout=20)
+    assert (rep.code, rep.outcome) == (300, host.FS) and "pg_checkpoint" in rep.pre[0].detail, rep.pre
+    pg.server.psql("GRANT pg_checkpoint TO plain; GRANT EXECUTE ON FUNCTION pg_backup_start, pg_backup_stop TO plain")
+    ok = host.run(pg.setup("granted", password="plain-pw", user="plain"), pg.mount_points, freeze_timeout=20)
+    assert ok.outcome == host.APP and ok.post[0].facts["backup_label"].endswith("backup_label"), ok.pre + ok.post

@@ -68,13 +68,30 @@ class MariaDBSession:
         if self.cfg.flush_logs:
             # Under the read lock the InnoDB redo log is flushed to disk: the snapshot has every commit.
             self._rows("FLUSH NO_WRITE_TO_BINLOG ENGINE LOGS")
-        status = self._rows("SHOW MASTER STATUS")
-        if status:
-            facts["binlog_file"], facts["binlog_position"] = str(status[0][0]), str(status[0][1])
-        gtid = self._rows("SELECT @@GLOBAL.gtid_binlog_pos") if self._is_mariadb() else \
-            self._rows("SELECT @@GLOBAL.gtid_executed")
-        if gtid and gtid[0][0]:
-            facts["gtid"] = str(gtid[0][0])
+        facts.update(self._position())
+        return facts
+
+    def _position(self) -> dict[str, str]:
+        """The binlog position and GTID set under the lock; what cannot be read is said, not fatal
+        (the lock is what the snapshot needs)."""
+        facts: dict[str, str] = {}
+        try:
+            try:
+                rows = self._rows("SHOW MASTER STATUS")
+            except self._my.err.ProgrammingError:  # MySQL 8.4 renamed it
+                rows = self._rows("SHOW BINARY LOG STATUS")
+            if rows:
+                facts["binlog_file"], facts["binlog_position"] = str(rows[0][0]), str(rows[0][1])
+            else:
+                facts["binlog"] = "off: log_bin is not enabled"
+            gtid = self._rows("SELECT @@GLOBAL.gtid_binlog_pos" if self._is_mariadb()
+                              else "SELECT @@GLOBAL.gtid_executed")
+            if gtid and gtid[0][0]:
+                facts["gtid"] = str(gtid[0][0])
+        except self._my.err.MySQLError as e:
+            if isinstance(e, self._my.err.OperationalError) and e.args and e.args[0] >= 2000:
+                raise  # the client lost the server: the hold is gone, the quiesce fails
+            facts["binlog"] = f"unavailable: {e.args[-1] if e.args else e}"
         return facts
 
     def _is_mariadb(self) -> bool:
