@@ -82,4 +82,6 @@ def summary(rep: RunReport) -> str:
         status = "ok" if r.ok else f"{r.error_code} {TABLE[r.error_code].name}: {r.detail}"
         lines.append(f"  {r.phase}-script {r.plugin}: {status} ({r.tries} tr{'y' if r.tries == 1 else 'ies'}, "
                      f"{r.duration_ns / 1e6:.2f} ms)")
+        if r.facts:  # a built-in quiescer's record: binlog position, GTID, LSNs, backup_label
+            lines.append("    " + ", ".join(f"{k}={v}" for k, v in r.facts.items()))
     return "\n".join(lines)

@@ -481,3 +481,13 @@ def test_a_postgresql_role_without_pg_checkpoint_is_refused_clearly(any_site):
     pg.server.psql("GRANT pg_checkpoint TO plain; GRANT EXECUTE ON FUNCTION pg_backup_start, pg_backup_stop TO plain")
     ok = host.run(pg.setup("granted", password="plain-pw", user="plain"), pg.mount_points, freeze_timeout=20)
     assert ok.outcome == host.APP and ok.post[0].facts["backup_label"].endswith("backup_label"), ok.pre + ok.post
+
+
+@MARIADB
+def test_cli_summary_shows_what_the_quiescer_recorded(any_site):
+    m = any_site
+    res = subprocess.run([*PYEXEC, "run", "--config", m.setup("summary"), "--mount", m.mount_points[0],
+                          "--mount", m.mount_points[1]], capture_output=True, text=True, cwd="/", timeout=60)
+    assert res.returncode == 0 and "outcome: app-consistent" in res.stdout, res.stdout + res.stderr
+    assert "pre-script mariadb: ok" in res.stdout and "binlog_file=binlog." in res.stdout
+    assert "post-script mariadb: ok" in res.stdout and "Traceback" not in res.stderr
