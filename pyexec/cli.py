@@ -191,18 +191,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dir", default=None, help="where to build the sandbox (default: a new temp dir)")
     d.add_argument("--report", default=None, type=os.path.abspath, metavar="PATH",
                    help="also write the JSON report to PATH (the sandbox's copy goes with it unless --keep)")
-    d.set_defaults(fn=cmd_demo)
+    d.set_defaults(fn=cmd_demo, usage_error=d.error)  # exits 2 with the demo's usage
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`pyexec`."""
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    if args.cmd == "demo" and args.db == "sqlite" and args.compare:
-        ap.error("demo --compare needs --db postgresql or --db mariadb")
+    args = build_parser().parse_args(argv)
+    if args.cmd == "demo" and args.compare and args.db == "sqlite":
+        args.usage_error("--compare needs --db postgresql or --db mariadb")
     if args.cmd == "demo" and args.compare and args.no_quiesce:
-        ap.error("demo: --compare runs both modes; leave out --no-quiesce")
+        args.usage_error("--compare runs both modes: leave out --no-quiesce")
     try:
         status: int = args.fn(args)
         return status

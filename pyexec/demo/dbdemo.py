@@ -59,8 +59,9 @@ PROMISES = {
     "postgresql": (
         "PostgreSQL keeps committing until the freeze: the quiescer's CHECKPOINT (and, two filesystems "
         "being frozen, a non-exclusive backup) only shortens the WAL a restore replays. The consistency "
-        "point is the freeze itself: every ledger row acknowledged before the freeze started is in the "
-        "restored copy, none sent after the thaw is, the ledger is gapless, pg_amcheck is clean, pgbench's "
+        "point is the freeze itself (of the pg_wal disk: a commit is durable once its WAL is): every ledger "
+        "row acknowledged before that freeze began is in the restored copy, none sent after it was frozen "
+        "is, the ledger is gapless, pg_amcheck is clean, pgbench's "
         "balances equal its history, and recovery starts at the backup's checkpoint. The backup_label the "
         "quiescer wrote (START WAL LOCATION = the pre facts' backup_start_lsn) is for snapshots that are "
         "not atomic; this one (both disks inside one freeze window) restores by crash recovery."),
@@ -72,9 +73,9 @@ PROMISES = {
         "server's @@gtid_binlog_pos equals the GTID the quiescer recorded."),
     "unquiesced": (
         "Nothing quiesced (no plugin): file-system-consistent, which a database restores as after a crash. "
-        "Promised and checked: the server recovers and starts, its integrity checks pass, every ledger row "
-        "acknowledged before the freeze is present and none sent after the thaw; rows in flight may be "
-        "either way."),
+        "Promised and checked: the server recovers and starts, its integrity checks pass, the ledger is gapless, "
+        "every row acknowledged before the log disk's freeze began is present and none sent after it was frozen; "
+        "the row in flight at that instant may be either way."),
 }
 
 
@@ -194,7 +195,7 @@ class TxnLoad:
         self.t1 = time.monotonic_ns()
         secs = max(1e-9, (self.t1 - self.t0) / 1e9)
         return {"kind": f"{len(self.threads)} PyMySQL clients, UPDATE + INSERT per transaction",
-                "transactions": len(self.spans), "tps": round(len(self.spans) / secs, 1),
+                "transactions": len(self.spans), "tps": round(len(self.spans) / secs),
                 "errors": self.errors}
 
 
@@ -239,7 +240,7 @@ class PgBench:
         done = next((ln.split(":")[1].strip() for ln in text.splitlines()
                      if "number of transactions actually processed" in ln), None)
         return {"kind": f"pgbench -c {PGBENCH_CLIENTS} -T {PGBENCH_SECONDS} (scale {PGBENCH_SCALE})",
-                "exit_code": self.proc.returncode, "tps": float(tps) if tps else None,
+                "exit_code": self.proc.returncode, "tps": round(float(tps)) if tps else None,
                 "transactions": int(done.split("/")[0]) if done else None, "errors": self.stderr[-5:]}
 
     def spans(self) -> list[tuple[int, int]]:
@@ -271,6 +272,10 @@ class Stamps:
     post_start: int = 0  # the release begins (a lower bound of the unlock's instant)
     freeze_start: int = 0
     thaw_end: int = 0
+    # The log disk's FIFREEZE (pg_wal; binlog + redo): a commit is durable once its log record is, so
+    # this is a crash-consistent snapshot's consistency point.
+    log_freeze_start: int = 0
+    log_freeze_end: int = 0
 
 
 class Site:
@@ -285,6 +290,7 @@ class Site:
         self.server: servers.PostgresServer | servers.MariaDBServer | None = None
         self.restored: servers.PostgresServer | servers.MariaDBServer | None = None
         self.workers: list[Ledger | TxnLoad | PgBench] = []
+        self.run_dirs: list[str] = []  # every server's run directory in /run (all gone after close())
         self.driver: ModuleType = load_driver(engine, "")
 
     # ---- setup
@@ -308,7 +314,10 @@ class Site:
             _say("starting PostgreSQL (initdb; socket and log in /run, WAL on the xfs disk)")
             pg = self.server = servers.PostgresServer(os.path.join(self.data.mountpoint, "pg"),
                                                       waldir=os.path.join(self.wal.mountpoint, "pg_wal"))
-            pg.start()
+            try:
+                pg.start()
+            finally:
+                self.run_dirs += [pg.rundir] if pg.rundir else []
             pg.psql("CREATE DATABASE bench")
             _say(f"pgbench -i -s {PGBENCH_SCALE}; amcheck installed for the restore's pg_amcheck")
             assert pg.sockdir is not None
@@ -333,7 +342,10 @@ class Site:
             _say("starting MariaDB (socket and log in /run, binlog + InnoDB redo log on the xfs disk)")
             my = self.server = servers.MariaDBServer(os.path.join(self.data.mountpoint, "db"),
                                                      logdir=os.path.join(self.wal.mountpoint, "log"))
-            my.start()
+            try:
+                my.start()
+            finally:
+                self.run_dirs += [my.rundir] if my.rundir else []
             my.sql("CREATE DATABASE demo; USE demo; "
                    "CREATE TABLE acct (id INT PRIMARY KEY, bal BIGINT NOT NULL) ENGINE=InnoDB; "
                    f"INSERT INTO acct SELECT seq, 0 FROM seq_1_to_{MARIADB_ACCOUNTS}; "
@@ -415,6 +427,9 @@ class Site:
             raise KeyboardInterrupt
         if rep.window is not None:
             stamps.freeze_start, stamps.thaw_end = rep.window.start_ns, rep.window.end_ns
+            for m in rep.window.mounts:
+                if os.path.realpath(m.path) == os.path.realpath(self.wal.mountpoint):
+                    stamps.log_freeze_start, stamps.log_freeze_end = m.freeze_start_ns, m.freeze_end_ns
         if isinstance(load, PgBench):
             load_doc = load.finish(PGBENCH_SECONDS + 30)
             if load.proc.returncode == 0 and time.monotonic_ns() < stamps.thaw_end + int(AFTER_S * 1e9):
@@ -434,7 +449,7 @@ class Site:
                                    "load ran without errors": not load_doc["errors"] and ledger.error is None}
         if ledger.error:
             doc["ledger_error"] = ledger.error
-        if rep.snapshot == "taken" and w0:
+        if rep.snapshot == "taken" and w0 and stamps.log_freeze_end:
             _say(f"round {rnd}: restoring: the reflinked images on new loop devices, a second server, "
                  "crash recovery, then the checks")
             restore, rchecks = self.restore(rnd, snaps, rep, ledger, stamps, quiesce)
@@ -475,6 +490,7 @@ class Site:
             self.restored = r
             try:
                 startup = r.start(existing=True)
+                self.run_dirs += [r.rundir] if r.rundir else []
             except servers.ServerError as e:
                 out["start_error"] = str(e)
                 checks["restored server starts"] = False
@@ -556,20 +572,22 @@ class Site:
     def _check_ledger(self, ledger: Ledger, present: set[int], st: Stamps, quiesce: bool, out: dict[str, Any],
                       checks: dict[str, bool]) -> None:
         rows = ledger.rows
-        w0, w1 = st.freeze_start, st.thaw_end
-        acked_before = {s for s, sent, ack in rows if ack < w0}
-        sent_after = {s for s, sent, ack in rows if sent > w1}
-        in_flight = [s for s, sent, ack in rows if sent < w1 and ack > w0]
-        if ledger.sent is not None and ledger.sent[1] < w1:  # stopped while waiting (an error): still in flight
+        # The log disk stops taking writes somewhere inside its FIFREEZE call: a row whose span overlaps
+        # the call is in flight (either way is right); the ledger's one writer makes them few.
+        f0, f1 = st.log_freeze_start, st.log_freeze_end
+        acked_before = {s for s, sent, ack in rows if ack < f0}
+        sent_after = {s for s, sent, ack in rows if sent > f1}
+        in_flight = [s for s, sent, ack in rows if sent < f1 and ack > f0]
+        if ledger.sent is not None and ledger.sent[1] < f1:  # stopped while waiting (an error): still in flight
             in_flight.append(ledger.sent[0])
         top = max(present, default=0)
         doc: dict[str, Any] = {
             "rows_written": len(rows), "rows_restored": len(present), "last_restored": top,
-            "acked_before_freeze": len(acked_before), "missing_acked_before_freeze": len(acked_before - present),
-            "sent_after_thaw": len(sent_after), "present_sent_after_thaw": len(sent_after & present),
+            "acked_before_log_freeze": len(acked_before), "missing_acked_before_log_freeze": len(acked_before - present),
+            "sent_after_log_frozen": len(sent_after), "present_sent_after_log_frozen": len(sent_after & present),
             "in_flight": len(in_flight), "in_flight_present": sum(s in present for s in in_flight)}
-        checks["ledger: every row acknowledged before the freeze is present"] = not acked_before - present
-        checks["ledger: no row sent after the thaw is present"] = not sent_after & present
+        checks["ledger: every row acknowledged before the log disk's freeze began is present"] = not acked_before - present
+        checks["ledger: no row sent after the log disk was frozen is present"] = not sent_after & present
         checks["ledger: gapless (rows 1..last)"] = present == set(range(1, top + 1))
         if quiesce and self.engine == "mariadb":
             # The lock was held from pre_end (at the latest) to post_start (at the earliest): a row sent in
@@ -637,9 +655,10 @@ def _round_summary(d: dict[str, Any], engine: str) -> str:
     if "ledger" in rs:
         lg = rs["ledger"]
         lines.append(f"  ledger: {lg['rows_written']} rows written, {lg['rows_restored']} restored; "
-                     f"{lg['acked_before_freeze']} acked before the freeze ({lg['missing_acked_before_freeze']} missing), "
-                     f"{lg['present_sent_after_thaw']} of {lg['sent_after_thaw']} sent after the thaw present, "
-                     f"{lg['in_flight']} in flight ({lg['in_flight_present']} present)")
+                     f"{lg['acked_before_log_freeze']} acked before the log disk's freeze "
+                     f"({lg['missing_acked_before_log_freeze']} missing), {lg['present_sent_after_log_frozen']} of "
+                     f"{lg['sent_after_log_frozen']} sent after it froze present, "
+                     f"{lg['in_flight']} in flight at it ({lg['in_flight_present']} present)")
         if "committed_while_locked" in lg:
             waited = ", ".join(f"#{w['seq']} waited {w['waited_ms']} ms" for w in lg["waited_for_the_lock"]) or "none"
             lines.append(f"  read lock held {lg['lock_held_ms']} ms: {lg['committed_while_locked']} rows committed "
@@ -676,6 +695,7 @@ def _compare(rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
         s = r.get("restore", {}).get("startup", {})
         lg = r.get("restore", {}).get("ledger", {})
         return {"outcome": r["report"]["outcome"], "redo_bytes": s.get("redo_bytes"),
+                "redo_range": f"{s.get('redo_start')} → {s.get('redo_end')}" if s.get("redo_start") else "-",
                 "recovery_seconds": s.get("seconds"), "redo_seconds": s.get("redo_seconds"),
                 "ledger_in_flight": lg.get("in_flight"), "ledger_in_flight_present": lg.get("in_flight_present"),
                 "load_in_flight": r["load"].get("in_flight_across_window"),
@@ -692,6 +712,8 @@ def _compare_table(c: dict[str, Any]) -> str:
 
     rows = [("outcome", q["outcome"], u["outcome"]),
             ("WAL/redo replayed at restore", _kib(q["redo_bytes"]), _kib(u["redo_bytes"])),
+            ("  from → to", q["redo_range"], u["redo_range"]),
+            ("redo time (the engine's figure)", secs(q["redo_seconds"]), secs(u["redo_seconds"])),
             ("restore: start incl. recovery", secs(q["recovery_seconds"]), secs(u["recovery_seconds"])),
             ("ledger rows in flight (present)", f"{q['ledger_in_flight']} ({q['ledger_in_flight_present']})",
              f"{u['ledger_in_flight']} ({u['ledger_in_flight_present']})"),
@@ -767,6 +789,7 @@ def main(args: argparse.Namespace) -> int:
             doc["promises"] = {k: v for k, v in PROMISES.items() if k in (engine, "unquiesced")}
             doc["compare"] = _compare(doc["rounds"]) if args.compare else None
             if site is not None:
+                doc["run_dirs"] = site.run_dirs
                 with contextlib.suppress(OSError):
                     path = os.path.join(site.dir, REPORT)
                     with open(path, "wb") as f:
