@@ -128,6 +128,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run.main(args)
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
+    return n
+
+
 EPILOG = """\
 With --json, stdout is one JSON document and nothing else; progress goes to stderr.
 
@@ -136,7 +146,7 @@ exit status:
   1      run: file-system-consistent (the snapshot was taken, but a script or the check
          failed); demo: not verified
   2      run: failed, no snapshot; a usage error (11 InvalidParameter), a config, trust or script
-         problem found by check; demo: not root
+         problem found by check; demo: not root, or a database server or driver is missing
   3      check: a mount cannot be frozen or opened (121 FsFreezeFailed, 123 UnableToOpenMount)
   128+N  run: cut short by signal N (130: SIGINT), after the post-scripts ran
 """
@@ -167,21 +177,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_run)
     sub.add_parser("status", help="what pyexec runs hold frozen now, and the kernel paths in use").set_defaults(fn=cmd_status)
     sub.add_parser("recover", help="thaw what a crashed run left frozen (a live run's are left alone)").set_defaults(fn=cmd_recover)
-    d = sub.add_parser("demo", help="snapshot a live SQLite database on loop mounts and verify it (root)")
-    d.add_argument("--rounds", type=int, default=1)
+    d = sub.add_parser("demo", help="snapshot a live database (SQLite, PostgreSQL or MariaDB) on loop mounts, "
+                       "restore and verify it (root)")
+    d.add_argument("--db", choices=("sqlite", "postgresql", "mariadb"), default="sqlite",
+                   help="the application: SQLite (default), or a PostgreSQL / MariaDB server under load quiesced "
+                        "by pyexec's built-in quiescer and restored on a second server")
+    d.add_argument("--compare", action="store_true",
+                   help="--db postgresql|mariadb: each round twice, quiesced and not, side by side")
+    d.add_argument("--rounds", type=_positive, default=1)
     d.add_argument("--keep", action="store_true", help="leave the sandbox for inspection")
     d.add_argument("--json", action="store_true", help="the report on stdout, alone (progress on stderr)")
     d.add_argument("--no-quiesce", action="store_true", help="run without the pre-script, to compare")
     d.add_argument("--dir", default=None, help="where to build the sandbox (default: a new temp dir)")
     d.add_argument("--report", default=None, type=os.path.abspath, metavar="PATH",
                    help="also write the JSON report to PATH (the sandbox's copy goes with it unless --keep)")
-    d.set_defaults(fn=cmd_demo)
+    d.set_defaults(fn=cmd_demo, usage_error=d.error)  # exits 2 with the demo's usage
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`pyexec`."""
     args = build_parser().parse_args(argv)
+    if args.cmd == "demo" and args.compare and args.db == "sqlite":
+        args.usage_error("--compare needs --db postgresql or --db mariadb")
+    if args.cmd == "demo" and args.compare and args.no_quiesce:
+        args.usage_error("--compare runs both modes: leave out --no-quiesce")
     try:
         status: int = args.fn(args)
         return status

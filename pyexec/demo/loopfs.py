@@ -44,7 +44,8 @@ class LoopFS:
     """An image file holding one filesystem, loop-attached and mounted."""
 
     def __init__(self, image: str, mountpoint: str, fstype: str, size_mb: int | None = None,
-                 create: bool = True):
+                 create: bool = True, options: str | None = None):
+        """options: mount options (a restored xfs copy next to its original needs "nouuid")."""
         self.image = image
         self.mountpoint = mountpoint
         self.fstype = fstype
@@ -58,7 +59,7 @@ class LoopFS:
                 _run(MKFS[fstype] + [image])
             os.makedirs(mountpoint, exist_ok=True)
             self.device = _run(["losetup", "--find", "--show", image]).strip()
-            _run(["mount", "-t", fstype, self.device, mountpoint])
+            _run(["mount", "-t", fstype, *(["-o", options] if options else []), self.device, mountpoint])
             self.mounted = True
         except BaseException:
             self.close()

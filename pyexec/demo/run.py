@@ -197,6 +197,9 @@ def main(args: argparse.Namespace) -> int:
     stderr, and stdout gets the report alone (one JSON document, a failed demo included).  The
     report is written into the sandbox (kept with --keep) and to --report PATH if given, never
     into the working directory."""
+    if getattr(args, "db", "sqlite") != "sqlite":
+        from pyexec.demo import dbdemo
+        return dbdemo.main(args)
     out = sys.stderr if args.json else sys.stdout
     if os.geteuid() != 0:
         print("pyexec demo: needs root (loop devices, mount, FIFREEZE)", file=sys.stderr)
