@@ -1,0 +1,105 @@
+"""Hostile tests of the built-in quiescers, on real servers (tests/test_quiesce.py's sandboxes): hung
+servers, hostile configs, the extension's call orders.  Each one is a regression test of a bug found."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from helpers import IS_ROOT
+from pyexec import host
+from test_quiesce import sandbox
+
+pytestmark = pytest.mark.skipif(not IS_ROOT, reason="needs root: loop devices, mount, servers")
+
+
+@pytest.fixture(scope="module")
+def maria():
+    with sandbox("mariadb") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def pg():
+    with sandbox("postgresql") as s:
+        yield s
+
+
+@contextlib.contextmanager
+def stopped(pids):
+    """The server's processes SIGSTOPped (hung, not dead) for the block; always resumed."""
+    for p in pids:
+        os.kill(p, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGCONT)
+
+
+def bounded(fn, limit):
+    """fn() in a thread: (seconds, result), or (None, None) if it has not returned within limit."""
+    out = {}
+
+    def go():
+        t = time.monotonic()
+        r = fn()
+        out["r"] = (time.monotonic() - t, r)
+
+    th = threading.Thread(target=go, daemon=True)
+    th.start()
+    th.join(limit)
+    return out.get("r", (None, None)), th
+
+
+def quiescer(site, name, **doc):
+    checked = host.check(site.setup(name, **doc))
+    assert not checked.errors, checked.errors
+    return checked, checked.plugins[0].quiescer
+
+
+def maria_sessions(m, user="bk"):
+    return m.server.sql(f"SELECT ID, COMMAND, COALESCE(INFO,'') FROM information_schema.PROCESSLIST "
+                        f"WHERE USER = '{user}'").splitlines()
+
+
+def test_mariadb_hung_during_connect_is_bounded_by_the_timeout(maria):
+    """A MariaDB that accepts the socket but never answers the handshake (SIGSTOPped): the pre-phase
+    must end at timeoutInSeconds (308), not hang (PyMySQL's connect_timeout does not bound the
+    handshake, and the watchdog's abort had no connection to cut)."""
+    checked, q = quiescer(maria, "hung-connect", timeoutInSeconds=3, lockWaitTimeoutInSeconds=1)
+    try:
+        with stopped([maria.server.proc.pid]):
+            (took, res), th = bounded(lambda: q.pre(2), 9)
+        th.join(10)
+        assert took is not None, "the pre-phase hung past timeoutInSeconds + 6s with the server hung"
+        assert res.error_code == 308 and took < 6, (took, res.detail)
+        assert q.session is None
+    finally:
+        checked.close()
+    time.sleep(0.3)
+    assert maria_sessions(maria) == []
+
+
+def test_mariadb_hung_during_release_is_bounded_and_leaves_nothing(maria):
+    """The server hangs (SIGSTOP) while pyexec holds the read lock: the post-phase ends within its
+    bound (309), and once the server resumes no session of pyexec's is left and writes go through."""
+    checked, q = quiescer(maria, "hung-release", timeoutInSeconds=3, lockWaitTimeoutInSeconds=1)
+    try:
+        assert q.pre(2).ok
+        with stopped([maria.server.proc.pid]):
+            (took, res), th = bounded(lambda: q.post("taken"), 12)
+        th.join(10)
+        assert took is not None, "the release hung with the server hung"
+        assert res.error_code == 309 and took < 8, (took, res.detail)
+    finally:
+        checked.close()
+    deadline = time.monotonic() + 5
+    while maria_sessions(maria) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert maria_sessions(maria) == []
