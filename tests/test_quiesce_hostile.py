@@ -103,3 +103,28 @@ def test_mariadb_hung_during_release_is_bounded_and_leaves_nothing(maria):
     while maria_sessions(maria) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert maria_sessions(maria) == []
+
+
+def test_a_signal_ends_the_quiesce_even_with_descriptors_above_1023(maria):
+    """In a process with many descriptors (an application calling pyexec.run_async), the cancel fd and
+    the watchdog's pipe are above 1023: select() refuses them, the watchdog thread died with a
+    traceback and a cancelled run took (and kept) the read lock.  The cancel must still end it."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), max(hard, 2048)))
+    checked, q = quiescer(maria, "many-fds")
+    held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+    r, w = os.pipe()
+    try:
+        os.write(w, b"x")  # pyexec was signalled before the quiesce started
+        assert r > 1023
+        res = q.pre(2, cancel_fd=r)
+        assert res.cancelled and res.error_code == 300, (res.error_code, res.detail)
+        assert q.session is None
+    finally:
+        q.close()
+        checked.close()
+        for fd in held + [r, w]:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert maria_sessions(maria) == []
