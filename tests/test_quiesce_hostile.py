@@ -128,3 +128,27 @@ def test_a_signal_ends_the_quiesce_even_with_descriptors_above_1023(maria):
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert maria_sessions(maria) == []
+
+
+def test_the_extension_gets_a_backup_label_from_postgresql(pg):
+    """handle.py calls post_script() with no argument (PYEXEC_SNAPSHOT=unknown), after its snapshot:
+    the backup's label must still be written, or every multi-disk snapshot the extension takes of a
+    PostgreSQL server has no backup_label and cannot be restored as the README says."""
+    from pyexec.azure import pluginhost
+
+    ph = pluginhost.PluginHost(None)
+    ph.configLocation = pg.setup("ext-label", backupMode="always")
+    labels = os.path.join(os.path.dirname(ph.configLocation), "labels")
+    try:
+        code, _, _ = ph.pre_check()
+        assert code == 0
+        pre = ph.pre_script()
+        assert pre.errorCode == 0 and pre.scripts[0].facts.get("backup_start_lsn"), pre.scripts[0].detail
+        post = ph.post_script()  # as handle.py calls it
+    finally:
+        ph.close()
+    assert post.errorCode == 0, post.scripts[0].detail
+    label = post.scripts[0].facts["backup_label"]
+    assert label.startswith(labels + "/") and os.path.isfile(label), label
+    assert "START WAL LOCATION" in open(label).read()
+    assert pg.server.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pyexec-quiesce'").strip() == "0"
