@@ -171,3 +171,18 @@ def test_a_short_mariadb_timeout_without_a_lock_wait_is_accepted():
     with pytest.raises(config.Problems) as p:
         config.parse_database(b'{"timeoutInSeconds": 9, "lockWaitTimeoutInSeconds": 9}', "/x.json", "mariadb", 60)
     assert [e.key for e in p.value.errors] == ["lockWaitTimeoutInSeconds"]
+
+
+def test_an_unwritable_backup_label_directory_is_a_clear_301(pg):
+    """backupLabelDirectory is a file: the release ends the backup, then fails 301 saying the label was
+    not written, where, and the stop LSN (it was a bare 'NotADirectoryError: [Errno 20] …')."""
+    hc = pg.setup("label-file", backupMode="always")
+    labels = os.path.join(os.path.dirname(hc), "labels")
+    with open(labels, "w") as f:
+        f.write("not a directory")
+    rep = host.run(hc, [], freeze_timeout=10)
+    post = rep.post[0]
+    assert post.error_code == 301 and "backup_label could not be written" in post.detail, post.detail
+    assert labels in post.detail and "stop LSN" in post.detail
+    assert open(labels).read() == "not a directory"
+    assert pg.server.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pyexec-quiesce'").strip() == "0"

@@ -88,7 +88,12 @@ class PostgresSession:
         if snapshot in ("failed", "skipped"):
             facts["backup_label"] = f"not written: the snapshot is {snapshot}"
             return facts
-        facts["backup_label"] = self._write_label(str(lsn), labelfile, spcmap)
+        try:
+            facts["backup_label"] = self._write_label(str(lsn), labelfile, spcmap)
+        except OSError as e:
+            raise Failed(f"the backup ended (stop LSN {lsn}) but its backup_label could not be written under "
+                         f"backupLabelDirectory {self.cfg.backup_label_dir}: {e.strerror or e} "
+                         f"({e.filename or ''}); nothing is held") from e
         return facts
 
     def _write_label(self, lsn: str, labelfile: str, spcmap: str | None) -> str:
