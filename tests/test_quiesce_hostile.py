@@ -186,3 +186,35 @@ def test_an_unwritable_backup_label_directory_is_a_clear_301(pg):
     assert labels in post.detail and "stop LSN" in post.detail
     assert open(labels).read() == "not a directory"
     assert pg.server.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pyexec-quiesce'").strip() == "0"
+
+
+def test_sigterm_to_pyexec_run_while_the_server_hangs_in_the_handshake(maria):
+    """`pyexec run --json` connecting to a hung MariaDB gets SIGTERM: it must end at once (exit 143,
+    exactly one JSON document, the pre-phase cancelled), not wait for a handshake that never comes."""
+    import subprocess
+    import sys
+
+    import orjson
+
+    hc = maria.setup("cli-hung", timeoutInSeconds=20, lockWaitTimeoutInSeconds=10)
+    pid = maria.server.proc.pid
+    with stopped([pid]):
+        proc = subprocess.Popen([sys.executable, "-m", "pyexec.cli", "run", "--config", hc, "--mount",
+                                 maria.mount_points[0], "--json"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
+        try:
+            time.sleep(2)  # in the handshake by now
+            assert proc.poll() is None
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=8)
+            took = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    doc = orjson.loads(out)  # exactly one document, or this raises
+    assert proc.returncode == 143 and doc["interrupted"] == "SIGTERM", err
+    assert doc["pre"][0]["cancelled"] and took < 4, (took, doc["pre"][0])
+    time.sleep(0.3)
+    assert maria_sessions(maria) == []
