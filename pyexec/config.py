@@ -317,7 +317,7 @@ def _db_keys(engine: str) -> dict[str, tuple[str, str, object]]:
         "fsFreezeEnabled": ("fs_freeze", "bool", True),
     }
     if engine == "mariadb":
-        keys["lockWaitTimeoutInSeconds"] = ("lock_wait", "timeout", LOCK_WAIT_DEFAULT)
+        keys["lockWaitTimeoutInSeconds"] = ("lock_wait", "timeout", 0)  # 0: not given (parse_database)
         keys["flushLogs"] = ("flush_logs", "bool", True)
     else:
         keys["backupMode"] = ("backup_mode", "backupmode", "auto")
@@ -328,8 +328,15 @@ def _db_keys(engine: str) -> dict[str, tuple[str, str, object]]:
 def parse_database(data: bytes, path: str, engine: str, host_timeout: int = HOST_TIMEOUT_MAX) -> DatabaseConfig:
     """Parse a built-in quiescer's config (engine: postgresql | mariadb); Problems (305) lists every bad key."""
     fields, warnings = _parse_json(data, path, _db_keys(engine), {})
-    if engine == "mariadb" and fields["lock_wait"] >= min(fields["timeout"], host_timeout):
-        raise Problems([ConfigError(305, f"must be less than timeoutInSeconds ({fields['timeout']}): the lock "
-                                         "wait is part of the quiesce's bound", path, "lockWaitTimeoutInSeconds")])
+    if engine == "mariadb":
+        bound = min(fields["timeout"], host_timeout)
+        if bound < 2:
+            raise Problems([ConfigError(305, f"must be at least 2 for MariaDB, not {bound}: the lock wait (1 s "
+                                             "at least) must end before it", path, "timeoutInSeconds")])
+        if not fields["lock_wait"]:  # not given: the default, shortened to fit below the timeout
+            fields["lock_wait"] = min(LOCK_WAIT_DEFAULT, bound - 1)
+        elif fields["lock_wait"] >= bound:
+            raise Problems([ConfigError(305, f"must be less than timeoutInSeconds ({bound}): the lock "
+                                             "wait is part of the quiesce's bound", path, "lockWaitTimeoutInSeconds")])
     _clamp_timeout(fields, warnings, host_timeout)
     return DatabaseConfig(path=path, engine=engine, warnings=tuple(warnings), **fields)

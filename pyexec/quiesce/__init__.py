@@ -86,8 +86,12 @@ class _Watchdog:
         r, w = os.pipe2(os.O_CLOEXEC)
 
         def watch() -> None:
-            fds = [r] + ([cancel_fd] if cancel_fd >= 0 else [])
-            ready, _, _ = select.select(fds, [], [], max(0.0, (deadline_ns - nat.now_ns()) / 1e9))
+            # poll, not select: select() refuses a descriptor above 1023 (a busy process's), and the
+            # watchdog would die with a traceback and never fire.
+            p = select.poll()
+            for fd in [r] + ([cancel_fd] if cancel_fd >= 0 else []):
+                p.register(fd, select.POLLIN)
+            ready = [fd for fd, _ in p.poll(max(0, (deadline_ns - nat.now_ns() + 999_999) // 1_000_000))]
             if r in ready:
                 return
             self.fired = "cancelled" if ready else "timeout"

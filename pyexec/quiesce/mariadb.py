@@ -28,11 +28,15 @@ class MariaDBSession:
         self.thread_id = 0
         self.locked = False
 
-    def _connect(self, timeout_s: float) -> Any:
+    def _connect(self, timeout_s: float, defer: bool = False) -> Any:
+        """A connection whose every read and write is bounded by timeout_s too: PyMySQL's connect_timeout
+        bounds only the socket's connect, not the handshake, which a hung server never answers."""
         sock = self.cfg.host if self.cfg.host.startswith("/") else None
+        bound = max(1, int(timeout_s))
         return self._my.connect(unix_socket=sock, host=None if sock else self.cfg.host, port=self.cfg.port,
                                 user=self.cfg.user, password=self._password, database=self.cfg.database or None,
-                                connect_timeout=max(1, int(timeout_s)), autocommit=True)
+                                connect_timeout=bound, read_timeout=bound, write_timeout=bound, autocommit=True,
+                                defer_connect=defer)
 
     def _rows(self, sql: str) -> list[tuple[Any, ...]]:
         with self.conn.cursor() as cur:
@@ -43,7 +47,9 @@ class MariaDBSession:
         """Connect, and bound the lock wait on the server's side."""
         where = self.cfg.host if self.cfg.host.startswith("/") else f"{self.cfg.host}:{self.cfg.port}"
         try:
-            self.conn = self._connect(timeout_s)
+            # Deferred: self.conn exists during the handshake, so the watchdog's abort can cut its socket.
+            self.conn = self._connect(timeout_s, defer=True)
+            self.conn.connect()
         except self._my.err.OperationalError as e:
             code = e.args[0] if e.args else 0
             what = "access denied (user or password)" if code in ER_ACCESS_DENIED else "cannot connect"
@@ -124,6 +130,8 @@ class MariaDBSession:
         if self.conn is None:
             return
         try:
+            if not self.thread_id:  # still in the handshake: there is no session to KILL yet
+                return
             killer = self._connect(ABORT_CONNECT_S)
             try:
                 with killer.cursor() as cur:

@@ -71,7 +71,7 @@ class PostgresSession:
         return facts
 
     def release(self, snapshot: str) -> dict[str, str]:
-        """End the backup (writing its label if the snapshot was taken) and the session."""
+        """End the backup (writing its label unless the snapshot is known not taken) and the session."""
         if not self.in_backup:
             return {}
         stop = "pg_backup_stop(false)" if self.conn.info.server_version >= PG15 else "pg_stop_backup(false, false)"
@@ -82,10 +82,18 @@ class PostgresSession:
                          "the backup ended with it and no backup_label was written") from e
         self.in_backup = False
         facts = {"backup_stop_lsn": str(lsn)}
-        if snapshot != "taken":
+        # "unknown" is the Azure extension's every call (handle.py's post_script() takes no argument, and
+        # comes after its snapshot): a label for a snapshot that failed is harmless, a missing one makes
+        # a taken snapshot unrestorable, so only a snapshot known not to exist goes without.
+        if snapshot in ("failed", "skipped"):
             facts["backup_label"] = f"not written: the snapshot is {snapshot}"
             return facts
-        facts["backup_label"] = self._write_label(str(lsn), labelfile, spcmap)
+        try:
+            facts["backup_label"] = self._write_label(str(lsn), labelfile, spcmap)
+        except OSError as e:
+            raise Failed(f"the backup ended (stop LSN {lsn}) but its backup_label could not be written under "
+                         f"backupLabelDirectory {self.cfg.backup_label_dir}: {e.strerror or e} "
+                         f"({e.filename or ''}); nothing is held") from e
         return facts
 
     def _write_label(self, lsn: str, labelfile: str, spcmap: str | None) -> str:
