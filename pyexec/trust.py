@@ -162,8 +162,9 @@ def open_trusted(path: str, kind: Kind) -> TrustedFile:
 def _open_final(kind: Kind, pfd: int, st: os.stat_result, here: str, path: str) -> TrustedFile:
     if not stat.S_ISREG(st.st_mode):
         what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        code = kind.not_found if kind.is_script else (304 if kind is HOST else 305)
-        if kind.is_script:
+        code = kind.not_found if kind.is_script else kind.mode_code if kind.borrows_codes else \
+            (304 if kind is HOST else 305)
+        if kind.is_script or kind.borrows_codes:
             raise _fail(kind, code, f"{here} is {what}", path)
         raise ConfigError(code, f"{here} is {what}", path)
     if st.st_uid != 0:

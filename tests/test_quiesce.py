@@ -286,6 +286,23 @@ def test_credentials_file_with_loose_mode_is_a_306_trust_error_and_nothing_runs(
     assert res.returncode != 0 and [p["code"] for p in orjson.loads(res.stdout)["problems"]] == [306]
 
 
+@pytest.mark.parametrize("kind", ["fifo", "directory", "missing"])
+def test_credentials_file_that_is_not_a_regular_file(any_site, kind):
+    """A FIFO or a directory is a 306 naming the credentials file (a FIFO is never opened for reading:
+    that would block the check); a missing one is 302."""
+    hc = any_site.setup(f"cred-{kind}")
+    cred = os.path.join(os.path.dirname(hc), "cred")
+    os.unlink(cred)
+    if kind == "fifo":
+        os.mkfifo(cred, 0o600)
+    elif kind == "directory":
+        os.mkdir(cred, 0o700)
+    checked = host.check(hc)
+    checked.close()
+    assert [e.code for e in checked.errors] == [302 if kind == "missing" else 306], checked.errors
+    assert checked.errors[0].detail.startswith("database credentials file: ")
+
+
 @MARIADB
 def test_readlock_wait_times_out_behind_a_long_write_and_holds_nothing(any_site):
     """A long UPDATE keeps FLUSH TABLES WITH READ LOCK waiting: after lockWaitTimeoutInSeconds the

@@ -100,16 +100,29 @@ class PostgresSession:
         """backup_label (and tablespace_map) in a new directory under backupLabelDirectory, root's 0700:
         a restore copies them into the restored data directory before the first start."""
         stamp = self.label.split()[-1]
-        where = os.path.join(self.cfg.backup_label_dir, f"{stamp}-{lsn.replace('/', '_')}")
-        os.makedirs(where, mode=0o700, exist_ok=True)
-        for name, text in (("backup_label", labelfile), ("tablespace_map", spcmap)):
-            if text:
-                fd = os.open(os.path.join(where, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-                with os.fdopen(fd, "w") as f:
-                    f.write(text)
-                    f.flush()
-                    os.fsync(f.fileno())
-        return os.path.join(where, "backup_label")
+        os.makedirs(self.cfg.backup_label_dir, mode=0o700, exist_ok=True)
+        # A new leaf, created here, and new files in it, never followed through a symlink: root writes
+        # nothing where someone who can write to backupLabelDirectory pointed it.
+        top = os.open(self.cfg.backup_label_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            leaf = f"{stamp}-{lsn.replace('/', '_')}"
+            os.mkdir(leaf, 0o700, dir_fd=top)
+            where = os.open(leaf, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=top)
+            try:
+                for name, text in (("backup_label", labelfile), ("tablespace_map", spcmap)):
+                    if text:
+                        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                     0o600, dir_fd=where)
+                        with os.fdopen(fd, "w") as f:
+                            f.write(text)
+                            f.flush()
+                            os.fsync(f.fileno())
+                os.fsync(where)
+            finally:
+                os.close(where)
+        finally:
+            os.close(top)
+        return os.path.join(self.cfg.backup_label_dir, leaf, "backup_label")
 
     def abort(self) -> None:
         """From the watchdog: cancel the running statement on the server, then cut the socket."""
