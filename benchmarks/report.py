@@ -134,6 +134,8 @@ def main(path: str = "results/bench.json", out_dir: str = "results") -> int:
             rows += ["", f"The re-check alone (a {b['extra_info']['components']}-component path): {us(med[n])} median."]
         rows.append("")
 
+    rows += databases(get("test_db_phases"), get("test_db_load"), med)
+
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "bench.md"), "w") as f:
         f.write("\n".join(rows) + "\n")
@@ -141,6 +143,59 @@ def main(path: str = "results/bench.json", out_dir: str = "results") -> int:
         plot(per_fs, os.path.join(out_dir, "window-overhead.png"))
     print("\n".join(rows))
     return 0
+
+
+DB_WAYS = {"builtin": "built-in quiescer", "script": "shell scripts", "none": "freeze only (no plugin)",
+           "no snapshot": "no snapshot"}
+DB_CLIENT = {"postgresql": "psql", "mariadb": "mysql"}
+
+
+def db_way(engine: str, way: str) -> str:
+    return f"shell scripts ({DB_CLIENT[engine]})" if way == "script" else DB_WAYS[way]
+
+
+def databases(phases: dict, load: dict, med: dict) -> list[str]:
+    """The "databases" tables (benchmarks/test_bench_db.py): each quiescer's phases against the freeze
+    alone, and the latency a load feels while a snapshot is taken."""
+    rows: list[str] = []
+    if phases:
+        base = {b["extra_info"]["engine"]: med[n] for n, b in phases.items() if b["extra_info"]["way"] == "none"}
+        rows += ["### Database quiescers: pre-phase, window, post-phase (idle server, 2,000 new rows per run; "
+                 "data and WAL/binlog on 2 ext4)", "",
+                 "| engine | quiesced by | run median | ratio to freeze only | pre median | window median | "
+                 "post median | read lock held in the window |", "|---|---|---|---|---|---|---|---|"]
+        order = list(DB_WAYS)
+        for n, b in sorted(phases.items(), key=lambda kv: (kv[1]["extra_info"]["engine"],
+                                                            order.index(kv[1]["extra_info"]["way"]))):
+            e = b["extra_info"]
+            ratio = f"{med[n] / base[e['engine']]:,.1f}×" if e["engine"] in base else "–"
+            lock = {True: "yes", False: "no"}.get(e.get("readlock_in_window"), "–")
+            pre = us(statistics.median(e["pre_ns"])) if e["way"] != "none" else "–"
+            post = us(statistics.median(e["post_ns"])) if e["way"] != "none" else "–"
+            rows.append(f"| {e['engine']} | {db_way(e['engine'], e['way'])} | {us(med[n])} | {ratio} | {pre} | "
+                        f"{us(statistics.median(e['window_ns']))} | {post} | {lock} |")
+        rows += ["", "Read lock held: a write from another session (a MEMORY table, binlog off: nothing on the "
+                 "frozen disks) waits for the global read lock inside the window.", ""]
+    for n, b in sorted(load.items(), key=lambda kv: kv[1]["extra_info"]["engine"]):
+        e = b["extra_info"]
+        cases = e["cases"]
+        some = next(iter(cases.values()))
+        calm = cases["no snapshot"]
+        tool = (f"pgbench -c {e['clients']} (TPC-B)" if e["engine"] == "postgresql"
+                else f"{e['clients']} Python client threads (INSERT + UPDATE per transaction)")
+        rows += [f"### {e['engine']} under load: {tool}, {some['seconds']} s, a snapshot 1 s in; "
+                 f"{len(some['txns'])} interleaved round(s)", "",
+                 "| snapshot by | transactions | p50 | p99 | p99 ratio | longest stall | stall ratio | window median | "
+                 "pre median | post median |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for case, c in cases.items():
+            def m(key):
+                return us(statistics.median(c[key])) if c[key] and (case != "none" or key == "window_ns") else "–"
+            rows.append(f"| {db_way(e['engine'], case)} | {sum(c['txns']):,} | {us(c['p50_us'] * 1e3)} | "
+                        f"{us(c['p99_us'] * 1e3)} | {c['p99_us'] / calm['p99_us']:.2f}× | {us(c['max_stall_us'] * 1e3)} | "
+                        f"{c['max_stall_us'] / calm['max_stall_us']:.2f}× | {m('window_ns')} | {m('pre_ns')} | "
+                        f"{m('post_ns')} |")
+        rows += ["", "Ratios against the same load with no snapshot, in the same rounds.", ""]
+    return rows
 
 
 def plot(per_fs: dict[str, list[float]], path: str) -> None:
