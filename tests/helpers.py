@@ -123,6 +123,25 @@ def procs_matching(pred) -> list[int]:
     return out
 
 
+DB_EXES = {"postgres", "mariadbd", "mysqld", "pgbench"}
+
+
+def db_procs_under(root: str) -> list[str]:
+    """Database server processes (and pgbench) working in a directory under root: a postmaster and
+    its workers, a mariadbd, each with its data directory as cwd."""
+    found = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                exe = os.path.basename(os.readlink(f"/proc/{d}/exe"))
+                cwd = os.readlink(f"/proc/{d}/cwd")
+            except OSError:
+                continue
+            if exe in DB_EXES and (cwd == root or cwd.startswith(root + "/")):
+                found.append(f"{d} {exe} in {cwd}")
+    return found
+
+
 def open_fds() -> set[int]:
     """This process's open fds."""
     return {int(x) for x in os.listdir("/proc/self/fd")}

@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 
-from helpers import IS_ROOT, needs_xfs
+from helpers import IS_ROOT, db_procs_under, needs_xfs
 from pyexec.demo import servers
 from pyexec.demo.loopfs import LoopFS
 
@@ -20,24 +20,6 @@ from pyexec.demo.loopfs import LoopFS
 pytestmark = [pytest.mark.skipif(not IS_ROOT, reason="needs root: loop devices, mount, server users"),
               needs_xfs]
 
-SERVER_EXES = {"postgres", "mariadbd", "mysqld"}
-
-
-def _sandbox_procs(root: str) -> list[str]:
-    """The server processes working in a directory under root (a postmaster and its workers, a
-    mariadbd: each runs with its data directory as cwd)."""
-    found = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            exe = os.path.basename(os.readlink(f"/proc/{d}/exe"))
-            cwd = os.readlink(f"/proc/{d}/cwd")
-        except OSError:
-            continue
-        if exe in SERVER_EXES and (cwd == root or cwd.startswith(root + "/")):
-            found.append(f"{d} {exe} in {cwd}")
-    return found
 
 
 class Disks:
@@ -68,7 +50,7 @@ def disks():
         try:
             yield d
         finally:
-            left = _sandbox_procs(tmp)
+            left = db_procs_under(tmp)
             d.close()
         assert not left, f"server processes left behind: {left}"
         with open("/proc/self/mountinfo") as f:

@@ -14,32 +14,15 @@ import time
 import orjson
 import pytest
 
-from helpers import needs_btrfs, needs_root, needs_xfs
+from helpers import db_procs_under, needs_btrfs, needs_root, needs_xfs
 
 
 # `make test` installs both servers (scripts/setup.sh): a missing one fails its tests, never skips them.
 ENGINES = ["postgresql", "mariadb"]
 PYEXEC = [sys.executable, "-m", "pyexec.cli"]
-SERVER_EXES = {"postgres", "mariadbd", "mysqld", "pgbench"}
-
-
-def _procs_under(root: str) -> list[str]:
-    """Server processes (and pgbench) whose working directory is under root."""
-    found = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                exe = os.path.basename(os.readlink(f"/proc/{d}/exe"))
-                cwd = os.readlink(f"/proc/{d}/cwd")
-            except OSError:
-                continue
-            if exe in SERVER_EXES and (cwd == root or cwd.startswith(root + "/")):
-                found.append(f"{d} {exe} in {cwd}")
-    return found
-
 
 def _assert_nothing_left(base: str, doc: dict | None = None) -> None:
-    assert _procs_under(base) == []
+    assert db_procs_under(base) == []
     assert base not in open("/proc/self/mountinfo").read()
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     assert base not in loops

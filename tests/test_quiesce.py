@@ -17,7 +17,7 @@ import pymysql
 import psycopg
 import pytest
 
-from helpers import IS_ROOT, Mounts, kill_with_descendants, procs_matching
+from helpers import IS_ROOT, Mounts, db_procs_under, kill_with_descendants, procs_matching
 from pyexec import host, window
 from pyexec.demo import loopfs
 from pyexec.demo.servers import MariaDBServer, PostgresServer
@@ -99,6 +99,7 @@ def sandbox(engine: str):
             mounts.close()
         assert not mounts.fired, "watchdog fired: a test left a mount frozen"
         assert tmp not in open("/proc/self/mountinfo").read()
+        assert db_procs_under(tmp) == []
 
 
 @pytest.fixture(scope="module", params=["mariadb", "postgresql"])

@@ -35,7 +35,7 @@ import orjson
 
 from pyexec import host, report
 from pyexec.demo import loopfs, servers
-from pyexec.demo.run import REPORT, reflink
+from pyexec.demo.run import REPORT, _say, _write, reflink
 from pyexec.errors import PyexecError
 from pyexec.quiesce import load_driver
 from pyexec.window import Window
@@ -77,19 +77,6 @@ PROMISES = {
         "every row acknowledged before the log disk's freeze began is present and none sent after it was frozen; "
         "the row in flight at that instant may be either way."),
 }
-
-
-def _say(msg: str) -> None:
-    """Progress: stderr, so that stdout holds only the results (with --json, the report alone)."""
-    print(f"demo: {msg}", file=sys.stderr, flush=True)
-
-
-def _write(path: str, data: str, mode: int) -> str:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(data)
-    os.chmod(path, mode)
-    return path
 
 
 def _kib(n: int | None) -> str:

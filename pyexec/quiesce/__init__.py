@@ -18,7 +18,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from types import ModuleType
-from typing import Protocol
+from typing import Any, Protocol
 
 from pyexec import config, native, scripts, trust
 from pyexec.errors import PyexecError, ScriptError
@@ -51,6 +51,15 @@ def shutdown_fd(fd: int) -> None:
     the server sees the session end (and drops its locks)."""
     with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as s:
         s.shutdown(socket.SHUT_RDWR)
+
+
+def close_quietly(conn: Any) -> None:
+    """Close a driver connection if there is one (a lost one is closed already)."""
+    if conn is not None:
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - whatever the driver raises, the session is over
+            pass
 
 
 def load_driver(engine: str, path: str) -> ModuleType:

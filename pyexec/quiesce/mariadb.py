@@ -10,7 +10,7 @@ from types import ModuleType
 from typing import Any
 
 from pyexec import config
-from pyexec.quiesce import ABORT_CONNECT_S, Failed, shutdown_fd
+from pyexec.quiesce import ABORT_CONNECT_S, Failed, close_quietly, shutdown_fd
 
 ER_LOCK_WAIT_TIMEOUT = 1205
 ER_ACCESS_DENIED = (1044, 1045, 1698)  # database, password, socket-auth user
@@ -148,9 +148,5 @@ class MariaDBSession:
 
     def close(self) -> None:
         """End the session: the server releases a read lock still held with it."""
-        if self.conn is not None:
-            try:
-                self.conn.close()
-            except Exception:  # noqa: BLE001 - a lost connection is closed already
-                pass
-            self.conn = None
+        conn, self.conn = self.conn, None
+        close_quietly(conn)

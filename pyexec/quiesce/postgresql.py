@@ -15,7 +15,7 @@ from types import ModuleType
 from typing import Any
 
 from pyexec import config
-from pyexec.quiesce import ABORT_CONNECT_S, Failed, shutdown_fd
+from pyexec.quiesce import ABORT_CONNECT_S, Failed, close_quietly, shutdown_fd
 
 PG15 = 150000  # pg_backup_start/pg_backup_stop replace pg_start_backup/pg_stop_backup (PostgreSQL 15)
 
@@ -138,9 +138,5 @@ class PostgresSession:
 
     def close(self) -> None:
         """End the session: the server ends a backup still in progress with it."""
-        if self.conn is not None:
-            try:
-                self.conn.close()
-            except Exception:  # noqa: BLE001 - a lost connection is closed already
-                pass
-            self.conn = None
+        conn, self.conn = self.conn, None
+        close_quietly(conn)
