@@ -1,5 +1,6 @@
 """`pyexec demo --db postgresql|mariadb`: end to end with --compare and --json (a quiesced and an
-unquiesced round on a loaded server, each restored on a second server and checked), and nothing left
+unquiesced round on a loaded server, each restored on a second server and checked; PostgreSQL's
+quiesced round restored a second time from its backup_label and WAL archive), and nothing left
 behind: no server process, mount, loop device, run directory or sandbox file; bad input and a missing
 server binary end cleanly."""
 from __future__ import annotations
@@ -78,6 +79,16 @@ def test_db_demo_compare_json(engine, base, tmp_path):
             p = rnd["restore"]["pgbench"]
             assert rnd["restore"]["pg_amcheck"]["exit_code"] == 0
             assert p["sum_abalance"] == p["sum_tbalance"] == p["sum_bbalance"] == p["sum_delta"]
+        # The same snapshot restored again with the quiescer's backup_label and the WAL archive.
+        lr, facts = q["label_restore"], q["report"]["post"][0]["facts"]
+        assert lr["verified"] and lr["startup"]["archive_recovery"] and lr["startup"]["promoted"], lr
+        assert lr["startup"]["consistent_at"] == facts["backup_stop_lsn"] == lr["backup_stop_lsn"]
+        assert lr["startup"]["redo_start"] == q["report"]["pre"][0]["facts"]["backup_start_lsn"]
+        assert lr["backup_label"] == facts["backup_label"] and lr["pg_amcheck"]["exit_code"] == 0
+        lg = lr["ledger"]
+        assert lg["missing_acked_before_release"] == 0 and lg["present_sent_after_release"] == 0
+        assert lg["acked_before_release"] > 0 and lg["sent_after_release"] > 0
+        assert "label_restore" not in u and "label restore: consistent at LSN" in r.stderr
     else:
         assert qc["restored @@gtid_binlog_pos = the GTID recorded at the quiesce"]
         assert q["restore"]["gtid_binlog_pos"] == q["report"]["pre"][0]["facts"]["gtid"]

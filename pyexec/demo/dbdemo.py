@@ -8,7 +8,10 @@ binlog and InnoDB redo log), as DBAs lay them out.  The server's socket and log 
 (sequentially numbered rows, autocommit, each row's send and acknowledgement times recorded outside
 the frozen disks), runs pyexec (quiesce, freeze both disks, reflink both images, thaw, release),
 then attaches the reflinked images on new loop devices, starts a second server on them (crash
-recovery) and checks what the round's mode promises (PROMISES).
+recovery) and checks what the round's mode promises (PROMISES).  A quiesced PostgreSQL round is
+restored a second time from the same snapshot by the other way: the backup_label the quiescer wrote,
+WAL from the server's archive (in the sandbox, on neither disk), archive recovery to the backup's
+consistency point: the restore a snapshot whose pieces are not one atomic image needs.
 
 Nothing is left behind: every server is stopped, every mount and loop device removed, on success,
 error, Ctrl-C and SIGTERM alike (--keep leaves the sandbox's files and mounts, never a server)."""
@@ -43,6 +46,7 @@ from pyexec.window import Window
 ENGINES = ("postgresql", "mariadb")
 WARMUP_S = 1.5  # load before the snapshot
 AFTER_S = 1.0  # load after the release: rows the snapshot must not have
+ARCHIVE_WAIT_S = 30.0  # for the segment holding the backup's stop LSN to be archived
 PGBENCH_SCALE = 1  # 100 000 accounts, ~15 MB
 PGBENCH_CLIENTS = 4
 PGBENCH_SECONDS = 5  # covers warm-up, the run (pre, window, post) and AFTER_S
@@ -64,7 +68,13 @@ PROMISES = {
         "is, the ledger is gapless, pg_amcheck is clean, pgbench's "
         "balances equal its history, and recovery starts at the backup's checkpoint. The backup_label the "
         "quiescer wrote (START WAL LOCATION = the pre facts' backup_start_lsn) is for snapshots that are "
-        "not atomic; this one (both disks inside one freeze window) restores by crash recovery."),
+        "not atomic; this one (both disks inside one freeze window) restores by crash recovery. It is "
+        "restored a second time with that label: pg_wal emptied, the WAL from the server's archive, "
+        "archive recovery to the backup's consistency point (recovery_target 'immediate') and promote: "
+        "consistent exactly at the backup's stop LSN, redo from its start LSN, pg_amcheck clean, balances "
+        "equal the history, every ledger row acknowledged before the release began is present (the stop "
+        "comes after the thaw, so rows committed between the thaw and the stop are too), gapless, and none "
+        "sent after the release ended."),
     "mariadb": (
         "MariaDB is quiesced by FLUSH TABLES WITH READ LOCK: the quiesce point is when it returned (the "
         "pre-phase's end), writes block until UNLOCK TABLES (the post-phase). The restored ledger is exactly "
@@ -263,6 +273,7 @@ class Stamps:
     # this is a crash-consistent snapshot's consistency point.
     log_freeze_start: int = 0
     log_freeze_end: int = 0
+    released: int = 0  # host.run returned: the release (pg_backup_stop, UNLOCK TABLES) is over
 
 
 class Site:
@@ -299,8 +310,10 @@ class Site:
     def start_server(self) -> None:
         if self.engine == "postgresql":
             _say("starting PostgreSQL (initdb; socket and log in /run, WAL on the xfs disk)")
+            # The WAL archive is on neither disk (in the sandbox, beside them): the label restore's WAL.
             pg = self.server = servers.PostgresServer(os.path.join(self.data.mountpoint, "pg"),
-                                                      waldir=os.path.join(self.wal.mountpoint, "pg_wal"))
+                                                      waldir=os.path.join(self.wal.mountpoint, "pg_wal"),
+                                                      archive_dir=os.path.join(self.dir, "archive"))
             try:
                 pg.start()
             finally:
@@ -410,8 +423,15 @@ class Site:
              + (" → post (release)" if quiesce else ""))
         rep = host.run(self.host_conf[quiesce], mount_points=[self.data.mountpoint, self.wal.mountpoint],
                        snapshot=take, freeze_timeout=30, progress=progress)
+        stamps.released = time.monotonic_ns()
         if rep.interrupted:
             raise KeyboardInterrupt
+        label_restore = quiesce and self.engine == "postgresql" and rep.snapshot == "taken"
+        if label_restore:
+            # The same snapshot for the second restore (the first one's recovery writes to its copies).
+            for k in ("data", "wal"):
+                snaps[f"{k}-label"] = snaps[k].replace(".img", "-label.img")
+                reflink(snaps[k], snaps[f"{k}-label"])
         if rep.window is not None:
             stamps.freeze_start, stamps.thaw_end = rep.window.start_ns, rep.window.end_ns
             for m in rep.window.mounts:
@@ -442,6 +462,15 @@ class Site:
             restore, rchecks = self.restore(rnd, snaps, rep, ledger, stamps, quiesce)
             doc["restore"] = restore
             checks |= rchecks
+            if label_restore and rep.post and rep.post[0].facts.get("backup_stop_lsn"):
+                _say(f"round {rnd}: restoring again, with the backup_label: pg_wal emptied, WAL from the "
+                     "archive, archive recovery to the backup's consistency point")
+                lrest, lchecks = self.label_restore(rnd, snaps, rep, ledger, stamps)
+                doc["label_restore"] = lrest
+                doc["label_restore"]["verified"] = all(lchecks.values())
+                checks |= {f"label restore: {k}": v for k, v in lchecks.items()}
+            elif label_restore:
+                checks["label restore: the release wrote a backup_label"] = False
         else:
             checks["snapshot taken"] = False
         doc["checks"] = checks
@@ -492,6 +521,72 @@ class Site:
                 self._check_mariadb(r, rep, quiesce, out, checks)
                 present = {int(x) for x in r.sql(f"SELECT seq FROM ledger WHERE round = {rnd}", database="demo").split()}
             self._check_ledger(ledger, present, st, quiesce, out, checks)
+        finally:
+            if self.restored is not None:
+                self.restored.stop()
+                self.restored = None
+            for m in (wal, data):
+                m.close(remove_image=not self.keep)
+                self.restore_fs.remove(m)
+            with contextlib.suppress(OSError):
+                os.rmdir(rdir)
+        return out, checks
+
+    def label_restore(self, rnd: int, snaps: dict[str, str], rep: host.RunReport, ledger: Ledger,
+                      st: Stamps) -> tuple[dict[str, Any], dict[str, bool]]:
+        """The round's snapshot restored by archive recovery from the quiescer's backup_label."""
+        assert isinstance(self.server, servers.PostgresServer)
+        pre, post = rep.pre[0].facts, rep.post[0].facts
+        stop, label = post["backup_stop_lsn"], post.get("backup_label", "")
+        out: dict[str, Any] = {"backup_label": label, "backup_stop_lsn": stop}
+        checks: dict[str, bool] = {}
+        try:
+            out["archived_to"] = self.server.wait_archived(stop, ARCHIVE_WAIT_S)
+        except servers.ServerError as e:
+            out["start_error"] = str(e)
+            checks["the WAL up to the stop LSN is archived"] = False
+            return out, checks
+        rdir = os.path.join(self.dir, f"restore{rnd}-label")
+        os.mkdir(rdir, 0o711)
+        data = loopfs.LoopFS(snaps["data-label"], os.path.join(rdir, "data"), "ext4", create=False)
+        self.restore_fs.append(data)
+        wal = loopfs.LoopFS(snaps["wal-label"], os.path.join(rdir, "wal"), "xfs", create=False, options="nouuid")
+        self.restore_fs.append(wal)
+        try:
+            r = servers.PostgresServer(os.path.join(data.mountpoint, "pg"), waldir=os.path.join(wal.mountpoint, "pg_wal"),
+                                       password=self.server.password)
+            self.restored = r
+            try:
+                startup = r.start_archive_recovery(label, os.path.join(self.dir, "archive"))
+                self.run_dirs += [r.rundir] if r.rundir else []
+            except (servers.ServerError, OSError) as e:
+                out["start_error"] = str(e)
+                checks["restored server starts by archive recovery and is promoted"] = False
+                return out, checks
+            out["startup"] = {k: v for k, v in dataclasses.asdict(startup).items() if k != "log"}
+            out["startup"]["log"] = startup.log[:20]
+            checks["restored server starts by archive recovery and is promoted"] = (
+                startup.archive_recovery and startup.promoted)
+            checks["consistent exactly at the backup's stop LSN"] = startup.consistent_at == stop
+            checks["redo starts at the backup's start LSN (the label's checkpoint)"] = (
+                startup.redo_start == pre.get("backup_start_lsn"))
+            self._check_pg(r, rep, False, startup, out, checks)
+            present = {int(x) for x in r.psql(f"SELECT seq FROM ledger WHERE round = {rnd}", dbname="bench").split()}
+            rows = ledger.rows
+            # The state at the stop LSN: pg_backup_stop runs in the release, after the thaw.
+            acked_before_release = {s for s, sent, ack in rows if ack < st.post_start}
+            sent_after_release = {s for s, sent, ack in rows if sent > st.released}
+            top = max(present, default=0)
+            out["ledger"] = {"rows_restored": len(present), "last_restored": top,
+                             "acked_before_freeze": sum(ack < st.freeze_start for s, sent, ack in rows),
+                             "acked_before_release": len(acked_before_release),
+                             "missing_acked_before_release": len(acked_before_release - present),
+                             "sent_after_release": len(sent_after_release),
+                             "present_sent_after_release": len(sent_after_release & present)}
+            checks["ledger: every row acknowledged before the release began is present"] = (
+                not acked_before_release - present)
+            checks["ledger: gapless (rows 1..last)"] = present == set(range(1, top + 1))
+            checks["ledger: no row sent after the release ended is present"] = not sent_after_release & present
         finally:
             if self.restored is not None:
                 self.restored.stop()
@@ -656,8 +751,19 @@ def _round_summary(d: dict[str, Any], engine: str) -> str:
         lines.append(f"  pg_amcheck exit {rs['pg_amcheck']['exit_code']}; pgbench sums: accounts {p['sum_abalance']}, "
                      f"tellers {p['sum_tbalance']}, branches {p['sum_bbalance']}, history {p['sum_delta']}")
     if "backup_label" in rs:
-        lines.append(f"  backup_label (for a non-atomic snapshot; not used by this crash-recovery restore): "
+        lines.append(f"  backup_label (for a non-atomic snapshot; not used by the crash-recovery restore): "
                      f"{rs['backup_label']}, START WAL LOCATION {rs['backup_label_start_wal_location']}")
+    lr = d.get("label_restore")
+    if lr is not None:
+        if "startup" in lr and "ledger" in lr:
+            s, lg = lr["startup"], lr["ledger"]
+            lines.append(f"  label restore: consistent at LSN {s['consistent_at']} (the stop LSN {lr['backup_stop_lsn']}), "
+                         f"started in {s['seconds']:.2f} s, {s['restored_files']} WAL files from the archive, "
+                         f"rows {lg['rows_restored']} ({lg['acked_before_freeze']} acked before the freeze, "
+                         f"{lg['acked_before_release']} before the release): "
+                         + ("VERIFIED" if lr["verified"] else "FAILED"))
+        else:
+            lines.append(f"  label restore FAILED: {lr.get('start_error', '?').splitlines()[0]}")
     if "check_table" in rs:
         c = rs["check_table"]
         lines.append(f"  CHECK TABLE: {c['ok']}/{c['tables']} OK; balances {rs['balances']['sum_bal']} = "

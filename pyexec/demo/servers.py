@@ -6,7 +6,9 @@ the write-ahead log: PostgreSQL's pg_wal, MariaDB's binlog and InnoDB redo log),
 Unix socket in a private run directory; neither server listens on TCP.  `stop()` and the context
 managers leave no server process, socket or run directory behind, whatever happened.  A copy of the
 directories (a restored snapshot) starts as a new instance with `start(existing=True)`, which runs
-the engine's crash recovery and reports how long it took (`Startup`)."""
+the engine's crash recovery and reports how long it took (`Startup`).  PostgreSQL can also archive
+its WAL (`archive_dir`) and start a restored copy by archive recovery from a backup_label
+(`start_archive_recovery`): the restore of a snapshot whose pieces are not one atomic image."""
 from __future__ import annotations
 
 import contextlib
@@ -48,6 +50,14 @@ class Startup:
     redo_bytes: int | None = None  # redo_end - redo_start
     redo_seconds: float | None = None  # the engine's own figure, where its log gives one
     log: list[str] = dataclasses.field(default_factory=list)  # the recovery lines of the server log
+    # PostgreSQL's archive recovery from a backup_label (start_archive_recovery):
+    archive_recovery: bool = False
+    backup_end: str | None = None  # "completed backup recovery with … end LSN": the backup's stop LSN
+    consistent_at: str | None = None  # "consistent recovery state reached at" this LSN
+    stopped: str | None = None  # why recovery stopped ("recovery stopping after reaching consistency")
+    timeline: int | None = None  # the new timeline of the promoted copy
+    restored_files: int = 0  # WAL segments (and history files) restore_command fetched from the archive
+    promoted: bool = False  # recovery ended and the server accepts read-write connections
 
 
 def _which(name: str) -> str | None:
@@ -277,6 +287,34 @@ logging_collector = off
 """
 _PG_REDO_START = re.compile(r"redo starts at ([0-9A-F]+/[0-9A-F]+)")
 _PG_REDO_DONE = re.compile(r"redo done at ([0-9A-F]+/[0-9A-F]+).*?elapsed: ([0-9.]+) s")
+_PG_BACKUP_END = re.compile(r"completed backup recovery with redo LSN [0-9A-F]+/[0-9A-F]+ and end LSN ([0-9A-F]+/[0-9A-F]+)")
+_PG_CONSISTENT = re.compile(r"consistent recovery state reached at ([0-9A-F]+/[0-9A-F]+)")
+_PG_STOPPING = re.compile(r"LOG:\s+(recovery stopping [^\n]*)")
+_PG_TIMELINE = re.compile(r"selected new timeline ID: (\d+)")
+_PG_RESTORED = re.compile(r'restored log file "[0-9A-F]+(?:\.history)?" from archive')
+
+
+def _archive_command(archive: str) -> str:
+    """Copy a completed segment into archive (as PostgreSQL's docs: never overwrite), durably: a
+    temporary name, fsync, rename, fsync of the directory; a failure is retried by the archiver."""
+    d = shlex.quote(archive)
+    return (f"test ! -f {d}/%f && cp %p {d}/%f.tmp && sync {d}/%f.tmp && mv {d}/%f.tmp {d}/%f && sync {d}")
+
+
+@dataclasses.dataclass
+class _ArchiveRecovery:
+    label: str  # backup_label's text
+    spcmap: str | None  # tablespace_map's, if the backup had one
+    archive_dir: str
+    target: str | None  # recovery_target: "immediate", or None (replay the whole archive)
+    keep_wal: bool
+
+
+def _lsn_text(text: str) -> str:
+    """text if it is an LSN "X/Y" (it goes into SQL), else ValueError."""
+    if not re.fullmatch(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}", text):
+        raise ValueError(f"not an LSN: {text!r}")
+    return text
 
 
 def _lsn(text: str) -> int:
@@ -300,14 +338,23 @@ def _pg_binaries() -> dict[str, str]:
 
 class PostgresServer(_Server):
     """A private PostgreSQL cluster: data in datadir, WAL in waldir (another filesystem) if given,
-    a Unix socket only (listen_addresses=''), run as the OS user postgres."""
+    a Unix socket only (listen_addresses=''), run as the OS user postgres; its completed WAL
+    segments copied to archive_dir if given.
+
+    The per-instance settings (socket, port, archive, recovery) go on the command line, never into
+    postgresql.conf: a restored copy must not inherit its original's archive_command (it would
+    write its own new timeline into the original's archive)."""
 
     engine = "postgresql"
 
     def __init__(self, datadir: str, *, waldir: str | None = None, sockdir: str | None = None,
-                 port: int = 5432, password: str | None = None, os_user: str = "postgres"):
+                 port: int = 5432, password: str | None = None, os_user: str = "postgres",
+                 archive_dir: str | None = None):
+        """archive_dir: archive every completed WAL segment there (archive_mode); it must not be on
+        a filesystem the tests freeze, and the OS user gets it (mode 700)."""
         super().__init__(datadir, sockdir)
         self.waldir = os.path.abspath(waldir) if waldir else None
+        self.archive_dir = os.path.abspath(archive_dir) if archive_dir else None
         self.port = port
         # A restored copy keeps the original's password: pass the original's to reach it.
         self.password = password or secrets.token_hex(12)
@@ -387,6 +434,42 @@ class PostgresServer(_Server):
     def start(self, existing: bool | None = None) -> Startup:
         """Start the server: initdb first unless the data directory holds a cluster (existing=None
         decides by PG_VERSION); an existing one is recovered.  Returns (and keeps) the Startup."""
+        return self._start(existing, None)
+
+    def start_archive_recovery(self, backup_label: str, archive_dir: str, *, target: str | None = "immediate",
+                               tablespace_map: str | None = None, keep_wal: bool = False) -> Startup:
+        """Start a restored copy (datadir, and waldir if given: the snapshot's pieces) by archive
+        recovery from a backup_label: the restore of a snapshot whose pieces are not one atomic image.
+
+        As PostgreSQL's "Recovering Using a Continuous Archive Backup": the copied pg_wal is emptied
+        (its segments are from whatever instant its piece was taken; keep_wal=True leaves them, to be
+        used where the archive lacks a segment), backup_label (and tablespace_map: the given one, else
+        one beside the label) is put into the data directory, recovery.signal created, and the server
+        started with restore_command copying from archive_dir and recovery_target_action=promote.
+
+        target: "immediate" (the default) stops at the backup's consistency point, the end of the
+        backup (its stop LSN): the earliest state the pieces can be restored to, and the one closest
+        to the snapshot; None replays every segment the archive holds (the latest state, which is
+        not the snapshot's and depends on when the restore runs).
+
+        Returns once recovery has ended and the copy is promoted (read-write), with consistent_at,
+        stopped, timeline and restored_files parsed from the log; ServerError if it does not get
+        there (e.g. "WAL ends before consistent recovery point": a segment up to the stop LSN is
+        missing from the archive)."""
+        label = open(backup_label).read()
+        if "START WAL LOCATION:" not in label:
+            raise ServerError(f"postgresql: {backup_label} is not a backup_label")
+        if tablespace_map is None:
+            beside = os.path.join(os.path.dirname(backup_label), "tablespace_map")
+            tablespace_map = beside if os.path.exists(beside) else None
+        spcmap = open(tablespace_map).read() if tablespace_map else None
+        if not os.path.isdir(archive_dir):
+            raise ServerError(f"postgresql: no WAL archive at {archive_dir}")
+        if target not in (None, "immediate"):
+            raise ValueError(f"target: 'immediate' or None, not {target!r}")
+        return self._start(True, _ArchiveRecovery(label, spcmap, os.path.abspath(archive_dir), target, keep_wal))
+
+    def _start(self, existing: bool | None, recovery: _ArchiveRecovery | None) -> Startup:
         if self.running:
             raise ServerError("postgresql: already running")
         t0 = time.monotonic()
@@ -405,6 +488,11 @@ class PostgresServer(_Server):
             # The per-instance settings go on the command line: a restored copy's postgresql.conf
             # names the original's socket directory.
             opts = ["-c", "listen_addresses=", "-k", self.sockdir, "-p", str(self.port)]
+            if self.archive_dir:
+                _own_dir(self.archive_dir, uid, gid, 0o700)
+                opts += ["-c", "archive_mode=on", "-c", f"archive_command={_archive_command(self.archive_dir)}"]
+            if recovery is not None:
+                opts += self._prepare_recovery(recovery, uid, gid)
             res = self._as_user([self.bin["pg_ctl"], "start", "-D", self.datadir, "-l", log, "-w",
                                  "-t", str(int(START_TIMEOUT_S)), "-o", shlex.join(opts)],
                                 timeout=START_TIMEOUT_S + 10, check=False)
@@ -413,6 +501,8 @@ class PostgresServer(_Server):
                 raise self._fail("pg_ctl start failed", (res.stderr or res.stdout).strip())
             if self.proc is None:
                 raise self._fail("no postmaster.pid after a successful pg_ctl start")
+            if recovery is not None:
+                self._wait_promoted(t0 + START_TIMEOUT_S)
         except BaseException:
             if self.proc is None and self.rundir is not None:
                 # Interrupted inside pg_ctl: a postmaster may be up without us knowing it yet.
@@ -421,6 +511,51 @@ class PostgresServer(_Server):
             raise
         self.startup = self._parse_startup(_read_from(log, offset), time.monotonic() - t0)
         return self.startup
+
+    def _prepare_recovery(self, rec: _ArchiveRecovery, uid: int, gid: int) -> list[str]:
+        """Files and settings of an archive recovery (the data directory is the OS user's already)."""
+        if not rec.keep_wal:
+            # The restore's own WAL comes from the archive; a stale segment left in pg_wal would be
+            # read where the archive lacks one.  archive_status goes too (it names those segments).
+            wal = os.path.join(self.datadir, "pg_wal")
+            for name in os.listdir(wal):
+                path = os.path.join(wal, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+            _own_dir(os.path.join(wal, "archive_status"), uid, gid, 0o700)
+        for name, text in (("backup_label", rec.label), ("tablespace_map", rec.spcmap), ("recovery.signal", "")):
+            if text is None:
+                continue
+            path = os.path.join(self.datadir, name)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "w") as f:
+                f.write(text)
+            os.chown(path, uid, gid)
+        _check_reachable(os.path.join(rec.archive_dir, "x"), self.os_user, uid, gid)
+        cp = f"cp {shlex.quote(rec.archive_dir)}/%f %p"
+        opts = ["-c", f"restore_command={cp}", "-c", "recovery_target_action=promote"]
+        if rec.target:
+            opts += ["-c", f"recovery_target={rec.target}"]
+        return opts
+
+    def _wait_promoted(self, deadline: float) -> None:
+        """pg_ctl -w returns once the copy accepts (read-only) connections, which an archive recovery
+        does at consistency: wait for the end of recovery and the promotion."""
+        assert self.proc is not None
+        while True:
+            try:
+                if self.psql("SELECT pg_is_in_recovery()", timeout=10) == "f":
+                    return
+            except ServerError:
+                pass  # not accepting connections at this instant (the end of recovery)
+            if not self.proc.alive():
+                raise self._fail("the postmaster exited during archive recovery")
+            if time.monotonic() > deadline:
+                raise self._fail(f"archive recovery not ended within {START_TIMEOUT_S:.0f}s")
+            self.proc.wait(0.05)
 
     def _adopt_postmaster(self) -> None:
         try:
@@ -454,13 +589,28 @@ class PostgresServer(_Server):
                 s.redo_bytes = _lsn(s.redo_end) - _lsn(s.redo_start)
         if "automatic recovery in progress" in log:
             s.recovered = True
+        if "starting archive recovery" in log or "starting point-in-time recovery" in log:
+            s.recovered = s.archive_recovery = True
+            s.log = [ln for ln in log.splitlines() if re.search(
+                r"recovery|redo |from archive|new timeline|ready to accept", ln)]
+            if m := _PG_BACKUP_END.search(log):
+                s.backup_end = m.group(1)
+            if m := _PG_CONSISTENT.search(log):
+                s.consistent_at = m.group(1)
+            if m := _PG_STOPPING.search(log):
+                s.stopped = m.group(1).strip()
+            if m := _PG_TIMELINE.search(log):
+                s.timeline = int(m.group(1))
+            s.restored_files = len(_PG_RESTORED.findall(log))
+            s.promoted = "archive recovery complete" in log and \
+                "database system is ready to accept connections" in log
         return s
 
     def _socket_names(self) -> list[str]:
         return [f".s.PGSQL.{self.port}", f".s.PGSQL.{self.port}.lock"]
 
     def _other_dirs(self) -> list[str]:
-        return [self.waldir] if self.waldir else []
+        return [d for d in (self.waldir, self.archive_dir) if d]
 
     def _stop(self) -> None:
         assert self.proc is not None
@@ -485,6 +635,28 @@ class PostgresServer(_Server):
             raise ServerError("postgresql: not running")
         return {"host": self.sockdir, "port": self.port, "user": user, "dbname": dbname,
                 "password": password if password is not None else self.password}
+
+    def wait_archived(self, lsn: str, timeout: float = 30.0) -> str:
+        """Wait (at most timeout s) until the WAL segment holding lsn is archived; its name.  With this
+        instance's archive_dir, the segment's file there is the proof (the archive_command renames it
+        into place once synced); otherwise pg_stat_archiver's last archived segment, a plain segment
+        name at or after it (not a backup history file "<segment>.<offset>.backup", which is archived
+        after its start segment, not necessarily after the stop's).  ServerError when it is not, with
+        pg_stat_archiver's last archived and last failed file."""
+        seg = self.psql(f"SELECT pg_walfile_name('{_lsn_text(lsn)}')")
+        deadline = time.monotonic() + timeout
+        while True:
+            last, failed = self.psql("SELECT coalesce(last_archived_wal, ''), "
+                                     "coalesce(last_failed_wal, '') FROM pg_stat_archiver").split("|")
+            if self.archive_dir:
+                if os.path.exists(os.path.join(self.archive_dir, seg)):
+                    return seg
+            elif re.fullmatch(r"[0-9A-F]{24}", last) and last >= seg:  # one timeline: names sort as LSNs
+                return seg
+            if time.monotonic() > deadline:
+                raise ServerError(f"postgresql: {seg} (holding {lsn}) not archived within {timeout:.0f}s; "
+                                  f"last archived {last or 'none'}, last failed {failed or 'none'}")
+            time.sleep(0.05)
 
     def psql(self, sql: str, dbname: str = "postgres", timeout: float = 60) -> str:
         """Run sql with psql as the superuser (unaligned, tuples only); its output, or ServerError."""
