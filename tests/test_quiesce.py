@@ -252,6 +252,7 @@ def test_postgresql_checkpoint_and_backup_across_two_filesystems(any_site, tmp_p
     assert {"checkpoint_lsn", "backup_start_lsn", "lsn"} <= pre.keys()
     label = open(post["backup_label"]).read()
     assert f"START WAL LOCATION: {pre['backup_start_lsn']} " in label and "BACKUP METHOD: streamed" in label
+    assert post["backup_stop_wal_file"] == pg.server.psql(f"SELECT pg_walfile_name('{post['backup_stop_lsn']}')")
     assert os.stat(post["backup_label"]).st_mode & 0o777 == 0o600
     assert pg.server.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pyexec-quiesce'") == "0"
     one = host.run(pg.setup("one"), pg.mount_points[:1], snapshot=None, freeze_timeout=20)

@@ -82,6 +82,10 @@ class PostgresSession:
                          "the backup ended with it and no backup_label was written") from e
         self.in_backup = False
         facts = {"backup_stop_lsn": str(lsn)}
+        try:  # the archive segment a restore must wait for (not answerable on a standby)
+            facts["backup_stop_wal_file"] = str(self._one("SELECT pg_walfile_name(%s)", lsn))
+        except self._pg.Error:
+            pass
         # "unknown" is the Azure extension's every call (handle.py's post_script() takes no argument, and
         # comes after its snapshot): a label for a snapshot that failed is harmless, a missing one makes
         # a taken snapshot unrestorable, so only a snapshot known not to exist goes without.
