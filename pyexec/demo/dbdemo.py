@@ -30,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -96,6 +96,13 @@ def _kib(n: int | None) -> str:
 
 
 # ------------------------------------------------------------------------------------- the writers
+
+
+def _startup_doc(startup: servers.Startup) -> dict[str, Any]:
+    """A restored server's Startup as report fields: its first 20 recovery log lines, not all."""
+    doc = {k: v for k, v in dataclasses.asdict(startup).items() if k != "log"}
+    doc["log"] = startup.log[:20]
+    return doc
 
 class Ledger:
     """One client inserting rows (round, seq) in autocommit, one after the other; each row's
@@ -483,18 +490,34 @@ class Site:
         return doc
 
     # ---- the restore
-    def restore(self, rnd: int, snaps: dict[str, str], rep: host.RunReport, ledger: Ledger, st: Stamps,
-                quiesce: bool) -> tuple[dict[str, Any], dict[str, bool]]:
-        rdir = os.path.join(self.dir, f"restore{rnd}")
+    @contextlib.contextmanager
+    def _restored_disks(self, name: str, data_img: str, wal_img: str) -> Iterator[tuple[loopfs.LoopFS, loopfs.LoopFS]]:
+        """The snapshot's two images on new loop devices under a directory `name` of the sandbox; afterwards
+        the restored server is stopped and the disks detached (their images kept with --keep)."""
+        rdir = os.path.join(self.dir, name)
         os.mkdir(rdir, 0o711)
-        data = loopfs.LoopFS(snaps["data"], os.path.join(rdir, "data"), "ext4", create=False)
+        data = loopfs.LoopFS(data_img, os.path.join(rdir, "data"), "ext4", create=False)
         self.restore_fs.append(data)
         # The copy has its original's xfs UUID, and the original is mounted: nouuid (xfs(5)).
-        wal = loopfs.LoopFS(snaps["wal"], os.path.join(rdir, "wal"), "xfs", create=False, options="nouuid")
+        wal = loopfs.LoopFS(wal_img, os.path.join(rdir, "wal"), "xfs", create=False, options="nouuid")
         self.restore_fs.append(wal)
+        try:
+            yield data, wal
+        finally:
+            if self.restored is not None:
+                self.restored.stop()
+                self.restored = None
+            for m in (wal, data):
+                m.close(remove_image=not self.keep)
+                self.restore_fs.remove(m)
+            with contextlib.suppress(OSError):
+                os.rmdir(rdir)
+
+    def restore(self, rnd: int, snaps: dict[str, str], rep: host.RunReport, ledger: Ledger, st: Stamps,
+                quiesce: bool) -> tuple[dict[str, Any], dict[str, bool]]:
         out: dict[str, Any] = {}
         checks: dict[str, bool] = {}
-        try:
+        with self._restored_disks(f"restore{rnd}", snaps["data"], snaps["wal"]) as (data, wal):
             assert self.server is not None
             if isinstance(self.server, servers.PostgresServer):
                 r: servers.PostgresServer | servers.MariaDBServer = servers.PostgresServer(
@@ -512,8 +535,7 @@ class Site:
                 checks["restored server starts"] = False
                 return out, checks
             checks["restored server starts"] = True
-            out["startup"] = {k: v for k, v in dataclasses.asdict(startup).items() if k != "log"}
-            out["startup"]["log"] = startup.log[:20]
+            out["startup"] = _startup_doc(startup)
             if isinstance(r, servers.PostgresServer):
                 self._check_pg(r, rep, quiesce, startup, out, checks)
                 present = {int(x) for x in r.psql(f"SELECT seq FROM ledger WHERE round = {rnd}", dbname="bench").split()}
@@ -521,15 +543,6 @@ class Site:
                 self._check_mariadb(r, rep, quiesce, out, checks)
                 present = {int(x) for x in r.sql(f"SELECT seq FROM ledger WHERE round = {rnd}", database="demo").split()}
             self._check_ledger(ledger, present, st, quiesce, out, checks)
-        finally:
-            if self.restored is not None:
-                self.restored.stop()
-                self.restored = None
-            for m in (wal, data):
-                m.close(remove_image=not self.keep)
-                self.restore_fs.remove(m)
-            with contextlib.suppress(OSError):
-                os.rmdir(rdir)
         return out, checks
 
     def label_restore(self, rnd: int, snaps: dict[str, str], rep: host.RunReport, ledger: Ledger,
@@ -546,13 +559,7 @@ class Site:
             out["start_error"] = str(e)
             checks["the WAL up to the stop LSN is archived"] = False
             return out, checks
-        rdir = os.path.join(self.dir, f"restore{rnd}-label")
-        os.mkdir(rdir, 0o711)
-        data = loopfs.LoopFS(snaps["data-label"], os.path.join(rdir, "data"), "ext4", create=False)
-        self.restore_fs.append(data)
-        wal = loopfs.LoopFS(snaps["wal-label"], os.path.join(rdir, "wal"), "xfs", create=False, options="nouuid")
-        self.restore_fs.append(wal)
-        try:
+        with self._restored_disks(f"restore{rnd}-label", snaps["data-label"], snaps["wal-label"]) as (data, wal):
             r = servers.PostgresServer(os.path.join(data.mountpoint, "pg"), waldir=os.path.join(wal.mountpoint, "pg_wal"),
                                        password=self.server.password)
             self.restored = r
@@ -563,8 +570,7 @@ class Site:
                 out["start_error"] = str(e)
                 checks["restored server starts by archive recovery and is promoted"] = False
                 return out, checks
-            out["startup"] = {k: v for k, v in dataclasses.asdict(startup).items() if k != "log"}
-            out["startup"]["log"] = startup.log[:20]
+            out["startup"] = _startup_doc(startup)
             checks["restored server starts by archive recovery and is promoted"] = (
                 startup.archive_recovery and startup.promoted)
             checks["consistent exactly at the backup's stop LSN"] = startup.consistent_at == stop
@@ -587,15 +593,6 @@ class Site:
                 not acked_before_release - present)
             checks["ledger: gapless (rows 1..last)"] = present == set(range(1, top + 1))
             checks["ledger: no row sent after the release ended is present"] = not sent_after_release & present
-        finally:
-            if self.restored is not None:
-                self.restored.stop()
-                self.restored = None
-            for m in (wal, data):
-                m.close(remove_image=not self.keep)
-                self.restore_fs.remove(m)
-            with contextlib.suppress(OSError):
-                os.rmdir(rdir)
         return out, checks
 
     def _check_pg(self, r: servers.PostgresServer, rep: host.RunReport, quiesce: bool, startup: servers.Startup,
