@@ -21,14 +21,13 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import orjson
 import pymysql
 import pytest
 
-from helpers import Mounts, needs_root
+from helpers import Mounts, db_sandbox, needs_root
 from pyexec import host
 from pyexec.demo.servers import MariaDBServer, PostgresServer
 from report import pct
@@ -157,19 +156,9 @@ class DbSite:
 def site(request):
     """One server per engine for the module, in a directory its OS user can reach (pytest's tmp dirs
     are 0700); afterwards no server, mount or loop device of it is left."""
-    with tempfile.TemporaryDirectory(prefix=f"pyexec-bdb-{request.param}-") as tmp:
-        os.chmod(tmp, 0o711)
-        mounts = Mounts(pathlib.Path(tmp))
-        try:
-            s = DbSite(request.param, pathlib.Path(tmp), mounts)
-            try:
-                yield s
-            finally:
-                s.close()
-        finally:
-            mounts.close()
-        assert not mounts.fired, "watchdog fired: a benchmark left a mount frozen"
-        assert tmp not in open("/proc/self/mountinfo").read()
+    with db_sandbox(f"pyexec-bdb-{request.param}-",
+                    lambda tmp, mounts: DbSite(request.param, tmp, mounts)) as s:
+        yield s
 
 
 # ---- 1. the phases: pre (quiesce), window, post (release) --------------------------------------------

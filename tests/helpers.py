@@ -1,12 +1,15 @@
 """Test helpers: capability marks, loop mounts with a watchdog, a writer process."""
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
+import pathlib
 import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -140,6 +143,26 @@ def db_procs_under(root: str) -> list[str]:
             if exe in DB_EXES and (cwd == root or cwd.startswith(root + "/")):
                 found.append(f"{d} {exe} in {cwd}")
     return found
+
+
+@contextlib.contextmanager
+def db_sandbox(prefix: str, make):
+    """make(tmp, mounts): a database server's site, with .close(), in a directory its OS user can reach
+    (pytest's tmp_path is 0700); afterwards no server, mount or loop device of it is left."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        os.chmod(tmp, 0o711)
+        mounts = Mounts(pathlib.Path(tmp))
+        try:
+            site = make(pathlib.Path(tmp), mounts)
+            try:
+                yield site
+            finally:
+                site.close()
+        finally:
+            mounts.close()
+        assert not mounts.fired, "watchdog fired: a mount was left frozen"
+        assert tmp not in open("/proc/self/mountinfo").read()
+        assert db_procs_under(tmp) == []
 
 
 def open_fds() -> set[int]:

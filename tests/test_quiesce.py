@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pathlib
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -17,7 +15,7 @@ import pymysql
 import psycopg
 import pytest
 
-from helpers import IS_ROOT, Mounts, db_procs_under, kill_with_descendants, procs_matching
+from helpers import IS_ROOT, Mounts, db_sandbox, kill_with_descendants, procs_matching
 from pyexec import host, window
 from pyexec.demo import loopfs
 from pyexec.demo.servers import MariaDBServer, PostgresServer
@@ -82,24 +80,9 @@ class Site:
         self.server.stop()
 
 
-@contextlib.contextmanager
 def sandbox(engine: str):
-    """A Site in a directory the servers' OS users can reach (pytest's tmp_path is 0700); afterwards
-    no server, mount or loop device of it is left."""
-    with tempfile.TemporaryDirectory(prefix=f"pyexec-q-{engine}-") as tmp:
-        os.chmod(tmp, 0o711)
-        mounts = Mounts(pathlib.Path(tmp))
-        try:
-            s = Site(engine, pathlib.Path(tmp), mounts)
-            try:
-                yield s
-            finally:
-                s.close()
-        finally:
-            mounts.close()
-        assert not mounts.fired, "watchdog fired: a test left a mount frozen"
-        assert tmp not in open("/proc/self/mountinfo").read()
-        assert db_procs_under(tmp) == []
+    """A Site of engine in its own sandbox (helpers.db_sandbox: nothing of it left afterwards)."""
+    return db_sandbox(f"pyexec-q-{engine}-", lambda tmp, mounts: Site(engine, tmp, mounts))
 
 
 @pytest.fixture(scope="module", params=["mariadb", "postgresql"])
