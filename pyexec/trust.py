@@ -162,11 +162,9 @@ def open_trusted(path: str, kind: Kind) -> TrustedFile:
 def _open_final(kind: Kind, pfd: int, st: os.stat_result, here: str, path: str) -> TrustedFile:
     if not stat.S_ISREG(st.st_mode):
         what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        code = kind.not_found if kind.is_script else kind.mode_code if kind.borrows_codes else \
-            (304 if kind is HOST else 305)
         if kind.is_script or kind.borrows_codes:
-            raise _fail(kind, code, f"{here} is {what}", path)
-        raise ConfigError(code, f"{here} is {what}", path)
+            raise _fail(kind, kind.not_found if kind.is_script else kind.mode_code, f"{here} is {what}", path)
+        raise ConfigError(304 if kind is HOST else 305, f"{here} is {what}", path)
     if st.st_uid != 0:
         raise _fail(kind, kind.owner_code, f"{here} is owned by uid {st.st_uid}, not root", path)
     mode = stat.S_IMODE(st.st_mode)

@@ -16,7 +16,7 @@ import os
 import select
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Protocol
 
@@ -82,40 +82,40 @@ def read_password(path: str) -> str:
 
 
 class _Watchdog:
-    """Calls abort() once if the deadline passes or cancel_fd becomes readable before the block ends:
-    one wait in another thread, woken by the block's end (no polling)."""
+    """In its block, calls abort() once if the deadline passes or cancel_fd becomes readable first:
+    one wait in another thread, woken by the block's end (no polling).  `fired` says which."""
 
     def __init__(self, deadline_ns: int, cancel_fd: int, abort: Callable[[], None], nat: native.Native):
         self.fired: str | None = None  # "timeout" | "cancelled"
-        self._args = (deadline_ns, cancel_fd, abort, nat)
+        self.deadline_ns, self.cancel_fd, self.abort, self.nat = deadline_ns, cancel_fd, abort, nat
+        self._r = self._w = -1
+        self._thread: threading.Thread | None = None
 
-    @contextlib.contextmanager
-    def watching(self) -> Iterator[None]:
-        deadline_ns, cancel_fd, abort, nat = self._args
-        r, w = os.pipe2(os.O_CLOEXEC)
+    def _watch(self) -> None:
+        # poll, not select: select() refuses a descriptor above 1023 (a busy process's), and the
+        # watchdog would die with a traceback and never fire.
+        p = select.poll()
+        for fd in [self._r] + ([self.cancel_fd] if self.cancel_fd >= 0 else []):
+            p.register(fd, select.POLLIN)
+        ready = [fd for fd, _ in p.poll(max(0, (self.deadline_ns - self.nat.now_ns() + 999_999) // 1_000_000))]
+        if self._r in ready:
+            return
+        self.fired = "cancelled" if ready else "timeout"
+        with contextlib.suppress(Exception):  # the session is being torn down either way
+            self.abort()
 
-        def watch() -> None:
-            # poll, not select: select() refuses a descriptor above 1023 (a busy process's), and the
-            # watchdog would die with a traceback and never fire.
-            p = select.poll()
-            for fd in [r] + ([cancel_fd] if cancel_fd >= 0 else []):
-                p.register(fd, select.POLLIN)
-            ready = [fd for fd, _ in p.poll(max(0, (deadline_ns - nat.now_ns() + 999_999) // 1_000_000))]
-            if r in ready:
-                return
-            self.fired = "cancelled" if ready else "timeout"
-            with contextlib.suppress(Exception):  # the session is being torn down either way
-                abort()
+    def __enter__(self) -> "_Watchdog":
+        self._r, self._w = os.pipe2(os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._watch, name="pyexec-quiesce-watchdog", daemon=True)
+        self._thread.start()
+        return self
 
-        t = threading.Thread(target=watch, name="pyexec-quiesce-watchdog", daemon=True)
-        t.start()
-        try:
-            yield
-        finally:
-            os.write(w, b"x")
-            t.join()
-            os.close(r)
-            os.close(w)
+    def __exit__(self, *exc: object) -> None:
+        os.write(self._w, b"x")
+        assert self._thread is not None
+        self._thread.join()
+        os.close(self._r)
+        os.close(self._w)
 
 
 class Quiescer:
@@ -144,13 +144,11 @@ class Quiescer:
               deadline_ns: int, cancel_fd: int, nat: native.Native) -> bool:
         """Run one bounded step into res; False (and the session closed) if it failed."""
         dog = _Watchdog(deadline_ns, cancel_fd, session.abort, nat)
-        err: BaseException | None = None
+        err: Exception | None = None
         try:
-            with dog.watching():
+            with dog:
                 res.facts.update(step())
-        except Failed as e:
-            err = e
-        except Exception as e:  # noqa: BLE001 - the driver's errors are many: each one is an outcome
+        except Exception as e:  # noqa: BLE001 - Failed, or one of the driver's many errors: an outcome
             err = e
         if dog.fired is None and err is None:
             return True
@@ -177,10 +175,12 @@ class Quiescer:
         deadline = t0 + self.cfg.timeout * 1_000_000_000
         self.close()  # a second pre-phase starts afresh
         session = self._make()
+
         def connect() -> dict[str, str]:
             session.open(self.cfg.timeout)
             return {}
-        ok = self._step(res, session, connect, deadline, cancel_fd, nat) and self._step(res, session, lambda: session.quiesce(filesystems), deadline, cancel_fd, nat)
+        ok = (self._step(res, session, connect, deadline, cancel_fd, nat)
+              and self._step(res, session, lambda: session.quiesce(filesystems), deadline, cancel_fd, nat))
         if ok:
             self.session = session
             res.exit_code = 0
