@@ -91,7 +91,11 @@ class PluginHost:
             result.errorCode = checked.code
             return result
         self._log(f"Starting {phase}script for all modules.")
-        result.scripts = host.run_phase(checked, phase, env_extra=env_extra, filesystems=self._filesystems(checked))
+        # Only a quiescer's pre-phase asks how many filesystems the freeze takes: discovery is not
+        # paid by the scripts-only hosts nor twice per backup.
+        quiescing = phase == "pre" and any(p.quiescer for p in checked.plugins)
+        result.scripts = host.run_phase(checked, phase, env_extra=env_extra,
+                                        filesystems=self._filesystems(checked) if quiescing else 1)
         for r in result.scripts:
             result.errors.append(PluginHostError(r.error_code, r.plugin))
             if not r.ok:
