@@ -26,7 +26,6 @@ class MariaDBSession:
         self._my = driver
         self.conn: Any = None
         self.thread_id = 0
-        self.locked = False
 
     def _connect(self, timeout_s: float, defer: bool = False) -> Any:
         """A connection whose every read and write is bounded by timeout_s too: PyMySQL's connect_timeout
@@ -72,7 +71,6 @@ class MariaDBSession:
             if code == ER_SPECIFIC_ACCESS_DENIED:
                 raise Failed(f"FLUSH TABLES WITH READ LOCK refused: {self.cfg.user} needs the RELOAD privilege") from e
             raise
-        self.locked = True
         facts: dict[str, str] = {"locked": "FLUSH TABLES WITH READ LOCK"}
         if self.cfg.flush_logs:
             # Under the read lock the InnoDB redo log is flushed to disk: the snapshot has every commit.
@@ -125,7 +123,6 @@ class MariaDBSession:
         except (self._my.err.OperationalError, self._my.err.InterfaceError) as e:
             raise Failed(f"the session holding the read lock was lost (server stopped or restarted?): "
                          f"{e.args[-1] if e.args else e}; the lock ended with it") from e
-        self.locked = False
         return {}
 
     def abort(self) -> None:
