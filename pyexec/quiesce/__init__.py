@@ -152,6 +152,11 @@ class Quiescer:
             err = e
         if dog.fired is None and err is None:
             return True
+        if dog.fired is None and nat.now_ns() >= deadline_ns:
+            # The driver's own timeouts (PyMySQL's read timeout, libpq's connect_timeout) are set to the
+            # same bound and may notice it an instant before the watchdog: a step that failed at its
+            # deadline timed out, whichever noticed first.
+            dog.fired = "timeout"
         codes = scripts.CODES[res.phase]
         if dog.fired == "cancelled":
             res.error_code, res.cancelled = codes["failed"], True
