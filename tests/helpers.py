@@ -204,6 +204,78 @@ def no_fd_leak():
 
 
 
+class LocalUser:
+    """A real unprivileged account made for one test: the attacker of the hostile tests."""
+
+    def __init__(self, name: str, home: pathlib.Path):
+        import pwd
+        self.name = name
+        pw = pwd.getpwnam(name)
+        self.uid, self.gid, self.home = pw.pw_uid, pw.pw_gid, home
+
+    def argv(self, argv: list[str]) -> list[str]:
+        """argv run as this user (real and effective ids, no supplementary groups, no capabilities)."""
+        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
+                "--inh-caps=-all", "--bounding-set=-all", "--", *argv]
+
+    def run(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
+        """Run argv as this user and wait (cwd: its home; output captured as text unless told)."""
+        kw.setdefault("capture_output", True)
+        kw.setdefault("text", True)
+        kw.setdefault("timeout", 60)
+        kw.setdefault("cwd", self.home)
+        return subprocess.run(self.argv(argv), **kw)
+
+    def popen(self, argv: list[str], **kw) -> subprocess.Popen:
+        """Start argv as this user."""
+        kw.setdefault("cwd", self.home)
+        return subprocess.Popen(self.argv(argv), **kw)
+
+    def chown(self, path: str | os.PathLike) -> None:
+        """Give path to this user (the directory an attacker owns)."""
+        os.chown(path, self.uid, self.gid)
+
+
+@pytest.fixture
+def local_user(tmp_path_factory):
+    """A fresh unprivileged user (useradd), removed with every process it left (userdel)."""
+    if not IS_ROOT:
+        pytest.skip("needs root: useradd")
+    name = f"pxu{os.getpid() % 100000}{next(_user_seq)}"
+    home = tmp_path_factory.mktemp(name)
+    subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", str(home), "--shell", "/bin/sh",
+                    "--user-group", name], check=True, capture_output=True)
+    user = LocalUser(name, home)
+    os.chown(home, user.uid, user.gid)
+    os.chmod(home, 0o755)
+    try:
+        yield user
+    finally:
+        subprocess.run(["pkill", "-KILL", "-U", str(user.uid)], capture_output=True)
+        deadline = time.monotonic() + 10
+        while _procs_of(user.uid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = _procs_of(user.uid)
+        subprocess.run(["userdel", name], capture_output=True)
+        assert not left, f"processes of {name} outlived the test: {left}"
+
+
+_user_seq = iter(range(1 << 30))
+
+
+def _procs_of(uid: int) -> list[int]:
+    """The live (not zombie) processes of uid."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                with open(f"/proc/{d}/stat", "rb") as f:
+                    state = f.read().rpartition(b")")[2].split()[0]
+                if os.stat(f"/proc/{d}").st_uid == uid and state not in (b"Z", b"X"):
+                    out.append(int(d))
+    return out
+
+
 def kill_with_descendants(pids) -> None:
     """SIGKILL pids and every process descended from them (a test's daemons and their children)."""
     parent = {}
