@@ -124,6 +124,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.dir is not None and not os.path.isdir(args.dir):
+        raise errors.PyexecError(11, f"--dir {args.dir}: not an existing directory (the sandbox is made inside it)")
     from pyexec.demo import run
     return run.main(args)
 

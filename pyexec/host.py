@@ -160,11 +160,11 @@ def run_phase(checked: CheckResult, phase: str, nat: native.Native | None = None
 
 
 def plan_mounts(checked: CheckResult, mount_points: Iterable[limits.Path] | None = None) -> list[mounts.Mount]:
-    """What a run freezes, in order: mount_points if given ([] freezes nothing), else discovery minus
-    mountsToSkip.  `check` and `run` both choose with this; ValueError/TypeError for a bad list."""
+    """What a run freezes, in order: mount_points if given, else discovery minus mountsToSkip.
+    `check` and `run` both choose with this; ValueError/TypeError for a bad list (an empty one
+    included, as freeze() says: a run without a freeze is fsFreezeEnabled false)."""
     if mount_points is not None:
-        mount_points = list(mount_points)
-        return mounts.plan(limits.check_paths(mount_points)) if mount_points else []
+        return mounts.plan(limits.check_paths(mount_points))
     skip = checked.host.mounts_to_skip if checked.host else ()
     return mounts.discover(skip=skip)
 
@@ -217,6 +217,8 @@ def run(host_path: str = config.HOST_CONFIG_PATH, mount_points: Iterable[limits.
     nat = nat or native.default()
     freeze_timeout = limits.check_timeout(freeze_timeout, "freeze_timeout")
     lock_wait = limits.check_timeout(lock_wait, "lock_wait", zero_ok=True)
+    if mount_points is not None:
+        mount_points = limits.check_paths(mount_points)
     action: _Action = snapshot if snapshot is None or callable(snapshot) else scripts.resolve_command(snapshot)
     say = _quiet(progress)
     operators = sorted(SHELL_OPERATORS & set(action[1:])) if isinstance(action, list) else []

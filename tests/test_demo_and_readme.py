@@ -74,3 +74,17 @@ def test_readme_commands_are_the_ci_commands():
     text = README.read_text()
     assert "make test" in text and "make demo" in text
     assert "make test" in (README.parent / ".ci" / "run").read_text()
+
+
+def test_demo_with_a_missing_dir_is_a_usage_error(tmp_path):
+    """--dir that does not exist: 11 InvalidParameter naming it, exit 2, one JSON document with --json,
+    no traceback and no sandbox made."""
+    missing = tmp_path / "no" / "such"
+    for extra in ([], ["--json"]):
+        r = subprocess.run([sys.executable, "-m", "pyexec.cli", "demo", "--dir", str(missing), *extra],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert "InvalidParameter" in r.stderr and str(missing) in r.stderr
+        if extra:
+            assert orjson.loads(r.stdout)["code"] == 11
+    assert not (tmp_path / "no").exists()

@@ -3,6 +3,8 @@ every kind of bad snapshot command, SIGINT/SIGTERM/SIGHUP in each phase, a daemo
 post-script, concurrent runs, and recover after a double kill with a foreign freeze in between."""
 from __future__ import annotations
 
+import asyncio
+
 import os
 import signal
 import subprocess
@@ -12,6 +14,8 @@ import time
 
 import orjson
 import pytest
+
+import pyexec
 
 from helpers import kill_with_descendants, needs_btrfs, needs_root, procs_matching
 from pyexec import errors, host, locks, native, scripts, window
@@ -209,6 +213,17 @@ def test_bad_freeze_timeout_is_refused_before_any_script(tmp_path, mounts, value
     assert not log.exists()
     with pytest.raises(ValueError):
         host.run(hc, mount_points=[m.mountpoint], freeze_timeout=float(value) if value != "soon" else value)
+    assert not log.exists()
+
+
+def test_an_empty_mount_list_is_refused_as_freeze_refuses_it(tmp_path):
+    """run(mount_points=[]) would freeze nothing yet claim app-consistent: a ValueError before any
+    script, as freeze([]) (a run without a freeze is what fsFreezeEnabled false asks for)."""
+    hc, log = setup_logged(tmp_path)
+    for call in (lambda: host.run(hc, mount_points=[]), lambda: asyncio.run(pyexec.run_async(hc, mount_points=[])),
+                 lambda: pyexec.freeze([]).__enter__()):
+        with pytest.raises(ValueError, match="no mount point"):
+            call()
     assert not log.exists()
 
 
