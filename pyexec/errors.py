@@ -109,6 +109,14 @@ TABLE: dict[int, Entry] = {e.code: e for e in [
        "Run chmod 600 on VMSnapshotScriptPluginConfig.json."),
     _e(318, "PluginConfigOwnershipError", "The plugin config file is not owned by root.",
        "Run chown root:root on VMSnapshotScriptPluginConfig.json."),
+    # pyexec's own (the reference has no built-in quiescer): its codes stop at 318 before 402 and 500.
+    _e(319, "QuiescerNeedsOneProcess",
+       "A built-in database quiescer holds its session in the process that ran the pre-phase; `pluginhost pre` "
+       "and `pluginhost post` are separate processes, so the lock or backup would end before the freeze. "
+       "Nothing was run.",
+       "Run the pre-phase, the snapshot and the post-phase in one process: `pyexec run --snapshot-cmd ...`, "
+       "pyexec.run() in Python, or pre_script() and post_script() on one PluginHost object (as the Azure "
+       "extension does); or quiesce with your own pre- and post-scripts."),
 ]}
 
 
