@@ -49,7 +49,8 @@ TABLE: dict[int, Entry] = {e.code: e for e in [
     # The extension's own code for a bad parameter (ExtensionErrorCodeHelper: error_parameter = 11).
     _e(11, "InvalidParameter", "A command-line option or argument is invalid, so nothing was run.",
        "Fix the value the detail names: --freeze-timeout a number of seconds in (0, 86400]; --snapshot-cmd a "
-       "command line (shell quoting) whose program exists and is executable (a bare name is looked up on PATH).",
+       "command line (shell quoting) whose program exists and is executable (a bare name is looked up on PATH), "
+       "owned by root, not writable by group or others, in directories only root can write.",
        effect=FATAL, exit_status=2),
     _e(121, "FsFreezeFailed", "The file systems could not be frozen, so the snapshot is only crash consistent.",
        "Check the per-mount errno in the report: a file system frozen by another tool (EBUSY) is left "

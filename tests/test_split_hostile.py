@@ -1,11 +1,15 @@
-"""Issue 19, attack 5, on real parts: a built-in quiescer's phases split across `pluginhost pre` and
-`pluginhost post` processes (real MariaDB and PostgreSQL servers)."""
+"""Issue 19, attack 5 and a lower item, on real parts: a built-in quiescer's phases split across
+`pluginhost pre` and `pluginhost post` processes (real MariaDB and PostgreSQL servers), and a snapshot
+command found on root's PATH in a directory a real unprivileged user owns."""
 from __future__ import annotations
 
 import os
 import pathlib
+import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import orjson
 import pytest
@@ -91,3 +95,94 @@ def test_a_script_plugin_beside_a_quiescer_does_not_run_in_a_split_pre(site, tmp
     # Scripts alone stay stateless and work phase by phase.
     res = pluginhost(scripts_hc, "pre")
     assert res.returncode == 0 and ran.read_text() == "pre\n", res.stderr
+
+
+# ------------------------------------------------------------------ the snapshot command's program
+
+class Area:
+    """Directories the user can reach (pytest's tmp_path cannot be: /tmp/pytest-of-root is 700):
+    `root` (root's, 755), `user` (the user's own) and `marks` (anyone may write: where a program
+    leaves its mark if it runs)."""
+
+    def __init__(self, user):
+        self.base = pathlib.Path(tempfile.mkdtemp(prefix="pyexec-split-"))
+        os.chmod(self.base, 0o755)
+        self.root = self.base / "root"
+        self.root.mkdir(mode=0o755)
+        self.user = self.base / "user"
+        self.user.mkdir(mode=0o755)
+        user.chown(self.user)
+        self.marks = self.base / "marks"
+        self.marks.mkdir()
+        os.chmod(self.marks, 0o1777)
+
+
+@pytest.fixture
+def area(local_user):
+    a = Area(local_user)
+    try:
+        yield a
+    finally:
+        shutil.rmtree(a.base)
+
+
+def _users_program(user, directory: pathlib.Path, name: str, marker: pathlib.Path) -> pathlib.Path:
+    """The user's own program at directory/name (made by the user's processes), leaving marker if run."""
+    prog = directory / name
+    res = user.run(["sh", "-c", f"mkdir -p '{directory}' && printf '#!/bin/sh\\nid -u > {marker}\\n' > '{prog}' "
+                                f"&& chmod 755 '{prog}'"])
+    assert res.returncode == 0, res.stderr
+    return prog
+
+
+def test_snapshot_command_on_a_users_path_directory_is_refused(tmp_path, mounts, local_user, area):
+    """A directory of the user's early in root's PATH, holding a `cp`: refused as a bad argument (11)
+    before anything runs; the user's program never runs as root, nothing is frozen."""
+    m = mounts.make("ext4")
+    pre_ran = tmp_path / "pre-ran"
+    hc = write_setup(tmp_path, pre=f"#!/bin/sh\necho > {pre_ran}\n".encode())
+    marker = area.marks / "ran"
+    bindir = area.user / "bin"
+    _users_program(local_user, bindir, "cp", marker)
+    env = {**os.environ, "PATH": f"{bindir}:/usr/bin:/bin"}
+    res = subprocess.run([*PYEXEC, "run", "--config", hc, "--mount", m.mountpoint, "--json",
+                          "--snapshot-cmd", f"cp {hc} {tmp_path / 'copy'}"],
+                         capture_output=True, text=True, cwd="/", env=env, timeout=120)
+    assert "Traceback" not in res.stderr
+    doc = orjson.loads(res.stdout)
+    assert res.returncode == errors.TABLE[11].exit_status and doc["code"] == 11, res.stdout
+    detail = " ".join(p["detail"] for p in doc["problems"])
+    assert f"{bindir}/cp" in detail and f"owned by uid {local_user.uid}" in detail, detail
+    assert not marker.exists() and not pre_ran.exists() and not (tmp_path / "copy").exists()
+    assert not loopfs.thaw_path(m.mountpoint)
+    # A PATH without the user's directory finds the system's cp, which runs.
+    res = subprocess.run([*PYEXEC, "run", "--config", hc, "--mount", m.mountpoint, "--json",
+                          "--snapshot-cmd", f"cp {hc} {tmp_path / 'copy'}"],
+                         capture_output=True, text=True, cwd="/", env={**env, "PATH": "/usr/bin:/bin"},
+                         timeout=120)
+    assert orjson.loads(res.stdout)["outcome"] == "app-consistent", res.stdout
+    assert (tmp_path / "copy").exists() and not marker.exists()
+
+
+def test_snapshot_command_given_to_a_user_after_the_check_does_not_run(tmp_path, mounts, local_user, area):
+    """Checked when resolved, walked again right before the spawn: a directory handed to the user
+    during the pre-scripts, the user's program put in place of root's, is not run."""
+    m = mounts.make("ext4")
+    d = area.root / "bin"
+    d.mkdir(mode=0o755)
+    roots_ran, users_ran = area.marks / "roots-ran", area.marks / "users-ran"
+    snap = pathlib.Path(make(d / "snap", f"#!/bin/sh\necho > {roots_ran}\n".encode(), mode=0o755))
+    evil = _users_program(local_user, area.user / "evil", "snap", users_ran)
+    # The pre-script (root) hands the directory over; the user's own process swaps the program.
+    swap = shlex.join(local_user.argv(["sh", "-c", f"cp '{evil}' '{d}/new' && mv -f '{d}/new' '{snap}'"]))
+    hc = write_setup(tmp_path, pre=f"#!/bin/sh\nchown {local_user.uid} {d} && {swap}\n".encode())
+    res = subprocess.run([*PYEXEC, "run", "--config", hc, "--mount", m.mountpoint, "--json",
+                          "--snapshot-cmd", str(snap)], capture_output=True, text=True, cwd="/", timeout=120)
+    doc = orjson.loads(res.stdout)
+    assert doc["pre"][0]["exit_code"] == 0 and os.stat(snap).st_uid == local_user.uid, doc["pre"]
+    assert doc["outcome"] == "failed" and doc["snapshot"]["state"] == "failed", res.stdout
+    detail = doc["snapshot"]["detail"]
+    assert detail.startswith("not run:") and f"{d} is owned by uid {local_user.uid}" in detail, detail
+    assert not users_ran.exists() and not roots_ran.exists()
+    assert doc["post"][0]["exit_code"] == 0, "the post-scripts still ran"
+    assert not loopfs.thaw_path(m.mountpoint)
