@@ -1,12 +1,14 @@
-"""Issue 19, attack 5 and a lower item, on real parts: a built-in quiescer's phases split across
-`pluginhost pre` and `pluginhost post` processes (real MariaDB and PostgreSQL servers), and a snapshot
-command found on root's PATH in a directory a real unprivileged user owns."""
+"""Issue 19, attack 5 and two lower items, on real parts: a built-in quiescer's phases split across
+`pluginhost pre` and `pluginhost post` processes (real MariaDB and PostgreSQL servers), a snapshot
+command found on root's PATH in a directory a real unprivileged user owns, and the demo's servers and
+report against symlinks planted by the account that owns the directories they write into."""
 from __future__ import annotations
 
 import os
 import pathlib
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -16,7 +18,7 @@ import pytest
 
 from helpers import IS_ROOT
 from pyexec import errors
-from pyexec.demo import loopfs
+from pyexec.demo import loopfs, run as demo_run, safeio, servers
 from test_config_trust import make, write_setup
 from test_quiesce import sandbox, write_now
 
@@ -186,3 +188,138 @@ def test_snapshot_command_given_to_a_user_after_the_check_does_not_run(tmp_path,
     assert not users_ran.exists() and not roots_ran.exists()
     assert doc["post"][0]["exit_code"] == 0, "the post-scripts still ran"
     assert not loopfs.thaw_path(m.mountpoint)
+
+
+# ------------------------------------------------------------------ the demo in another account's directories
+
+@pytest.fixture
+def victim(tmp_path):
+    """A root-owned file and directory the attacker's symlinks point at; their state is checked after."""
+    f = tmp_path / "victim"
+    f.write_text("root's own\n")
+    os.chmod(f, 0o600)
+    d = tmp_path / "victim-dir"
+    d.mkdir(mode=0o700)
+    (d / "keep").write_text("keep\n")
+    return f, d
+
+
+def plant(user, link: pathlib.Path, target: pathlib.Path) -> None:
+    """The user's own process puts a symlink at link (in a directory of the user's)."""
+    res = user.run(["ln", "-sfn", str(target), str(link)])
+    assert res.returncode == 0 and link.is_symlink(), res.stderr
+
+
+def assert_untouched(victim) -> None:
+    f, d = victim
+    st = os.stat(f)
+    assert f.read_text() == "root's own\n" and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o600
+    st = os.stat(d)
+    assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o700 and (d / "keep").read_text() == "keep\n"
+
+
+def users_dir(user, area: Area, name: str) -> pathlib.Path:
+    """A directory the user's own process made (in its own directory of the area)."""
+    d = area.user / name
+    res = user.run(["mkdir", "-p", str(d)])
+    assert res.returncode == 0, res.stderr
+    return d
+
+
+def test_mariadb_files_in_the_service_accounts_directories_are_not_written_through_symlinks(local_user, victim, area):
+    """The server's account (here the user) owns the run directory and the log directory: its symlinks
+    at my.cnf, binlog.index and the server log are replaced or refused, never followed by root."""
+    srv = servers.MariaDBServer(str(users_dir(local_user, area, "db")), logdir=str(users_dir(local_user, area, "log")),
+                                os_user=local_user.name)
+    try:
+        srv._make_rundir(local_user.uid, local_user.gid, local_user.name)
+        rundir = pathlib.Path(srv.rundir)
+        assert os.stat(rundir).st_uid == local_user.uid
+        plant(local_user, rundir / "my.cnf", victim[0])
+        srv._write_cnf()
+        cnf = os.lstat(rundir / "my.cnf")
+        assert stat.S_ISREG(cnf.st_mode) and cnf.st_uid == 0 and stat.S_IMODE(cnf.st_mode) == 0o600
+        assert f"password = {srv.password}" in (rundir / "my.cnf").read_text()
+        # The server log, read into an error message by root: never the file a symlink names.
+        plant(local_user, rundir / "mariadb.log", victim[0])
+        assert "root's own" not in str(srv._fail("start failed"))
+        plant(local_user, pathlib.Path(srv.logdir) / "binlog.index", victim[0])
+        with pytest.raises(OSError):
+            srv._fix_binlog_index()
+    finally:
+        srv._cleanup()
+    assert_untouched(victim)
+    assert srv.rundir is None and not rundir.exists()
+
+
+def test_mariadb_binlog_index_is_rewritten_in_place(local_user, area):
+    """The restored copy's index, rewritten through the log directory's fd, points at the copy."""
+    log = users_dir(local_user, area, "log")
+    res = local_user.run(["sh", "-c", f"printf '/old/place/binlog.000001\\n/old/place/binlog.000002\\n' "
+                                      f"> '{log}/binlog.index'"])
+    assert res.returncode == 0, res.stderr
+    srv = servers.MariaDBServer(str(users_dir(local_user, area, "db")), logdir=str(log), os_user=local_user.name)
+    srv._fix_binlog_index()
+    assert (log / "binlog.index").read_text() == f"{log}/binlog.000001\n{log}/binlog.000002\n"
+    assert os.stat(log / "binlog.index").st_uid == local_user.uid
+
+
+def test_sockdir_symlink_of_the_service_account_is_not_chowned_to_it(local_user, victim, area):
+    """A socket directory given inside the account's own directory, where it left a symlink to a
+    directory of root's: refused; root's directory keeps its owner and mode."""
+    sock = users_dir(local_user, area, "run") / "sock"
+    plant(local_user, sock, victim[1])
+    srv = servers.PostgresServer(str(users_dir(local_user, area, "pg")), sockdir=str(sock), os_user=local_user.name)
+    try:
+        with pytest.raises(OSError):
+            srv._make_rundir(local_user.uid, local_user.gid, local_user.name)
+    finally:
+        srv._cleanup()
+    assert_untouched(victim)
+
+
+def test_postgresql_conf_and_recovery_files_are_not_written_through_symlinks(local_user, victim, tmp_path, area):
+    """initdb runs as the account, so it owns the data directory: its symlinks at postgresql.conf,
+    pg_wal and backup_label are refused or replaced; root's file and directory stay as they were."""
+    data = users_dir(local_user, area, "pg")
+    srv = servers.PostgresServer(str(data), os_user=local_user.name)
+    plant(local_user, data / "postgresql.conf", victim[0])
+    with pytest.raises(OSError):
+        srv._add_conf(local_user.uid, local_user.gid)
+    # pg_wal pointing at a directory of root's: its files are not removed, it gets no archive_status.
+    plant(local_user, data / "pg_wal", victim[1])
+    plant(local_user, data / "backup_label", victim[0])
+    archive = area.root / "archive"
+    archive.mkdir()
+    rec = servers._ArchiveRecovery("START WAL LOCATION: 0/2000028\n", None, str(archive), "immediate", False)
+    with pytest.raises(OSError):
+        srv._prepare_recovery(rec, local_user.uid, local_user.gid)
+    assert sorted(os.listdir(victim[1])) == ["keep"]
+    # With pg_wal its own directory again, backup_label replaces the symlink: root's file is untouched.
+    os.unlink(data / "pg_wal")
+    res = local_user.run(["sh", "-c", f"mkdir '{data}/pg_wal' && touch '{data}/pg_wal/000000010000000000000001'"])
+    assert res.returncode == 0, res.stderr
+    local_user.chown(archive)
+    srv._prepare_recovery(rec, local_user.uid, local_user.gid)
+    assert os.listdir(data / "pg_wal") == ["archive_status"]
+    label = os.lstat(data / "backup_label")
+    assert stat.S_ISREG(label.st_mode) and label.st_uid == local_user.uid and stat.S_IMODE(label.st_mode) == 0o600
+    assert (data / "backup_label").read_text() == rec.label
+    assert_untouched(victim)
+
+
+def test_demo_report_is_0600_and_never_written_through_a_symlink(local_user, victim, area):
+    """`--report PATH` in a directory the user owns, where the user left a symlink: the report replaces
+    the link (root's, mode 600) and the file it named is untouched."""
+    d = users_dir(local_user, area, "reports")
+    report = d / "report.json"
+    plant(local_user, report, victim[0])
+    demo_run._write_report(str(report), {"ok": True})
+    st = os.lstat(report)
+    assert stat.S_ISREG(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o600
+    assert orjson.loads(report.read_bytes()) == {"ok": True}
+    fresh = d / "fresh.json"
+    safeio.write_private(str(fresh), b"{}\n")
+    assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o600
+    assert [n for n in os.listdir(d) if n.endswith(".tmp")] == []
+    assert_untouched(victim)
