@@ -49,7 +49,8 @@ TABLE: dict[int, Entry] = {e.code: e for e in [
     # The extension's own code for a bad parameter (ExtensionErrorCodeHelper: error_parameter = 11).
     _e(11, "InvalidParameter", "A command-line option or argument is invalid, so nothing was run.",
        "Fix the value the detail names: --freeze-timeout a number of seconds in (0, 86400]; --snapshot-cmd a "
-       "command line (shell quoting) whose program exists and is executable (a bare name is looked up on PATH).",
+       "command line (shell quoting) whose program exists and is executable (a bare name is looked up on PATH), "
+       "owned by root, not writable by group or others, in directories only root can write.",
        effect=FATAL, exit_status=2),
     _e(121, "FsFreezeFailed", "The file systems could not be frozen, so the snapshot is only crash consistent.",
        "Check the per-mount errno in the report: a file system frozen by another tool (EBUSY) is left "
@@ -109,6 +110,14 @@ TABLE: dict[int, Entry] = {e.code: e for e in [
        "Run chmod 600 on VMSnapshotScriptPluginConfig.json."),
     _e(318, "PluginConfigOwnershipError", "The plugin config file is not owned by root.",
        "Run chown root:root on VMSnapshotScriptPluginConfig.json."),
+    # pyexec's own (the reference has no built-in quiescer): its codes stop at 318 before 402 and 500.
+    _e(319, "QuiescerNeedsOneProcess",
+       "A built-in database quiescer holds its session in the process that ran the pre-phase; `pluginhost pre` "
+       "and `pluginhost post` are separate processes, so the lock or backup would end before the freeze. "
+       "Nothing was run.",
+       "Run the pre-phase, the snapshot and the post-phase in one process: `pyexec run --snapshot-cmd ...`, "
+       "pyexec.run() in Python, or pre_script() and post_script() on one PluginHost object (as the Azure "
+       "extension does); or quiesce with your own pre- and post-scripts."),
 ]}
 
 

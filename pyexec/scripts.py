@@ -366,7 +366,8 @@ def resolve_command(command: str | bytes | Iterable[CommandArg]) -> list[str]:
     element is an absolute path to an executable file; ValueError saying what is wrong.
 
     A bare name is looked up on the caller's PATH; a relative path is taken from the caller's
-    working directory (the command itself runs in `/`)."""
+    working directory (the command itself runs in `/`).  The program found must pass the trust
+    rules (trust.SNAPSHOT: root's, in directories only root can write, as a script)."""
     if isinstance(command, bytes):
         command = os.fsdecode(command)
     if isinstance(command, str):
@@ -391,6 +392,12 @@ def resolve_command(command: str | bytes | Iterable[CommandArg]) -> list[str]:
         raise ValueError(f"snapshot command {prog!r}: not a regular file")
     if not os.access(prog, os.X_OK):
         raise ValueError(f"snapshot command {prog!r}: not executable")
+    try:
+        # Root runs it: a program another user can replace (a PATH entry of theirs, a writable
+        # directory above it) is theirs to run as root.  run_command walks it again before the spawn.
+        trust.open_trusted(prog, trust.SNAPSHOT).close()
+    except PyexecError as e:
+        raise ValueError(f"snapshot command {prog!r} refused: {e.detail}") from None
     return [prog, *argv[1:]]
 
 
@@ -401,6 +408,13 @@ def run_command(argv: list[str], deadline_ns: int, cancel_fd: int = -1, on_stop:
     nat = nat or native.default()
     res = ScriptResult("", "snapshot", argv[0], tries=1)
     t0 = nat.now_ns()
+    try:
+        # As a script's recheck: executed by path, right after a walk that proves only root could
+        # change what the path names (the command was checked when it was resolved, before the run).
+        trust.open_trusted(argv[0], trust.SNAPSHOT).close()
+    except PyexecError as e:
+        res.detail, res.error_code = f"not run: {e.detail}", -1
+        return res
     try:
         st, res.stdout, res.stderr, res.timed_out, res.cancelled = _attempt(
             nat, argv, argv[0], -1, {**base_env(), "PYEXEC_PHASE": "snapshot"}, deadline_ns, cancel_fd, True, on_stop)

@@ -3,7 +3,8 @@
 The path is walked one component at a time with O_PATH|O_NOFOLLOW, so every directory and
 every symlink on the way is checked (the OpenSSH StrictModes rule, beyond the reference).
 A config is then read through the fd that was checked: no check-then-open race.  A script is
-executed by its path (for `$0`), after `recheck` has walked it again and found the same inode."""
+executed by its path (for `$0`), after `recheck` has walked it again and found the same inode; the
+snapshot command's program (SNAPSHOT) is walked when resolved and again right before its spawn."""
 from __future__ import annotations
 
 import dataclasses
@@ -31,6 +32,10 @@ HOST = Kind("plugin host config", 313, 314, 315, 0o033, False)  # group/other: a
 PLUGIN = Kind("plugin config", 316, 317, 318, 0o177, False)     # 600 or 400: no exec, nothing for g/o
 PRE = Kind("pre-script", 302, 306, 306, 0o077 | 0o6000, True)    # nothing for g/o; no setuid/setgid
 POST = Kind("post-script", 303, 307, 307, 0o077 | 0o6000, True)
+# The snapshot command (`--snapshot-cmd`, resolved on root's PATH): root runs it inside the window,
+# so the rules of a script, except that group and others may read and execute it (/usr/bin/cp is
+# 755) and setuid is harmless for a program root runs.  Its problems are bad arguments (11).
+SNAPSHOT = Kind("snapshot command", 11, 11, 11, 0o022, True)
 # A built-in quiescer's password: the pre-phase's codes, as a pre-script of the quiescer's (306-style).
 CREDENTIALS = Kind("database credentials file", 302, 306, 306, 0o177, False, borrows_codes=True)
 

@@ -14,12 +14,14 @@ from pyexec.cli import MOUNT_HELP, config_arg, main, print_problems, version_arg
 
 
 def cmd_phase(args: argparse.Namespace) -> int:
-    """`pluginhost pre|post`: one phase through the reference-shaped API."""
+    """`pluginhost pre|post`: one phase through the reference-shaped API (scripts only: 319 for a
+    built-in quiescer, whose session would end with this process)."""
     from pyexec.azure import pluginhost
     ph = pluginhost.PluginHost(_StderrLogger() if not args.json else None)
     ph.configLocation = args.config
     try:
         code, dobackup, fs_freeze = ph.pre_check()
+        ph.refuse_split()  # this process ends after one phase: no quiescer's session can span two
         res = ph.pre_script() if args.verb == "pre" else ph.post_script(args.snapshot)
     finally:
         ph.close()

@@ -115,6 +115,21 @@ class PluginHost:
         except errors.PyexecError:
             return 2
 
+    def refuse_split(self) -> None:
+        """For a caller that runs each phase in a process of its own (the `pluginhost pre` and
+        `pluginhost post` commands): PyexecError 319, before anything runs, if a built-in quiescer is
+        configured.  Its session (MariaDB's read lock, PostgreSQL's backup) lives in this process:
+        a `pre` that exits ends it before the freeze, and a `post` elsewhere has nothing to release.
+        The extension itself calls both phases on one object in one process, which holds."""
+        checked = self._checked if self._checked is not None else self._check()
+        builtin = [p.entry for p in checked.plugins if p.entry.builtin is not None]
+        if builtin:
+            names = ", ".join(e.name for e in builtin)
+            raise errors.PyexecError(
+                319, f"plugin(s) {names} quiesce through a database session that cannot outlive this "
+                     "process; refused rather than report a quiesce that ends before the freeze",
+                builtin[0].config_path)
+
     def pre_script(self) -> PluginHostResult:
         """Run every plugin's pre-script in parallel."""
         return self._phase("pre")

@@ -38,7 +38,7 @@ import orjson
 
 from pyexec import host, report
 from pyexec.demo import loopfs, servers
-from pyexec.demo.run import REPORT, _say, _write, reflink
+from pyexec.demo.run import REPORT, _say, _write, _write_report, reflink
 from pyexec.errors import PyexecError
 from pyexec.quiesce import load_driver
 from pyexec.window import Window
@@ -882,8 +882,7 @@ def main(args: argparse.Namespace) -> int:
                 doc["run_dirs"] = site.run_dirs
                 with contextlib.suppress(OSError):
                     path = os.path.join(site.dir, REPORT)
-                    with open(path, "wb") as f:
-                        f.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+                    _write_report(path, doc)
                     if args.keep:
                         where.append(path)
                 site.close()
@@ -891,8 +890,7 @@ def main(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
     if args.report:
-        with open(args.report, "wb") as f:
-            f.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+        _write_report(args.report, doc)
         where.append(args.report)
     if doc.get("compare"):
         print("\nside by side (measured on the restored copies):\n" + _compare_table(doc["compare"]), file=out)

@@ -25,7 +25,7 @@ import orjson
 
 from pyexec import host, report
 from pyexec.demo import app as demo_app
-from pyexec.demo import loopfs
+from pyexec.demo import loopfs, safeio
 from pyexec.window import Window
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
@@ -275,8 +275,8 @@ REPORT = "demo-report.json"
 
 
 def _write_report(path: str, doc: dict[str, object]) -> None:
-    with open(path, "wb") as f:
-        f.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+    # Mode 600, never through a symlink or a hard link at path (--report may name a shared directory).
+    safeio.write_private(path, orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
 
 
 def _emit(args: argparse.Namespace, doc: dict[str, object]) -> None:

@@ -29,6 +29,8 @@ import tempfile
 import time
 from types import TracebackType
 
+from pyexec.demo import safeio
+
 START_TIMEOUT_S = 60.0  # a crash recovery of a sandbox-sized log takes well under a second
 STOP_TIMEOUT_S = 30.0  # per escalation step: clean, then hard, then SIGKILL
 KILL_WAIT_S = 10.0
@@ -81,9 +83,9 @@ def _owner(user: str) -> tuple[int, int]:
 
 
 def _own_dir(path: str, uid: int, gid: int, mode: int) -> None:
-    os.makedirs(path, exist_ok=True)
-    os.chown(path, uid, gid)
-    os.chmod(path, mode)
+    # Through its fd: a symlink the OS user left at path (its own directory, from an earlier run)
+    # must not make root chown the directory it points at.
+    safeio.own_dir(path, uid, gid, mode)
 
 
 def _check_reachable(path: str, user: str, uid: int, gid: int) -> None:
@@ -102,17 +104,18 @@ def _check_reachable(path: str, user: str, uid: int, gid: int) -> None:
 
 
 def _read_from(path: str, offset: int) -> str:
+    # The server log lies in the OS user's run directory: read by root, never through a symlink
+    # (it would put the file it names into an error message).
     try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            return f.read().decode(errors="replace")
-    except FileNotFoundError:
+        with safeio.directory(os.path.dirname(path)) as d:
+            return safeio.read_at(d, os.path.basename(path))[offset:].decode(errors="replace")
+    except OSError:
         return ""
 
 
 def _size(path: str) -> int:
     try:
-        return os.stat(path).st_size
+        return os.lstat(path).st_size
     except FileNotFoundError:
         return 0
 
@@ -203,8 +206,7 @@ class _Server:
             if d:
                 _check_reachable(d, user, uid, gid)
         self.rundir = _run_dir()
-        os.chown(self.rundir, uid, gid)
-        os.chmod(self.rundir, 0o750)
+        _own_dir(self.rundir, uid, gid, 0o750)
         self.sockdir = self._given_sockdir or self.rundir
         if self._given_sockdir:
             _own_dir(self._given_sockdir, uid, gid, 0o755)
@@ -221,9 +223,12 @@ class _Server:
             shutil.rmtree(self.rundir, ignore_errors=True)
             self.rundir = None
         if self._given_sockdir:
-            for name in self._socket_names():
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self._given_sockdir, name))
+            # Through the directory's fd: the OS user owns it, and a symlink put in its place would
+            # make root unlink those names in the directory it points at.
+            with contextlib.suppress(OSError), safeio.directory(self._given_sockdir) as d:
+                for name in self._socket_names():
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(name, dir_fd=d)
         self.sockdir = None
         if self.proc is not None:
             self.proc.close()
@@ -391,15 +396,24 @@ class PostgresServer(_Server):
             argv += ["--waldir", self.waldir]
         assert self.rundir is not None
         pwfile = os.path.join(self.rundir, "pw")
-        with open(os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        # O_EXCL: created, never opened through what the OS user (the run directory's owner) left
+        # there; chowned through the fd, not the name it could swap meanwhile.
+        with open(os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "w") as f:
             f.write(self.password + "\n")
-        os.chown(pwfile, uid, gid)
+            os.fchown(f.fileno(), uid, gid)
         try:
             self._as_user(argv + ["--pwfile", pwfile], timeout=120)
         finally:
             os.unlink(pwfile)
-        with open(os.path.join(self.datadir, "postgresql.conf"), "a") as f:
-            f.write(PG_CONF)
+        self._add_conf(uid, gid)
+
+    def _add_conf(self, uid: int, gid: int) -> None:
+        """The sandbox's settings after initdb's postgresql.conf.  initdb ran as the OS user, which owns
+        the data directory: the file is read and replaced through the directory's fd, never appended
+        to through a symlink or a hard link that user left there."""
+        with safeio.directory(self.datadir) as d:
+            conf = safeio.read_at(d, "postgresql.conf")
+            safeio.write_at(d, "postgresql.conf", conf + PG_CONF.encode(), 0o600, uid, gid)
 
     def _prepare_existing(self, uid: int, gid: int) -> None:
         if not os.path.exists(os.path.join(self.datadir, "PG_VERSION")):
@@ -411,8 +425,8 @@ class PostgresServer(_Server):
             os.symlink(self.waldir, wal)
         pidfile = os.path.join(self.datadir, "postmaster.pid")
         try:
-            with open(pidfile) as f:
-                pid = int(f.readline())
+            with safeio.directory(self.datadir) as dfd:
+                pid = int(safeio.read_at(dfd, "postmaster.pid").split(b"\n", 1)[0])
         except (FileNotFoundError, ValueError):
             pid = 0
         if pid:
@@ -426,9 +440,7 @@ class PostgresServer(_Server):
             # (it serves the original) and postgres would refuse the copy as "already running".
             os.unlink(pidfile)
         for d in filter(None, (self.datadir, self.waldir)):
-            for root, dirs, files in os.walk(d):
-                for n in dirs + files:
-                    os.lchown(os.path.join(root, n), uid, gid)
+            safeio.chown_tree(d, uid, gid)
             _own_dir(d, uid, gid, 0o700)
 
     def start(self, existing: bool | None = None) -> Startup:
@@ -517,23 +529,18 @@ class PostgresServer(_Server):
         if not rec.keep_wal:
             # The restore's own WAL comes from the archive; a stale segment left in pg_wal would be
             # read where the archive lacks one.  archive_status goes too (it names those segments).
+            # pg_wal is a directory, or the symlink to waldir that initdb --waldir made: no other.
             wal = os.path.join(self.datadir, "pg_wal")
-            for name in os.listdir(wal):
-                path = os.path.join(wal, name)
-                if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path)
-                else:
-                    os.unlink(path)
-            _own_dir(os.path.join(wal, "archive_status"), uid, gid, 0o700)
-        for name, text in (("backup_label", rec.label), ("tablespace_map", rec.spcmap), ("recovery.signal", "")):
-            if text is None:
-                continue
-            path = os.path.join(self.datadir, name)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "w") as f:
-                f.write(text)
-            os.chown(path, uid, gid)
+            if self.waldir and os.path.islink(wal) and os.readlink(wal) == self.waldir:
+                wal = self.waldir
+            with safeio.directory(wal) as w:
+                safeio.empty_dir(w)
+                safeio.own_dir("archive_status", uid, gid, 0o700, dir_fd=w)
+        with safeio.directory(self.datadir) as d:
+            for name, text in (("backup_label", rec.label), ("tablespace_map", rec.spcmap),
+                               ("recovery.signal", "")):
+                if text is not None:
+                    safeio.write_at(d, name, text.encode(), 0o600, uid, gid)
         _check_reachable(os.path.join(rec.archive_dir, "x"), self.os_user, uid, gid)
         cp = f"cp {shlex.quote(rec.archive_dir)}/%f %p"
         opts = ["-c", f"restore_command={cp}", "-c", "recovery_target_action=promote"]
@@ -559,8 +566,8 @@ class PostgresServer(_Server):
 
     def _adopt_postmaster(self) -> None:
         try:
-            with open(os.path.join(self.datadir, "postmaster.pid")) as f:
-                pid = int(f.readline())
+            with safeio.directory(self.datadir) as d:
+                pid = int(safeio.read_at(d, "postmaster.pid").split(b"\n", 1)[0])
             proc = _Proc(pid)
         except (OSError, ValueError):
             return
@@ -774,21 +781,23 @@ class MariaDBServer(_Server):
             f"password = {self.password}",
             "",
         ]
-        with open(os.open(self._cnf(), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            f.write("\n".join(lines))
+        # root's, 600 (it holds root@localhost's password), in the OS user's run directory.
+        with safeio.directory(self.rundir) as d:
+            safeio.write_at(d, os.path.basename(self._cnf()), "\n".join(lines).encode(), 0o600)
 
     def _fix_binlog_index(self) -> None:
         # The index lists each binlog by the absolute path it had when written; a restored copy's
         # lists the original's files, so it is pointed at the copy's log directory.
         logdir = self.logdir or self.datadir
-        index = os.path.join(logdir, "binlog.index")
-        try:
-            with open(index) as f:
-                names = [os.path.basename(ln.strip()) for ln in f if ln.strip()]
-        except FileNotFoundError:
-            return
-        with open(index, "w") as f:
-            f.writelines(os.path.join(logdir, n) + "\n" for n in names)
+        with safeio.directory(logdir) as d:
+            try:
+                text = safeio.read_at(d, "binlog.index").decode()
+            except FileNotFoundError:
+                return
+            st = os.fstat(d)
+            names = [os.path.basename(ln.strip()) for ln in text.splitlines() if ln.strip()]
+            safeio.write_at(d, "binlog.index", "".join(os.path.join(logdir, n) + "\n" for n in names).encode(),
+                            0o640, st.st_uid, st.st_gid)
 
     def start(self, existing: bool | None = None) -> Startup:
         """Start the server: mariadb-install-db first unless the data directory holds one
@@ -812,9 +821,7 @@ class MariaDBServer(_Server):
                     raise ServerError(f"mariadb: {self.datadir} holds no server (no mysql/)")
                 self._fix_binlog_index()
                 for d in filter(None, (self.datadir, self.logdir)):
-                    for root, dirs, files in os.walk(d):
-                        for n in dirs + files:
-                            os.lchown(os.path.join(root, n), uid, gid)
+                    safeio.chown_tree(d, uid, gid)
             else:
                 self._install_db()
             log = self._logfile()
