@@ -354,7 +354,7 @@ def _check_server(fields: dict[str, Any], warnings: list[str], path: str, engine
                                   path, "host"))
     if not fields["server_user"].strip():
         errors.append(ConfigError(305, "must name the OS account the database server runs as", path, "serverUser"))
-    if host and not host.startswith("/") and fields["tls"] == "verify-full" and not fields["tls_ca_file"]:
+    if not errors and not host.startswith("/") and fields["tls"] == "verify-full" and not fields["tls_ca_file"]:
         errors.append(ConfigError(
             305, f"host {host!r} is reached over TCP, where anyone who binds the port while the server is down "
                  "would receive the password: set tlsCAFile to the CA file that signed the server's certificate "
