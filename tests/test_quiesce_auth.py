@@ -488,3 +488,72 @@ def test_a_missing_backup_label_directory_is_created_root_only(site):
         st = os.stat(d)
         assert (st.st_uid, st.st_mode & 0o777) == (0, 0o700)
     assert rep.post[0].facts["backup_label"].startswith(str(labels) + "/")
+
+
+# ------------------------------------------------------------- a real server over TCP with TLS
+
+class TlsSite:
+    """A real server listening on 127.0.0.1:<port> too, with the pki's server certificate; its TCP logins
+    need TLS (PostgreSQL: hostssl only; MariaDB: the quiescer's user REQUIRE SSL)."""
+
+    def __init__(self, engine, tmp, mounts, pki):
+        from pyexec.demo.servers import MariaDBServer, PostgresServer
+        import pwd
+        self.engine, self.tmp, self.port = engine, tmp, free_port()
+        account = pwd.getpwnam("postgres" if engine == "postgresql" else "mysql")
+        tls = tmp / "tls"
+        tls.mkdir()
+        os.chmod(tls, 0o755)
+        cert = make(tls / "server.pem", (pki / "server.pem").read_bytes(), mode=0o644)
+        key = make(tls / "server.key", (pki / "server.key").read_bytes(), mode=0o600, uid=account.pw_uid)
+        self.data = mounts.make("ext4", 160)
+        db = os.path.join(self.data.mountpoint, "db")
+        if engine == "postgresql":
+            hba = make(tls / "hba.conf", b"local all all scram-sha-256\nhostssl all all 127.0.0.1/32 scram-sha-256\n",
+                       mode=0o644)
+            self.server = PostgresServer(db, port=self.port, settings={
+                "listen_addresses": "127.0.0.1", "ssl": "on", "ssl_cert_file": cert, "ssl_key_file": key,
+                "hba_file": hba})
+            self.server.start()
+            self.user, self.password = "postgres", self.server.password
+        else:
+            self.server = MariaDBServer(db, options=[
+                "skip-networking = 0", "bind-address = 127.0.0.1", f"port = {self.port}", f"ssl-cert = {cert}",
+                f"ssl-key = {key}"])
+            self.server.start()
+            self.user, self.password = "bk", "bk-tls-secret"
+            self.server.create_user(self.user, self.password, "RELOAD, PROCESS, BINLOG MONITOR")
+            self.server.sql("ALTER USER 'bk'@'localhost' REQUIRE SSL")
+
+    def setup(self, name, **doc):
+        d = self.tmp / name
+        d.mkdir()
+        os.chmod(d, 0o700)
+        cred = make(d / "cred", (self.password + "\n").encode(), mode=0o600)
+        conf = {"host": "127.0.0.1", "port": self.port, "user": self.user, "credentialsFile": cred,
+                "timeoutInSeconds": 20, **doc}
+        pj = make(d / "db.json", orjson.dumps(conf), mode=0o600)
+        return make(d / "host.conf", (f"[pre_post]\ntimeoutInSeconds = 60\nnumberOfPlugins = 1\n"
+                                      f"pluginName0 = {self.engine}\npluginPath0 = builtin\n"
+                                      f"pluginConfigPath0 = {pj}\n").encode(), mode=0o600)
+
+    def close(self):
+        self.server.stop()
+
+
+@ENGINES
+def test_a_real_server_over_tcp_with_tls_verified_against_the_ca(engine, pki):
+    """The real server on 127.0.0.1 with a certificate the CA signed: app-consistent over verified TLS
+    (the server takes TCP logins over TLS only).  The same server named "localhost" (the certificate
+    names 127.0.0.1), or checked against another CA: refused before the password (300)."""
+    with db_sandbox(f"pyexec-tls-{engine}-", lambda tmp, mounts: TlsSite(engine, tmp, mounts, pki)) as s:
+        ca = make(s.tmp / "ca" / "ca.pem", (pki / "ca.pem").read_bytes(), mode=0o644)
+        rogue = make(s.tmp / "ca" / "rogue.pem", (pki / "rogue.pem").read_bytes(), mode=0o644)
+        os.chmod(s.tmp / "ca", 0o755)
+        ok = host.run(s.setup("tls-ok", tlsCAFile=ca), [s.data.mountpoint], freeze_timeout=20)
+        assert ok.outcome == host.APP, (ok.check_errors, ok.pre, ok.post)
+        for name, doc, expect in [("tls-name", {"host": "localhost", "tlsCAFile": ca}, ("match", "hostname")),
+                                  ("tls-ca", {"tlsCAFile": rogue}, ("verify failed", "certificate"))]:
+            rep = host.run(s.setup(name, **doc), [s.data.mountpoint], freeze_timeout=20)
+            not_app(rep)
+            assert rep.code == 300 and any(w in rep.pre[0].detail for w in expect), (name, rep.pre[0].detail)
