@@ -261,6 +261,21 @@ def test_a_socket_directory_others_can_change_is_refused_by_the_check(local_user
 
 
 @ENGINES
+def test_a_users_symlink_at_the_socket_path_is_refused(local_user, work, shared_dir, tmp_path, engine):
+    """In a sticky directory the user puts a symlink where the socket should be, to its own socket
+    elsewhere: the connect's walk refuses the user's symlink (300) before connecting to anything."""
+    os.chmod(shared_dir, 0o1777)
+    where, cfg_host, port = socket_host(engine, shared_dir)
+    own = os.path.join(work, os.path.basename(where))
+    with fake(local_user, work, engine, own) as f:
+        assert local_user.run(["ln", "-s", own, where]).returncode == 0
+        rep = host.run(hostconf(tmp_path / "c", engine, host=cfg_host, **port), [], freeze_timeout=10)
+        assert f.received() == b""
+    not_app(rep)
+    assert rep.code == 300 and "refused" in rep.pre[0].detail and "symlink" in rep.pre[0].detail, rep.pre
+
+
+@ENGINES
 def test_a_socket_directory_the_user_makes_after_the_check_is_refused(local_user, work, shared_dir, tmp_path, engine):
     """The socket's directory does not exist at the check (server down: not an error) and the user
     makes it, in a sticky /tmp-like directory, before the run connects: the connect's own walk

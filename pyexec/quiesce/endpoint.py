@@ -75,13 +75,18 @@ class Endpoint:
         except PyexecError as e:
             raise _refusal(e) from e
 
+    def open_socket(self) -> int:
+        """An O_PATH fd of the socket, the whole chain checked (a symlink at its name too); Refused, or
+        OSError if it does not exist (the server is down)."""
+        try:
+            return trust.open_socket(self.socket_path, trust.SOCKET_DIR, self.owners)
+        except PyexecError as e:
+            raise _refusal(e) from e
+
     def connect_unix(self, timeout_s: float) -> socket.socket:
         """A stream socket connected to the configured socket and served by serverUser, or Refused
         (the connection closed: nothing was written to it) or OSError (nobody listens)."""
-        try:
-            fd = trust.open_socket(self.socket_path, trust.SOCKET_DIR, self.owners)
-        except PyexecError as e:
-            raise _refusal(e) from e
+        fd = self.open_socket()
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             s.settimeout(timeout_s)

@@ -67,6 +67,9 @@ class PostgresSession:
             # directory's fd, so the socket is looked up where the check looked.
             d = self._ep.open_socket_dir()
             self._fds.append(d)
+            # The socket's own name walked too (a symlink there must be root's or serverUser's), for
+            # the message; libpq looks it up again in d, where only they or its owner can change it.
+            os.close(self._ep.open_socket())
             return {"host": f"/proc/self/fd/{d}", "requirepeer": self._ep.account}
         if self.cfg.tls == "verify-full":
             ca = self._ep.ca_memfd()
@@ -208,4 +211,4 @@ class PostgresSession:
 
 def _unproc(msg: str, host: str) -> str:
     """libpq's message with the checked directory's /proc/self/fd/N path named as configured."""
-    return re.sub(r"/proc/self/fd/\d+", host, msg)
+    return re.sub(r"/proc/self/fd/\d+(?=/\.s\.PGSQL\.)", host, msg)
