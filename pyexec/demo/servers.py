@@ -551,7 +551,11 @@ class PostgresServer(_Server):
         assert self.proc is not None
         while True:
             try:
-                if self.psql("SELECT pg_is_in_recovery()", timeout=10) == "f":
+                # The startup process ends recovery (pg_is_in_recovery() turns false) an instant before
+                # the postmaster logs that it accepts connections, which Startup.promoted reads.
+                if self.psql("SELECT pg_is_in_recovery()", timeout=10) == "f" and \
+                        "database system is ready to accept connections" in \
+                        _read_from(self._logfile(), 0).rpartition("archive recovery complete")[2]:
                     return
             except ServerError:
                 pass  # not accepting connections at this instant (the end of recovery)
