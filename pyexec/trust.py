@@ -38,6 +38,12 @@ POST = Kind("post-script", 303, 307, 307, 0o077 | 0o6000, True)
 SNAPSHOT = Kind("snapshot command", 11, 11, 11, 0o022, True)
 # A built-in quiescer's password: the pre-phase's codes, as a pre-script of the quiescer's (306-style).
 CREDENTIALS = Kind("database credentials file", 302, 306, 306, 0o177, False, borrows_codes=True)
+# The CA a quiescer verifies its server's certificate with: anyone may read it, only root may change it.
+CA_FILE = Kind("TLS CA file (tlsCAFile)", 302, 306, 306, 0o033, False, borrows_codes=True)
+# Where a quiescer's server listens (a failure to reach it is the pre-phase's 300, as a server down).
+SOCKET_DIR = Kind("database server socket", 300, 306, 306, 0, False, borrows_codes=True)
+# Where the PostgreSQL quiescer writes backup_label in the post-phase: root's alone, itself included.
+LABEL_DIR = Kind("backupLabelDirectory", 303, 307, 307, 0o022, False, borrows_codes=True)
 
 MAX_SYMLINKS = 40  # as the kernel's path walk (MAXSYMLINKS)
 
@@ -87,18 +93,72 @@ def _fail(kind: Kind, code: int, detail: str, path: str) -> PyexecError:
     return TrustError(code, detail, path)
 
 
-def _check_dir(kind: Kind, st: os.stat_result, where: str, path: str) -> None:
-    if st.st_uid != 0:
-        raise _fail(kind, kind.owner_code, f"directory {where} is owned by uid {st.st_uid}, not root", path)
+@dataclasses.dataclass(frozen=True)
+class Owners:
+    """Who may own the directories and symlinks of a path: root, and for a database server's socket its
+    own account too (the server creates its socket directory; distributions make it group-writable)."""
+
+    uids: frozenset[int] = frozenset({0})
+    gids: frozenset[int] = frozenset()  # a directory writable by one of these groups is accepted
+    label: str = "root"
+
+
+ROOT = Owners()
+
+
+def _check_dir(kind: Kind, st: os.stat_result, where: str, path: str, owners: Owners = ROOT) -> None:
+    if st.st_uid not in owners.uids:
+        raise _fail(kind, kind.owner_code, f"directory {where} is owned by uid {st.st_uid}, not {owners.label}", path)
     # A sticky world-writable directory (/tmp) is fine: nobody but root can replace a
     # root-owned file in it, and the file itself must be root's.
-    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+    writable = st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid not in owners.gids)
+    if writable and not st.st_mode & stat.S_ISVTX:
         raise _fail(kind, kind.mode_code,
                     f"directory {where} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})", path)
 
 
 def open_trusted(path: str, kind: Kind) -> TrustedFile:
     """Walk path safely, check every step and the file, and return it open."""
+    fd, st, here = _walk(path, kind)
+    try:
+        return _open_final(kind, fd, st, here, path)
+    finally:
+        os.close(fd)
+
+
+def open_dir(path: str, kind: Kind, owners: Owners = ROOT, create_mode: int | None = None) -> int:
+    """An O_PATH fd of the directory path names, every step checked as open_trusted's and the directory
+    itself too (and not writable by group or others at all if kind.bad_mode says so); missing
+    components are created (root's, create_mode) if create_mode is given, each checked as it is."""
+    fd, st, here = _walk(path, kind, owners, create_mode, want_dir=True)
+    try:
+        if not stat.S_ISDIR(st.st_mode):
+            raise _fail(kind, kind.not_found, f"{here} is not a directory", path)
+        _check_dir(kind, st, here, path, owners)
+        if stat.S_IMODE(st.st_mode) & kind.bad_mode:
+            raise _fail(kind, kind.mode_code, f"directory {here} is writable by group or others "
+                                              f"(mode {stat.S_IMODE(st.st_mode):o})", path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_socket(path: str, kind: Kind, owners: Owners = ROOT) -> int:
+    """An O_PATH fd of the Unix socket path names (connect to /proc/self/fd/<fd>), every directory and
+    symlink on the way checked as open_trusted's with owners; the socket's own owner is not checked
+    (whoever bound it: the peer's credentials on the connection are what tell the server)."""
+    fd, st, here = _walk(path, kind, owners)
+    if not stat.S_ISSOCK(st.st_mode):
+        os.close(fd)
+        raise _fail(kind, kind.not_found, f"{here} is not a socket", path)
+    return fd
+
+
+def _walk(path: str, kind: Kind, owners: Owners = ROOT, create_mode: int | None = None,
+          want_dir: bool = False) -> tuple[int, os.stat_result, str]:
+    """An O_PATH fd of what path names (symlinks followed if owners own them), with its stat and its
+    resolved path; every directory on the way checked."""
     if not isinstance(path, str) or not path.startswith("/"):
         raise _fail(kind, kind.not_found, f"{kind.label} path must be absolute: {path!r}", str(path))
     todo = [p for p in path.split("/") if p]
@@ -106,15 +166,24 @@ def open_trusted(path: str, kind: Kind) -> TrustedFile:
     where = "/"
     hops = 0
     try:
-        _check_dir(kind, os.fstat(dirfd), where, path)
+        _check_dir(kind, os.fstat(dirfd), where, path, owners)
         while True:
             if not todo:
+                if want_dir:  # the path ended on a directory ("/", "..", a symlink to one)
+                    return os.dup(dirfd), os.fstat(dirfd), where
                 raise _fail(kind, kind.not_found, f"{kind.label} path names a directory", path)
             name = todo.pop(0)
             if name == ".":
                 continue
             try:
-                fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+                try:
+                    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+                except FileNotFoundError:
+                    if create_mode is None:
+                        raise
+                    # mkdirat never follows a symlink in its last component (mkdir(2): EEXIST).
+                    os.mkdir(name, create_mode, dir_fd=dirfd)
+                    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
             except FileNotFoundError as err:
                 raise _fail(kind, kind.not_found, f"{kind.label} not found ({os.path.join(where, name)} "
                             "does not exist)", path) from err
@@ -128,9 +197,9 @@ def open_trusted(path: str, kind: Kind) -> TrustedFile:
             if stat.S_ISLNK(st.st_mode):
                 try:
                     # A symlink's own mode is always 777; what matters is who can replace it.
-                    if st.st_uid != 0:
-                        raise _fail(kind, kind.owner_code, f"symlink {here} is owned by uid {st.st_uid}, not root",
-                                    path)
+                    if st.st_uid not in owners.uids:
+                        raise _fail(kind, kind.owner_code,
+                                    f"symlink {here} is owned by uid {st.st_uid}, not {owners.label}", path)
                     hops += 1
                     if hops > MAX_SYMLINKS:
                         raise _fail(kind, kind.not_found, f"too many symlinks resolving {path}", path)
@@ -149,17 +218,14 @@ def open_trusted(path: str, kind: Kind) -> TrustedFile:
                     raise _fail(kind, kind.not_found, f"{here} is not a directory", path)
                 try:
                     if name != "..":
-                        _check_dir(kind, st, here, path)
+                        _check_dir(kind, st, here, path, owners)
                 except PyexecError:
                     os.close(fd)
                     raise
                 os.close(dirfd)
                 dirfd, where = fd, os.path.normpath(here)
                 continue
-            try:
-                return _open_final(kind, fd, st, here, path)
-            finally:
-                os.close(fd)
+            return fd, st, here
     finally:
         os.close(dirfd)
 

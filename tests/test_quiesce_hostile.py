@@ -34,12 +34,28 @@ def stopped(pids):
     """The server's processes SIGSTOPped (hung, not dead) for the block; always resumed."""
     for p in pids:
         os.kill(p, signal.SIGSTOP)
+    # kill() returns once the signal is queued; a thread running on another CPU stops a moment later
+    # (and could still answer a request, as a release once did in 0.8 ms): wait until all have.
+    deadline = time.monotonic() + 10
+    while not all(_all_stopped(p) for p in pids):
+        assert time.monotonic() < deadline, "the server did not stop"
+        time.sleep(0.01)
     try:
         yield
     finally:
         for p in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGCONT)
+
+
+def _all_stopped(pid: int) -> bool:
+    """Every thread of pid is in the stopped state (T), or gone."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                if f.read().rpartition(b")")[2].split()[0] != b"T":
+                    return False
+    return True
 
 
 def bounded(fn, limit):

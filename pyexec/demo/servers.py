@@ -354,9 +354,10 @@ class PostgresServer(_Server):
 
     def __init__(self, datadir: str, *, waldir: str | None = None, sockdir: str | None = None,
                  port: int = 5432, password: str | None = None, os_user: str = "postgres",
-                 archive_dir: str | None = None):
+                 archive_dir: str | None = None, settings: dict[str, str] | None = None):
         """archive_dir: archive every completed WAL segment there (archive_mode); it must not be on
-        a filesystem the tests freeze, and the OS user gets it (mode 700)."""
+        a filesystem the tests freeze, and the OS user gets it (mode 700).  settings: more
+        server settings for this instance's command line (a TCP listener with TLS, say), last."""
         super().__init__(datadir, sockdir)
         self.waldir = os.path.abspath(waldir) if waldir else None
         self.archive_dir = os.path.abspath(archive_dir) if archive_dir else None
@@ -364,6 +365,7 @@ class PostgresServer(_Server):
         # A restored copy keeps the original's password: pass the original's to reach it.
         self.password = password or secrets.token_hex(12)
         self.os_user = os_user
+        self.settings = dict(settings or {})
         self.bin = self.find_binaries()
         self.postmaster_pid: int | None = None
 
@@ -505,6 +507,8 @@ class PostgresServer(_Server):
                 opts += ["-c", "archive_mode=on", "-c", f"archive_command={_archive_command(self.archive_dir)}"]
             if recovery is not None:
                 opts += self._prepare_recovery(recovery, uid, gid)
+            for key, value in self.settings.items():
+                opts += ["-c", f"{key}={value}"]
             res = self._as_user([self.bin["pg_ctl"], "start", "-D", self.datadir, "-l", log, "-w",
                                  "-t", str(int(START_TIMEOUT_S)), "-o", shlex.join(opts)],
                                 timeout=START_TIMEOUT_S + 10, check=False)
@@ -554,7 +558,11 @@ class PostgresServer(_Server):
         assert self.proc is not None
         while True:
             try:
-                if self.psql("SELECT pg_is_in_recovery()", timeout=10) == "f":
+                # The startup process ends recovery (pg_is_in_recovery() turns false) an instant before
+                # the postmaster logs that it accepts connections, which Startup.promoted reads.
+                if self.psql("SELECT pg_is_in_recovery()", timeout=10) == "f" and \
+                        "database system is ready to accept connections" in \
+                        _read_from(self._logfile(), 0).rpartition("archive recovery complete")[2]:
                     return
             except ServerError:
                 pass  # not accepting connections at this instant (the end of recovery)
@@ -717,8 +725,11 @@ class MariaDBServer(_Server):
     engine = "mariadb"
 
     def __init__(self, datadir: str, *, logdir: str | None = None, sockdir: str | None = None,
-                 password: str | None = None, server_id: int = 1, os_user: str = "mysql"):
+                 password: str | None = None, server_id: int = 1, os_user: str = "mysql",
+                 options: list[str] | None = None):
+        """options: more [mariadbd] lines for this instance (a TCP listener with TLS, say), last."""
         super().__init__(datadir, sockdir)
+        self.options = list(options or [])
         self.logdir = os.path.abspath(logdir) if logdir else None
         # root@localhost's password; a restored copy keeps the original's.
         self.password = password or secrets.token_hex(12)
@@ -772,6 +783,7 @@ class MariaDBServer(_Server):
             "innodb_buffer_pool_size = 32M",
             "innodb_log_file_size = 16M",
             "performance_schema = OFF",
+            *self.options,
             "",
             # The clients as root over the socket: root@localhost is "native password OR
             # unix_socket", and the password below lets a client run as any OS user in.

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from pyexec import config, native, scripts, trust
 from pyexec.errors import PyexecError, ScriptError
+from pyexec.quiesce import endpoint
 
 # The driver each engine needs and the extra that installs it (pyproject's optional-dependencies).
 DRIVERS = {"postgresql": ("psycopg", "postgresql"), "mariadb": ("pymysql", "mariadb")}
@@ -123,19 +124,23 @@ class Quiescer:
     from the pre-phase to the post-phase."""
 
     def __init__(self, entry: config.PluginEntry, cfg: config.DatabaseConfig):
-        """Load the driver and read the credentials: ScriptError/TrustError now, before anything runs."""
+        """Load the driver, check where the password will go, read the credentials: ScriptError/TrustError/
+        ConfigError now, before anything runs."""
         self.entry = entry
         self.cfg = cfg
         driver = load_driver(cfg.engine, cfg.path)
+        ep = endpoint.check(cfg)
         password = read_password(cfg.credentials_file)
         self.session: Session | None = None
         self._make: Callable[[], Session]
         if cfg.engine == "postgresql":
-            from pyexec.quiesce.postgresql import PostgresSession
-            self._make = lambda: PostgresSession(cfg, password, driver)
+            from pyexec.quiesce.postgresql import PostgresSession, check_driver, check_label_dir
+            check_driver(cfg, driver)
+            check_label_dir(cfg)
+            self._make = lambda: PostgresSession(cfg, password, driver, ep)
         else:
             from pyexec.quiesce.mariadb import MariaDBSession
-            self._make = lambda: MariaDBSession(cfg, password, driver)
+            self._make = lambda: MariaDBSession(cfg, password, driver, ep)
 
     def _result(self, phase: str) -> scripts.ScriptResult:
         return scripts.ScriptResult(self.entry.name, phase, self.cfg.path, tries=1)

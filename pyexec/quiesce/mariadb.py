@@ -10,35 +10,62 @@ from types import ModuleType
 from typing import Any
 
 from pyexec import config
-from pyexec.quiesce import ABORT_CONNECT_S, Failed, close_quietly, shutdown_fd
+from pyexec.quiesce import ABORT_CONNECT_S, Failed, close_quietly, endpoint, shutdown_fd
 
 ER_LOCK_WAIT_TIMEOUT = 1205
 ER_ACCESS_DENIED = (1044, 1045, 1698)  # database, password, socket-auth user
 ER_SPECIFIC_ACCESS_DENIED = 1227  # needs RELOAD
+# The authentication plugins PyMySQL answers with the password itself, or with what gives it back:
+# clear text (mysql_clear_password, dialog's "Password: "), RSA to a key the server chooses
+# (sha256_password, caching_sha2_password's full authentication), a broken hash (mysql_old_password).
+# Refused where TLS does not authenticate the server; left: mysql_native_password, client_ed25519.
+CLEAR_PLUGINS = ("mysql_clear_password", "dialog", "sha256_password", "caching_sha2_password", "mysql_old_password")
 
 
 class MariaDBSession:
     """One PyMySQL connection, autocommit; the read lock lives exactly as long as it."""
 
-    def __init__(self, cfg: config.DatabaseConfig, password: str, driver: ModuleType):
+    def __init__(self, cfg: config.DatabaseConfig, password: str, driver: ModuleType, ep: endpoint.Endpoint):
         self.cfg = cfg
         self._password = password
         self._my = driver
+        self._ep = ep
         self.conn: Any = None
         self.thread_id = 0
 
-    def _connect(self, timeout_s: float, defer: bool = False) -> Any:
-        """A connection whose every read and write is bounded by timeout_s too: PyMySQL's connect_timeout
-        bounds only the socket's connect, not the handshake, which a hung server never answers."""
-        sock = self.cfg.host if self.cfg.host.startswith("/") else None
+    def _connection(self, timeout_s: float) -> Any:
+        """A connection not yet connected, whose every read and write is bounded by timeout_s too:
+        PyMySQL's connect_timeout bounds only the socket's connect, not the handshake, which a hung
+        server never answers."""
         bound = max(1, int(timeout_s))
-        return self._my.connect(unix_socket=sock, host=None if sock else self.cfg.host, port=self.cfg.port,
+        tls: dict[str, Any] = {"ssl_disabled": True}
+        if not self.cfg.socket:
+            if self.cfg.tls == "verify-full":
+                # An SSLContext makes TLS required (PyMySQL 1.1+: "SSL is required but the server doesn't
+                # support it" rather than a fall back to clear text), before the handshake response.
+                tls = {"ssl": self._ep.ssl_context()}
+            else:
+                tls["auth_plugin_map"] = {p: endpoint.refuse_plugin(p) for p in CLEAR_PLUGINS}
+        return self._my.connect(host=self.cfg.host if not self.cfg.socket else "localhost", port=self.cfg.port,
                                 user=self.cfg.user, password=self._password, database=self.cfg.database or None,
                                 connect_timeout=bound, read_timeout=bound, write_timeout=bound, autocommit=True,
-                                defer_connect=defer,
-                                # PyMySQL builds a TLS context (loading the CA store: ~19 ms) for every
-                                # connect by default, even over a Unix socket, where TLS protects nothing.
-                                ssl_disabled=bool(sock))
+                                defer_connect=True, **tls)
+
+    def _handshake(self, conn: Any, timeout_s: float) -> None:
+        """Connect conn: over a Unix socket, one whose peer was checked before PyMySQL writes to it."""
+        if not self.cfg.socket:
+            conn.connect()
+            return
+        sock = self._ep.connect_unix(max(1, timeout_s))
+        # PyMySQL marks the Unix sockets it opens itself as secure (Connection.connect), which lets
+        # MySQL 8's caching_sha2_password finish without RSA; this one's server is authenticated.
+        conn._secure = True
+        conn.connect(sock)
+
+    def _connect(self, timeout_s: float) -> Any:
+        conn = self._connection(timeout_s)
+        self._handshake(conn, timeout_s)
+        return conn
 
     def _rows(self, sql: str) -> list[tuple[Any, ...]]:
         with self.conn.cursor() as cur:
@@ -46,12 +73,16 @@ class MariaDBSession:
             return list(cur.fetchall())
 
     def open(self, timeout_s: float) -> None:
-        """Connect, and bound the lock wait on the server's side."""
-        where = self.cfg.host if self.cfg.host.startswith("/") else f"{self.cfg.host}:{self.cfg.port}"
+        """Connect to the authenticated server, and bound the lock wait on the server's side."""
+        where = self._ep.where
         try:
             # Deferred: self.conn exists during the handshake, so the watchdog's abort can cut its socket.
-            self.conn = self._connect(timeout_s, defer=True)
-            self.conn.connect()
+            self.conn = self._connection(timeout_s)
+            self._handshake(self.conn, timeout_s)
+        except endpoint.Refused as e:
+            raise Failed(f"MariaDB at {where}: {e}") from e
+        except OSError as e:  # the socket: missing, nobody listening, or the connect timed out
+            raise Failed(f"cannot connect: MariaDB at {where} as {self.cfg.user}: {e.strerror or e}") from e
         except self._my.err.OperationalError as e:
             code = e.args[0] if e.args else 0
             what = "access denied (user or password)" if code in ER_ACCESS_DENIED else "cannot connect"

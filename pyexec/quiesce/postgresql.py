@@ -11,31 +11,79 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from types import ModuleType
 from typing import Any
 
-from pyexec import config
-from pyexec.quiesce import ABORT_CONNECT_S, Failed, close_quietly, shutdown_fd
+from pyexec import config, trust
+from pyexec.errors import PyexecError, ScriptError
+from pyexec.quiesce import ABORT_CONNECT_S, Failed, close_quietly, endpoint, shutdown_fd
 
 PG15 = 150000  # pg_backup_start/pg_backup_stop replace pg_start_backup/pg_stop_backup (PostgreSQL 15)
+LIBPQ_REQUIRE_AUTH = 160000  # the require_auth connection parameter (libpq 16)
+
+
+def check_driver(cfg: config.DatabaseConfig, driver: ModuleType) -> None:
+    """ScriptError 300 if cfg needs what psycopg's libpq lacks (require_auth, for "tls": "disable")."""
+    if cfg.socket or cfg.tls != "disable":
+        return
+    version = driver.pq.version()
+    if version < LIBPQ_REQUIRE_AUTH:
+        raise ScriptError(300, f"\"tls\": \"disable\" needs libpq 16 or later to refuse clear-text and MD5 password "
+                               f"authentication (require_auth), and psycopg uses libpq {version}: install "
+                               "psycopg[binary], or set tlsCAFile", cfg.path)
+
+
+def check_label_dir(cfg: config.DatabaseConfig) -> None:
+    """TrustError 307 if backupLabelDirectory, as far as it exists, is not root's alone: the check refuses
+    it before the backup starts.  A missing or non-directory component is the release's to report."""
+    if cfg.backup_mode == "never":
+        return
+    try:
+        os.close(trust.open_dir(cfg.backup_label_dir, trust.LABEL_DIR))
+    except PyexecError as e:
+        if e.code != trust.LABEL_DIR.not_found:
+            raise
 
 
 class PostgresSession:
     """One psycopg connection, autocommit, every statement bounded by statement_timeout."""
 
-    def __init__(self, cfg: config.DatabaseConfig, password: str, driver: ModuleType):
+    def __init__(self, cfg: config.DatabaseConfig, password: str, driver: ModuleType, ep: endpoint.Endpoint):
         self.cfg = cfg
         self._password = password
         self._pg = driver
+        self._ep = ep
+        self._fds: list[int] = []  # what the connection's parameters name as /proc/self/fd/N, held with it
         self.conn: Any = None
         self.in_backup = False
         self.label = ""
 
+    def _params(self) -> dict[str, Any]:
+        """Where libpq connects and how it authenticates the server first (docs/security-quiescers.md)."""
+        if self.cfg.socket:
+            # libpq checks the peer's credentials (SO_PEERCRED) against requirepeer right after the
+            # connect, before its startup packet (libpq docs, "requirepeer"); the host is the checked
+            # directory's fd, so the socket is looked up where the check looked.
+            d = self._ep.open_socket_dir()
+            self._fds.append(d)
+            # The socket's own name walked too (a symlink there must be root's or serverUser's), for
+            # the message; libpq looks it up again in d, where only they or its owner can change it.
+            os.close(self._ep.open_socket())
+            return {"host": f"/proc/self/fd/{d}", "requirepeer": self._ep.account}
+        if self.cfg.tls == "verify-full":
+            ca = self._ep.ca_memfd()
+            self._fds.append(ca)
+            return {"host": self.cfg.host, "sslmode": "verify-full", "sslrootcert": f"/proc/self/fd/{ca}"}
+        # Unauthenticated TCP ("tls": "disable"): SCRAM only (libpq 16's require_auth): no clear-text
+        # or MD5 password, and a server that skips authentication or cannot prove it knows the
+        # password's verifier (SCRAM's server signature) is refused.
+        return {"host": self.cfg.host, "sslmode": "prefer", "require_auth": "scram-sha-256"}
+
     def _connect(self, timeout_s: float) -> Any:
-        return self._pg.connect(host=self.cfg.host, port=self.cfg.port, user=self.cfg.user,
-                                dbname=self.cfg.database, password=self._password or None,
-                                connect_timeout=max(2, int(timeout_s)), autocommit=True,
-                                application_name="pyexec-quiesce")
+        return self._pg.connect(port=self.cfg.port, user=self.cfg.user, dbname=self.cfg.database,
+                                password=self._password or None, connect_timeout=max(2, int(timeout_s)),
+                                autocommit=True, application_name="pyexec-quiesce", **self._params())
 
     def _one(self, sql: str, *args: object) -> Any:
         row = self.conn.execute(sql, args or None).fetchone()
@@ -45,9 +93,17 @@ class PostgresSession:
         """Connect; the server itself ends a statement that outlives the plugin's timeout."""
         try:
             self.conn = self._connect(timeout_s)
+        except endpoint.Refused as e:
+            raise Failed(f"PostgreSQL at {self._ep.where}: {e}") from e
+        except OSError as e:
+            raise Failed(f"cannot connect to PostgreSQL at {self._ep.where} as {self.cfg.user}: "
+                         f"{e.strerror or e}") from e
         except self._pg.OperationalError as e:
-            raise Failed(f"cannot connect to PostgreSQL at {self.cfg.host}:{self.cfg.port} as {self.cfg.user}: "
-                         f"{str(e).strip()}") from e
+            msg = _unproc(str(e).strip(), self.cfg.host)
+            if "requirepeer" in msg:
+                raise Failed(f"refused: PostgreSQL at {self._ep.where}: the socket is not served by serverUser "
+                             f"{self._ep.account} ({msg}): not the database server; the password was not sent") from e
+            raise Failed(f"cannot connect to PostgreSQL at {self._ep.where} as {self.cfg.user}: {msg}") from e
         self.conn.execute(f"SET statement_timeout = {int(timeout_s * 1000)}")
 
     def quiesce(self, filesystems: int) -> dict[str, str]:
@@ -98,16 +154,20 @@ class PostgresSession:
             raise Failed(f"the backup ended (stop LSN {lsn}) but its backup_label could not be written under "
                          f"backupLabelDirectory {self.cfg.backup_label_dir}: {e.strerror or e} "
                          f"({e.filename or ''}); nothing is held") from e
+        except PyexecError as e:  # the directory is not (or no longer) one only root can change
+            raise Failed(f"the backup ended (stop LSN {lsn}) but its backup_label could not be written under "
+                         f"backupLabelDirectory {self.cfg.backup_label_dir}: {e.detail}; nothing is held, "
+                         "nothing was written there") from e
         return facts
 
     def _write_label(self, lsn: str, labelfile: str, spcmap: str | None) -> str:
         """backup_label (and tablespace_map) in a new directory under backupLabelDirectory, root's 0700:
         a restore copies them into the restored data directory before the first start."""
         stamp = self.label.split()[-1]
-        os.makedirs(self.cfg.backup_label_dir, mode=0o700, exist_ok=True)
-        # A new leaf, created here, and new files in it, never followed through a symlink: root writes
-        # nothing where someone who can write to backupLabelDirectory pointed it.
-        top = os.open(self.cfg.backup_label_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # The directory as the check found it: every component root's and not writable by others
+        # (missing ones made here, root's 0700), held as an fd; in it a new leaf and new files, none
+        # followed through a symlink: root writes nothing where someone else could point it.
+        top = trust.open_dir(self.cfg.backup_label_dir, trust.LABEL_DIR, create_mode=0o700)
         try:
             leaf = f"{stamp}-{lsn.replace('/', '_')}"
             os.mkdir(leaf, 0o700, dir_fd=top)
@@ -144,3 +204,11 @@ class PostgresSession:
         """End the session: the server ends a backup still in progress with it."""
         conn, self.conn = self.conn, None
         close_quietly(conn)
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
+
+
+def _unproc(msg: str, host: str) -> str:
+    """libpq's message with the checked directory's /proc/self/fd/N path named as configured."""
+    return re.sub(r"/proc/self/fd/\d+(?=/\.s\.PGSQL\.)", host, msg)
