@@ -110,6 +110,13 @@ while True:
 '''
 
 
+@pytest.fixture
+def mp(mounts) -> str:
+    """A loop mount of the test's own for a run to freeze (a run always freezes something: an empty
+    list is refused, and discovery would reach the machine's own filesystems)."""
+    return mounts.make("ext4").mountpoint
+
+
 class Fake:
     """The user's fake server at where (a socket path, or a port on 127.0.0.1); `.received()`."""
 
@@ -209,14 +216,14 @@ def test_control_an_unchecking_client_sends_the_fake_the_password(local_user, wo
 
 
 @ENGINES
-def test_a_users_socket_in_a_sticky_directory_is_refused_by_its_peer(local_user, work, shared_dir, tmp_path, engine):
+def test_a_users_socket_in_a_sticky_directory_is_refused_by_its_peer(local_user, work, shared_dir, tmp_path, engine, mp):
     """/tmp-like (1777): the check cannot tell, the server is down and the user binds the socket path;
     the connection's peer is the user, not serverUser: refused before the driver writes a byte."""
     os.chmod(shared_dir, 0o1777)
     where, cfg_host, port = socket_host(engine, shared_dir)
     hc = hostconf(tmp_path / "c", engine, host=cfg_host, **port)
     with fake(local_user, work, engine, where) as f:
-        rep = host.run(hc, [], freeze_timeout=10)
+        rep = host.run(hc, [mp], freeze_timeout=10)
         got = f.received()
     assert got == b"", got  # not even a startup packet or a handshake response, let alone the password
     not_app(rep)
@@ -230,7 +237,7 @@ def test_a_users_socket_in_a_sticky_directory_is_refused_by_its_peer(local_user,
 @ENGINES
 @pytest.mark.parametrize("layout", ["world-writable", "user-owned", "user-symlink"])
 def test_a_socket_directory_others_can_change_is_refused_by_the_check(local_user, work, shared_dir, tmp_path, engine,
-                                                                      layout):
+                                                                      layout, mp):
     """A socket directory writable by others (not sticky), owned by the user, or reached through the
     user's symlink: the check refuses it (306, naming it) and nothing runs, nothing connects."""
     base = shared_dir
@@ -255,13 +262,13 @@ def test_a_socket_directory_others_can_change_is_refused_by_the_check(local_user
         checked.close()
         assert [e.code for e in checked.errors] == [306], checked.errors
         assert checked.errors[0].detail.startswith("database server socket: "), checked.errors[0].detail
-        rep = host.run(hc, [], freeze_timeout=10)
+        rep = host.run(hc, [mp], freeze_timeout=10)
         assert rep.code == 306 and rep.pre == [] and rep.post == []
         assert f.received() == b""
 
 
 @ENGINES
-def test_a_users_symlink_at_the_socket_path_is_refused(local_user, work, shared_dir, tmp_path, engine):
+def test_a_users_symlink_at_the_socket_path_is_refused(local_user, work, shared_dir, tmp_path, engine, mp):
     """In a sticky directory the user puts a symlink where the socket should be, to its own socket
     elsewhere: the connect's walk refuses the user's symlink (300) before connecting to anything."""
     os.chmod(shared_dir, 0o1777)
@@ -269,7 +276,7 @@ def test_a_users_symlink_at_the_socket_path_is_refused(local_user, work, shared_
     own = os.path.join(work, os.path.basename(where))
     with fake(local_user, work, engine, own) as f:
         assert local_user.run(["ln", "-s", own, where]).returncode == 0
-        rep = host.run(hostconf(tmp_path / "c", engine, host=cfg_host, **port), [], freeze_timeout=10)
+        rep = host.run(hostconf(tmp_path / "c", engine, host=cfg_host, **port), [mp], freeze_timeout=10)
         assert f.received() == b""
     not_app(rep)
     assert rep.code == 300 and "refused" in rep.pre[0].detail and "symlink" in rep.pre[0].detail, rep.pre
@@ -297,7 +304,7 @@ def test_a_socket_directory_the_user_makes_after_the_check_is_refused(local_user
 
 
 @ENGINES
-def test_tcp_without_a_ca_is_refused_by_the_check(local_user, work, tmp_path, engine):
+def test_tcp_without_a_ca_is_refused_by_the_check(local_user, work, tmp_path, engine, mp):
     """The user listens on 127.0.0.1:<port>, the port the config names; no tlsCAFile: the check says
     which key to set (305) and nothing connects to the user's port."""
     port = free_port()
@@ -307,20 +314,20 @@ def test_tcp_without_a_ca_is_refused_by_the_check(local_user, work, tmp_path, en
         checked.close()
         assert [(e.code, e.key) for e in checked.errors] == [(305, "tlsCAFile")], checked.errors
         assert "tls" in checked.errors[0].detail and "disable" in checked.errors[0].detail
-        rep = host.run(hc, [], freeze_timeout=10)
+        rep = host.run(hc, [mp], freeze_timeout=10)
         assert rep.code == 305 and rep.pre == []
         assert f.received() == b""
 
 
 @ENGINES
-def test_tcp_with_tls_disabled_refuses_clear_text(local_user, work, tmp_path, engine):
+def test_tcp_with_tls_disabled_refuses_clear_text(local_user, work, tmp_path, engine, mp):
     """"tls": "disable" (insecure, warned about): the user's server asks for the password in clear
     (PostgreSQL: AuthenticationCleartextPassword; MariaDB: a switch to mysql_clear_password) and
     is refused; it got the startup packet / handshake response, not the password."""
     port = free_port()
     hc = hostconf(tmp_path / "c", engine, host="127.0.0.1", port=port, tls="disable")
     with fake(local_user, work, engine, str(port)) as f:
-        rep = host.run(hc, [], freeze_timeout=10)
+        rep = host.run(hc, [mp], freeze_timeout=10)
         got = f.received()
     assert b"bk" in got and PASSWORD.encode() not in got, got  # it was reached, and told nothing
     checked = host.check(hc)
@@ -359,7 +366,7 @@ def pki(tmp_path_factory):
 
 @ENGINES
 @pytest.mark.parametrize("offer", ["no-tls", "rogue-cert"])
-def test_tcp_with_a_ca_refuses_a_server_it_did_not_certify(local_user, work, tmp_path, pki, engine, offer):
+def test_tcp_with_a_ca_refuses_a_server_it_did_not_certify(local_user, work, tmp_path, pki, engine, offer, mp):
     """tlsCAFile set: the user's server offers no TLS (a downgrade), or TLS with its own certificate
     for the right name: both refused before the password (300), never app-consistent."""
     port = free_port()
@@ -369,7 +376,7 @@ def test_tcp_with_a_ca_refuses_a_server_it_did_not_certify(local_user, work, tmp
         make(pathlib.Path(cert), (pki / "rogue.chain").read_bytes(), mode=0o600, uid=local_user.uid)
     hc = hostconf(tmp_path / "c", engine, host="127.0.0.1", port=port, tlsCAFile=str(pki / "ca.pem"))
     with fake(local_user, work, engine, str(port), cert) as f:
-        rep = host.run(hc, [], freeze_timeout=10)
+        rep = host.run(hc, [mp], freeze_timeout=10)
         got = f.received()
     assert PASSWORD.encode() not in got, got  # MariaDB without TLS: nothing at all (PyMySQL stops first)
     not_app(rep)

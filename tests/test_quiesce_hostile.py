@@ -17,6 +17,13 @@ from test_quiesce import sandbox
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="needs root: loop devices, mount, servers")
 
 
+@pytest.fixture
+def mp(mounts) -> str:
+    """A loop mount of the test's own for a run to freeze (a run always freezes something: an empty
+    list is refused, and discovery would reach the machine's own filesystems)."""
+    return mounts.make("ext4").mountpoint
+
+
 @pytest.fixture(scope="module")
 def maria():
     with sandbox("mariadb") as s:
@@ -189,14 +196,14 @@ def test_a_short_mariadb_timeout_without_a_lock_wait_is_accepted():
     assert [e.key for e in p.value.errors] == ["lockWaitTimeoutInSeconds"]
 
 
-def test_an_unwritable_backup_label_directory_is_a_clear_301(pg):
+def test_an_unwritable_backup_label_directory_is_a_clear_301(pg, mp):
     """backupLabelDirectory is a file: the release ends the backup, then fails 301 saying the label was
     not written, where, and the stop LSN (it was a bare 'NotADirectoryError: [Errno 20] …')."""
     hc = pg.setup("label-file", backupMode="always")
     labels = os.path.join(os.path.dirname(hc), "labels")
     with open(labels, "w") as f:
         f.write("not a directory")
-    rep = host.run(hc, [], freeze_timeout=10)
+    rep = host.run(hc, [mp], freeze_timeout=10)
     post = rep.post[0]
     assert post.error_code == 301 and "backup_label could not be written" in post.detail, post.detail
     assert labels in post.detail and "stop LSN" in post.detail
