@@ -32,6 +32,9 @@ class Mount:
     dev: str  # major:minor of the superblock
     source: str
     root: str  # the mount's root within its filesystem ("/" unless a bind or subvolume)
+    # mountinfo's first field: which mount (identity.py checks an open fd against it); not part of
+    # equality, so that a mount compares by what it is, not by when it was mounted.
+    mnt_id: int = dataclasses.field(default=0, compare=False)
 
 
 def _unescape(field: str) -> str:
@@ -57,7 +60,8 @@ def parse_mountinfo(text: str) -> list[Mount]:
         lf, rf = left.split(), right.split()
         if len(lf) < 5 or len(rf) < 2:
             continue
-        mounts.append(Mount(_unescape(lf[4]), rf[0], lf[2], _unescape(rf[1]), _unescape(lf[3])))
+        mounts.append(Mount(_unescape(lf[4]), rf[0], lf[2], _unescape(rf[1]), _unescape(lf[3]),
+                            int(lf[0]) if lf[0].isdigit() else 0))
     return mounts
 
 
@@ -92,7 +96,7 @@ def _contains(mount_point: str, path: str) -> bool:
     return mount_point == "/" or path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
 
 
-def _visible(mounts: list[Mount]) -> dict[str, Mount]:
+def visible(mounts: list[Mount]) -> dict[str, Mount]:
     """The mount seen at each mount point: the last one mounted over a path hides earlier ones."""
     return {m.mount_point: m for m in mounts}
 
@@ -114,19 +118,19 @@ def _mountinfo(text: str | None) -> list[Mount]:
 
 def superblock_of(path: str, text: str | None = None) -> str | None:
     """The superblock (major:minor) path lives on, or None."""
-    host = _host_of(_visible(_mountinfo(text)).values(), os.path.realpath(path))
+    host = _host_of(visible(_mountinfo(text)).values(), os.path.realpath(path))
     return host.dev if host else None
 
 
 def select(mounts: list[Mount], skip: Iterable[str] = (), fstypes: Collection[str] = FREEZABLE,
            backing: Backing = loop_backing_file) -> list[Mount]:
     """The freezable mounts, one per superblock, minus `skip`, in freeze order."""
-    visible = _visible(mounts)
+    seen = visible(mounts)
     skipped = {os.path.normpath(s) for s in skip}
     # A freeze is per superblock: skipping one of its mounts (a bind, a subvolume) skips them all.
-    skip_devs = {m.dev for m in visible.values() if m.mount_point in skipped}
+    skip_devs = {m.dev for m in seen.values() if m.mount_point in skipped}
     per_dev: dict[str, Mount] = {}
-    for m in visible.values():
+    for m in seen.values():
         if m.fstype not in fstypes or m.dev in skip_devs:
             continue
         cur = per_dev.get(m.dev)
@@ -134,7 +138,7 @@ def select(mounts: list[Mount], skip: Iterable[str] = (), fstypes: Collection[st
         if cur is None or (m.root == "/", -len(m.mount_point)) > (cur.root == "/", -len(cur.mount_point)):
             per_dev[m.dev] = m
     chosen = list(per_dev.values())
-    return order(chosen, visible=list(visible.values()), backing=backing)
+    return order(chosen, visible=list(seen.values()), backing=backing)
 
 
 def order(chosen: list[Mount], visible: list[Mount] | None = None,
@@ -174,7 +178,7 @@ def plan(paths: Iterable[str], text: str | None = None, backing: Backing = loop_
 
     The one place every explicit list is ordered (the CLI, the library, safefreeze,
     pluginhost), with the same rule as discovery."""
-    visible = _visible(_mountinfo(text))
+    seen = visible(_mountinfo(text))
     per_dev: dict[str, Mount] = {}
     for p in paths:
         real = os.path.realpath(p)
@@ -182,7 +186,7 @@ def plan(paths: Iterable[str], text: str | None = None, backing: Backing = loop_
             there = os.path.exists(real)
             raise errors.FreezeError(123, "not a directory" if there else "no such directory", p,
                                      errno=errno.ENOTDIR if there else errno.ENOENT)
-        host = _host_of(visible.values(), real)
+        host = _host_of(seen.values(), real)
         if host is None:
             raise errors.FreezeError(123, "on no mounted filesystem", p)
         if host.fstype in NOT_FREEZABLE or host.fstype.startswith("fuse"):
@@ -194,7 +198,7 @@ def plan(paths: Iterable[str], text: str | None = None, backing: Backing = loop_
         per_dev.setdefault(host.dev, host)
     if len(per_dev) > MAX_MOUNTS:
         raise errors.FreezeError(121, f"{len(per_dev)} filesystems: at most {MAX_MOUNTS} per window")
-    return order(list(per_dev.values()), visible=list(visible.values()), backing=backing)
+    return order(list(per_dev.values()), visible=list(seen.values()), backing=backing)
 
 
 def underneath(chosen: list[Mount], text: str | None = None,
@@ -202,14 +206,14 @@ def underneath(chosen: list[Mount], text: str | None = None,
     """The filesystems the chosen ones' devices live in, transitively (a loop image's filesystem,
     through any stack of devices), not counting the chosen themselves: a thaw of a chosen one may
     write to them."""
-    visible = _visible(_mountinfo(text)).values()
+    seen = visible(_mountinfo(text)).values()
     chosen_devs = {m.dev for m in chosen}
     found: dict[str, Mount] = {}
     todo = list(chosen)
     while todo:
         m = todo.pop()
         for place in _backing_list(backing, m.source):
-            h = _host_of(visible, place)
+            h = _host_of(seen, place)
             if h is not None and h.dev not in chosen_devs and h.dev not in found:
                 found[h.dev] = h
                 todo.append(h)

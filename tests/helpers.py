@@ -297,3 +297,18 @@ def kill_with_descendants(pids) -> None:
             os.kill(p, 9)
         except ProcessLookupError:
             pass
+
+
+@pytest.fixture
+def run_tmpfs(tmp_path):
+    """A run directory on a tmpfs of its own (as /run is on most machines; here /run is on `/`): the
+    journal page is then the file itself, and recover knows each mount's last state.  Unmounted after."""
+    if not IS_ROOT:
+        pytest.skip("needs root: mount")
+    d = tmp_path / "run-tmpfs"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(d)], check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=True)
