@@ -12,6 +12,7 @@ import ctypes
 import dataclasses
 import errno
 import os
+import stat
 import struct
 
 from pyexec import errors, mounts
@@ -59,7 +60,12 @@ def _walk_open(path: str) -> int:
         for part in path.split("/"):
             if part in ("", "."):
                 continue
-            nxt = os.open(part, _FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            try:
+                nxt = os.open(part, _FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            except NotADirectoryError:  # O_DIRECTORY answers first for a symlink: say what it was
+                if stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path) from None
+                raise
             os.close(fd)
             fd = nxt
         return fd

@@ -156,11 +156,11 @@ def recover(nat: native.Native | None = None) -> tuple[list[str], list[int], boo
         for i, (p, state) in enumerate(zip(doc.get("paths", []), doc["states"])):
             if state not in ("frozen", "freezing") or i >= len(ids):  # no identity recorded: never by path
                 continue
-            rec = ids[i]
-            fd = identity.matches(p, identity.Identity(rec["mnt_id"], rec["st_dev"], rec["st_ino"]))
+            mid = ids[i]
+            fd = identity.matches(p, identity.Identity(mid["mnt_id"], mid["st_dev"], mid["st_ino"]))
             if fd is None:
-                still = live.get(rec["mnt_id"])
-                keep = keep or (still is not None and still.dev == rec["dev"])
+                still = live.get(mid["mnt_id"])
+                keep = keep or (still is not None and still.dev == mid["dev"])
                 continue
             native.set_mount_fd(page, i, fd)
             opened.append((i, p, fd))

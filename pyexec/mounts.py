@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import errno
 import os
+import stat
 from collections.abc import Callable, Collection, Iterable, Sequence
 
 from pyexec import errors
@@ -172,15 +173,46 @@ def order(chosen: list[Mount], visible: list[Mount] | None = None,
     return done
 
 
+def _foreign_symlink(path: str) -> str | None:
+    """The first symlink on the way to path that another user than root owns (and so can point
+    elsewhere at any moment), or None.  Root's symlinks are followed as the kernel would."""
+    parts = [p for p in os.path.abspath(path).split("/") if p]
+    cur, hops = "/", 0
+    while parts:
+        name = parts.pop(0)
+        here = os.path.join(cur, name)
+        try:
+            st = os.lstat(here)
+        except OSError:
+            return None  # plan says what is missing
+        if stat.S_ISLNK(st.st_mode):
+            hops += 1
+            if st.st_uid != 0:
+                return f"{here} (owned by uid {st.st_uid})"
+            if hops > 40:  # MAXSYMLINKS: realpath's answer decides
+                return None
+            target = os.readlink(here)
+            parts = [p for p in target.split("/") if p] + parts
+            cur = "/" if target.startswith("/") else cur
+            continue
+        cur = os.path.normpath(here)  # cur has no symlink: its ".." is the lexical one
+    return None
+
+
 def plan(paths: Iterable[str], text: str | None = None, backing: Backing = loop_backing_file) -> list[Mount]:
     """The filesystems under paths (mount points or any path on one), once per superblock, in
-    freeze order; FreezeError 123 for a path that is not there or an order that cannot be safe.
+    freeze order; FreezeError 123 for a path that is not there, one named through a symlink another
+    user than root owns, or an order that cannot be safe.
 
     The one place every explicit list is ordered (the CLI, the library, safefreeze,
     pluginhost), with the same rule as discovery."""
     seen = visible(_mountinfo(text))
     per_dev: dict[str, Mount] = {}
     for p in paths:
+        foreign = _foreign_symlink(p)
+        if foreign is not None:
+            raise errors.FreezeError(123, f"named through the symlink {foreign}: a mount point is never "
+                                     "named through a symlink another user can change", p, errno=errno.ELOOP)
         real = os.path.realpath(p)
         if not os.path.isdir(real):
             there = os.path.exists(real)

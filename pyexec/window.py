@@ -1,8 +1,9 @@
 """The freeze window: `with freeze(mounts, timeout=...) as window:`.
 
 Plans the mounts (mounts.plan: once per superblock, each before what it lives on), takes their locks
-(locks.hold), opens the mount points, starts the thaw guardian (off the critical path), then freezes
-through the native core, yields, and thaws in `finally`.  The freeze set's page is the run journal
+and opens each mount point once (locks.hold, identity.py), starts the thaw guardian (off the critical
+path), re-checks that each mount is still where it was planned, then freezes through the held fds in
+the native core, yields, and thaws in `finally`.  The freeze set's page is the run journal's
 (journal.py).  Inside the window nothing is written to disk and no module is imported."""
 from __future__ import annotations
 

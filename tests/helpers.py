@@ -52,11 +52,12 @@ class Mounts:
         for m in self.items:
             m.thaw()
 
-    def make(self, fstype: str, size_mb: int | None = None, image_dir=None) -> loopfs.LoopFS:
-        """A new mounted filesystem of fstype (its image in image_dir, default the test's tmp dir)."""
+    def make(self, fstype: str, size_mb: int | None = None, image_dir=None, mountpoint=None) -> loopfs.LoopFS:
+        """A new mounted filesystem of fstype (its image in image_dir, default the test's tmp dir; mounted at
+        mountpoint, default a new directory of the test's tmp dir)."""
         i = len(self.items)
         image = os.path.join(image_dir or self.tmp, f"img{i}.{fstype}")
-        m = loopfs.LoopFS(image, str(self.tmp / f"mnt{i}"), fstype, size_mb)
+        m = loopfs.LoopFS(image, str(mountpoint or self.tmp / f"mnt{i}"), fstype, size_mb)
         self.items.append(m)
         return m
 
