@@ -16,6 +16,7 @@ Where the page lives decides what `recover` knows after a kill of both controlle
   every mount marked freezing ("maybe ours"), after the last FITHAW as it ended.  recover after a kill
   inside such a window thaws every mount of that run that is still the same filesystem, even one
   another tool froze after the crash (whose FITHAW then answers EINVAL), rather than leave one frozen.
+  (`status` shows a live run's mounts as freezing then: the file is not updated inside the window.)
 
 Either way a mount is thawed only through an fd opened without following a symlink and only if it is
 still the filesystem the run froze (mount id, device, inode); one that is not is left frozen and the
@@ -204,13 +205,13 @@ class Journal:
     elsewhere: see the module's docstring) and the file in RUN_DIR that recover reads."""
 
     def __init__(self, nat: native.Native, paths: Sequence[str], ids: Sequence[identity.Identity],
-                 devs: Sequence[str | None]):
+                 devs: Sequence[str | None], mountinfo: str | None = None):
         self.path = journal_path()
         self.size = nat.set_size
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         self.page_fd = -1
         try:
-            fs = identity.by_mnt_id(mounts.read_mountinfo()).get(identity.mnt_id(self.fd))
+            fs = identity.by_mnt_id(mountinfo or mounts.read_mountinfo()).get(identity.mnt_id(self.fd))
             self.superblock = fs.dev if fs else None  # the run directory's, by identity
             self.in_memory = fs is None or fs.fstype not in MEMORY_FS
             self.page_fd = os.memfd_create("pyexec-journal", os.MFD_CLOEXEC) if self.in_memory else self.fd

@@ -164,17 +164,25 @@ def window(paths: list[str] | locks.Held, timeout: float, expedite: bool = True,
         fds, ids = (held.fds, held.ids) if held is not None else _open(names, stack)
         os.makedirs(journal.RUN_DIR, mode=0o700, exist_ok=True)
         journal.recover(nat)  # a run killed together with its guardian left its mounts frozen: thaw them first
+        # After the pre-scripts, before anything of the window: each mount still where it was planned.
+        # (The freeze goes through the held fds whatever a path names later; this refuses a run whose
+        # paths were swapped meanwhile instead of calling it consistent.)
         text = mounts.read_mountinfo()
+        for m in held.mounts if held is not None else []:
+            identity.recheck(m, text)
         devs = [identity.superblock(fd, text) for fd in fds]
-        jr = journal.Journal(nat, names, ids, devs)
+        jr = journal.Journal(nat, names, ids, devs, text)
         stack.callback(jr.close)
+        if jr.superblock is not None and jr.superblock in devs:  # by identity: the file as opened
+            raise errors.FreezeError(123, f"the run directory {journal.RUN_DIR} is on a filesystem to freeze "
+                                     "(set PYEXEC_RUN_DIR to a directory on tmpfs)")
         win.journal, win.page = jr.path, "memory" if jr.in_memory else "run-dir"
         page = jr.page
         nat.set_init(page, fds)
+        jr.publish()
         # The bound runs from before the guardian's start: it sleeps on the deadline it reads first.
         win.deadline_ns = nat.now_ns() + int(timeout * 1e9)
         native.set_header(page, controller_pid=os.getpid(), deadline_ns=win.deadline_ns)
-        jr.publish()
         g = None
         if guardian:
             g = Guardian(nat, page, jr.page_fd, jr.path)
@@ -183,7 +191,6 @@ def window(paths: list[str] | locks.Held, timeout: float, expedite: bool = True,
                 raise errors.FreezeError(121, "the thaw guardian did not start")
             win.guardian = "ready"
             jr.guardian_started(g.proc.pid)
-        _recheck(held, jr, devs)
         jr.publish(armed=True)
 
         def thaw() -> None:
@@ -222,17 +229,6 @@ def window(paths: list[str] | locks.Held, timeout: float, expedite: bool = True,
                 win.error = errors.freeze_error(-trc, None, "FITHAW")
         if ok and win.error is not None:
             raise win.error
-
-
-def _recheck(held: locks.Held | None, jr: journal.Journal, devs: list[str | None]) -> None:
-    """Just before the freeze: every planned mount is still mounted where planned (a path swapped since
-    the plan is refused, FreezeError 123), and the journal's filesystem, by identity, is not one to freeze."""
-    text = mounts.read_mountinfo()
-    for m in held.mounts if held is not None else []:
-        identity.recheck(m, text)
-    if jr.superblock is not None and jr.superblock in devs:
-        raise errors.FreezeError(123, f"the run directory {journal.RUN_DIR} is on a filesystem to freeze "
-                                 "(set PYEXEC_RUN_DIR to a directory on tmpfs)")
 
 
 def _thawed_by_another(rec: native.SetRecord, win: Window) -> errors.FreezeError | None:
