@@ -31,12 +31,12 @@ import itertools
 import mmap
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TypedDict
 
 import orjson
 
-from pyexec import identity, mounts, native
+from pyexec import errors, identity, mounts, native
 
 RUN_DIR = os.environ.get("PYEXEC_RUN_DIR", "/run/pyexec")  # tmpfs on a normal system: never frozen
 RCU_EXPEDITED = "/sys/kernel/rcu_expedited"
@@ -186,6 +186,14 @@ def recover(nat: native.Native | None = None) -> tuple[list[str], list[int], boo
     return thawed, alive, rcu
 
 
+def refuse_run_dir_on(superblock: str | None, frozen: Collection[str | None]) -> None:
+    """FreezeError 123 if the run directory's superblock (by identity: of the directory or journal as
+    opened) is one of those to freeze."""
+    if superblock is not None and superblock in frozen:
+        raise errors.FreezeError(123, f"the run directory {RUN_DIR} is on a filesystem to freeze "
+                                 "(set PYEXEC_RUN_DIR to a directory on tmpfs)")
+
+
 _journal_seq = itertools.count()
 
 
@@ -210,6 +218,7 @@ class Journal:
         self.size = nat.set_size
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         self.page_fd = -1
+        self._meta_len = 0
         try:
             fs = identity.by_mnt_id(mountinfo or mounts.read_mountinfo()).get(identity.mnt_id(self.fd))
             self.superblock = fs.dev if fs else None  # the run directory's, by identity
@@ -234,8 +243,11 @@ class Journal:
                 for i in range(native.read_set(copy).n):
                     native.set_mount_state(copy, i, native.MOUNT_STATES.index("freezing"))
             os.pwrite(self.fd, copy, 0)
-        os.ftruncate(self.fd, self.size)  # metadata of any length, nothing of an older one after it
-        os.pwrite(self.fd, orjson.dumps(self.meta), self.size)
+        meta = orjson.dumps(self.meta)
+        if len(meta) < self._meta_len:  # nothing of a longer one left after it (it only grows, in a window)
+            os.ftruncate(self.fd, self.size)
+        os.pwrite(self.fd, meta, self.size)
+        self._meta_len = len(meta)
 
     def guardian_started(self, pid: int) -> None:
         """Record the guardian's pid and start time (a reused pid is not it)."""

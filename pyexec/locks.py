@@ -145,9 +145,7 @@ def hold(paths: Iterable[limits.Path] | None, lock_wait: float = limits.DEFAULT_
         run_sb = identity.superblock(run_fd, text)
     finally:
         os.close(run_fd)
-    if run_sb in devs:
-        raise errors.FreezeError(123, f"the run directory {journal.RUN_DIR} is on a filesystem to freeze "
-                                 "(set PYEXEC_RUN_DIR to a directory on tmpfs)")
+    journal.refuse_run_dir_on(run_sb, devs)
     with _held_lock:
         nested = [_held[d] for d in devs if d in _held]
         if nested:

@@ -117,12 +117,6 @@ def _mountinfo(text: str | None) -> list[Mount]:
     return parse_mountinfo(read_mountinfo() if text is None else text)
 
 
-def superblock_of(path: str, text: str | None = None) -> str | None:
-    """The superblock (major:minor) path lives on, or None."""
-    host = _host_of(visible(_mountinfo(text)).values(), os.path.realpath(path))
-    return host.dev if host else None
-
-
 def select(mounts: list[Mount], skip: Iterable[str] = (), fstypes: Collection[str] = FREEZABLE,
            backing: Backing = loop_backing_file) -> list[Mount]:
     """The freezable mounts, one per superblock, minus `skip`, in freeze order."""

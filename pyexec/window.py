@@ -1,9 +1,9 @@
 """The freeze window: `with freeze(mounts, timeout=...) as window:`.
 
 Plans the mounts (mounts.plan: once per superblock, each before what it lives on), takes their locks
-and opens each mount point once (locks.hold, identity.py), starts the thaw guardian (off the critical
-path), re-checks that each mount is still where it was planned, then freezes through the held fds in
-the native core, yields, and thaws in `finally`.  The freeze set's page is the run journal's
+and opens each mount point once (locks.hold, identity.py); after the pre-scripts re-checks that each
+mount is still where it was planned, starts the thaw guardian (off the critical path), then freezes
+through the held fds in the native core, yields, and thaws in `finally`.  The freeze set's page is the run journal's
 (journal.py).  Inside the window nothing is written to disk and no module is imported."""
 from __future__ import annotations
 
@@ -173,9 +173,7 @@ def window(paths: list[str] | locks.Held, timeout: float, expedite: bool = True,
         devs = [identity.superblock(fd, text) for fd in fds]
         jr = journal.Journal(nat, names, ids, devs, text)
         stack.callback(jr.close)
-        if jr.superblock is not None and jr.superblock in devs:  # by identity: the file as opened
-            raise errors.FreezeError(123, f"the run directory {journal.RUN_DIR} is on a filesystem to freeze "
-                                     "(set PYEXEC_RUN_DIR to a directory on tmpfs)")
+        journal.refuse_run_dir_on(jr.superblock, devs)
         win.journal, win.page = jr.path, "memory" if jr.in_memory else "run-dir"
         page = jr.page
         nat.set_init(page, fds)
