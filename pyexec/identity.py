@@ -85,7 +85,7 @@ def open_dir(path: str) -> int:
         return fd if fd is not None else _walk_open(path)
     except OSError as err:
         e = err.errno or 0
-        why = ("a symlink on the way to the mount point: refused, never followed" if e in (errno.ELOOP, errno.EXDEV)
+        why = ("a symlink on the way to the mount point: refused, never followed" if e == errno.ELOOP
                else f"cannot open mount point: {err.strerror}")
         raise errors.FreezeError(123, why, path, errno=e) from err
 
