@@ -25,7 +25,6 @@ pid in the journal counts as alive only with the start time recorded (a reused p
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import glob
 import itertools
 import mmap
@@ -94,8 +93,10 @@ def journals() -> list[tuple[str, JournalMeta, bool]]:
         except (OSError, ValueError, orjson.JSONDecodeError):
             continue
         doc["states"] = [m.state for m in rec.mounts]
-        pids = [(doc.get("pid"), doc.get("start")), (doc.get("guardian_pid") or rec.guardian_pid, doc.get("guardian_start"))]
-        running = any(p == os.getpid() or _alive(p, start) for p, start in pids if p)
+        # Each pid with its start time: a pid given to another process since (ours included) is not the run.
+        pids = [(doc.get("pid"), doc.get("start")),
+                (doc.get("guardian_pid") or rec.guardian_pid, doc.get("guardian_start"))]
+        running = any(_alive(p, start) for p, start in pids if p)
         out.append((j, doc, running))
     return out
 
@@ -231,7 +232,7 @@ class Journal:
             raise
         self.meta: JournalMeta = {
             "pid": os.getpid(), "start": start_time(os.getpid()), "paths": list(paths),
-            "ids": [{**dataclasses.asdict(i), "dev": d or ""} for i, d in zip(ids, devs)],  # type: ignore[typeddict-item]
+            "ids": [MountId(mnt_id=i.mnt_id, st_dev=i.st_dev, st_ino=i.st_ino, dev=d or "") for i, d in zip(ids, devs)],
             "page": "memory" if self.in_memory else "run-dir", "time": time.time()}
 
     def publish(self, armed: bool = False) -> None:
