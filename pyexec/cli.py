@@ -119,6 +119,11 @@ def cmd_recover(args: argparse.Namespace) -> int:
         print(f"thawed {p} (left frozen by a dead run)")
     if rcu:
         print(f"put {journal.RCU_EXPEDITED} back to 0 (left at 1 by a dead run)")
+    for _, doc, running in journal.journals():  # what recover kept: a mount no longer at its path
+        for p, st in zip(doc.get("paths", []), doc["states"]):
+            if not running and st in ("frozen", "freezing"):
+                print(f"left frozen: {p} is no longer the filesystem the dead run froze (its mount is hidden "
+                      "or moved); a later recover thaws it once it is back at that path")
     print(f"recover: {len(thawed)} filesystem(s) thawed")
     return 0
 

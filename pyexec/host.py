@@ -9,7 +9,7 @@ import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
-from pyexec import config, errors, limits, locks, mounts, native, quiesce, scripts, signals, trust, window
+from pyexec import config, errors, journal, limits, locks, mounts, native, quiesce, scripts, signals, trust, window
 
 APP = "app-consistent"
 FS = "file-system-consistent"
@@ -313,6 +313,10 @@ def _window(rep: RunReport, held: locks.Held | None, snapshot: _Action, timeout:
     try:
         with window.freeze(held, timeout=timeout, expedite=expedite, presync=presync, backend=nat) as win:
             rep.window = win
+            if win.page == "memory":
+                rep.warnings.append(f"the run directory {journal.RUN_DIR} is not on tmpfs: the journal page was kept "
+                                    "in memory, so a kill of both pyexec and its guardian inside the window leaves "
+                                    "recover to thaw every filesystem of the run (docs/architecture.md, journal)")
             reraise = _snapshot(snapshot, win, cancel, nat, timeout, rep)
     except errors.FreezeError as e:
         rep.window = getattr(e, "window", rep.window)

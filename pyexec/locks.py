@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 
-from pyexec import errors, journal, limits, mounts
+from pyexec import errors, identity, journal, limits, mounts
 
 # The Azure VM extension's freeze lock (its fsfreezer.py takes fcntl.lockf on this file): while it is
 # held, Azure Backup or Site Recovery is freezing.  Only taken where the directory exists.
@@ -109,9 +109,12 @@ _held: dict[str, str] = {}  # superblock (major:minor) → mount point, held by 
 
 @dataclasses.dataclass
 class Held:
-    """Mounts planned (in freeze order) and locked for one run: freeze(held) freezes them."""
+    """Mounts planned (in freeze order) and locked for one run, each opened once (fds, ids): freeze(held)
+    freezes them through these fds, never through their paths again."""
 
     mounts: list[mounts.Mount]
+    fds: list[int] = dataclasses.field(default_factory=list)
+    ids: list[identity.Identity] = dataclasses.field(default_factory=list)
 
     @property
     def paths(self) -> list[str]:
@@ -123,6 +126,8 @@ def hold(paths: Iterable[limits.Path] | None, lock_wait: float = limits.DEFAULT_
          planned: list[mounts.Mount] | None = None, cancel_fd: int = -1) -> Iterator[Held]:
     """Plan paths and lock their superblocks (and the Azure freeze lock where it exists) for the
     block: a run takes this before its pre-scripts, so it never quiesces what it cannot freeze.
+    Each mount point is opened here, once, no symlink followed, and checked to be the root of the
+    mount mountinfo named (FreezeError 123 otherwise); the fds are held until the block ends.
 
     Each superblock to freeze is locked exclusively, each one they live on (a loop image's
     filesystem) shared: a thaw writes through to it, so nobody may freeze it meanwhile, while runs
@@ -134,9 +139,13 @@ def hold(paths: Iterable[limits.Path] | None, lock_wait: float = limits.DEFAULT_
     plan = planned if planned is not None else mounts.plan(limits.check_paths(paths), text)
     devs = [m.dev for m in plan]
     os.makedirs(journal.RUN_DIR, mode=0o700, exist_ok=True)
-    if mounts.superblock_of(journal.RUN_DIR, text) in devs:
-        raise errors.FreezeError(123, f"the run directory {journal.RUN_DIR} is on a filesystem to freeze "
-                                 "(set PYEXEC_RUN_DIR to a directory on tmpfs)")
+    # By identity, not path: the superblock of the run directory as opened, by its mount id.
+    run_fd = os.open(journal.RUN_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        run_sb = identity.superblock(run_fd, text)
+    finally:
+        os.close(run_fd)
+    journal.refuse_run_dir_on(run_sb, devs)
     with _held_lock:
         nested = [_held[d] for d in devs if d in _held]
         if nested:
@@ -145,7 +154,12 @@ def hold(paths: Iterable[limits.Path] | None, lock_wait: float = limits.DEFAULT_
         for d, m in zip(devs, plan):
             _held[d] = m.mount_point
     fds: list[int] = []
+    held = Held(plan)
     try:
+        for m in plan:
+            fd, ident = identity.open_mount(m)
+            held.fds.append(fd)
+            held.ids.append(ident)
         deadline = time.monotonic() + lock_wait
         if os.path.isdir(AZURE_LOCK_DIR):
             fds.append(_lock(os.path.join(AZURE_LOCK_DIR, AZURE_LOCK_FILE), "the Azure extension's freeze lock",
@@ -156,9 +170,9 @@ def hold(paths: Iterable[limits.Path] | None, lock_wait: float = limits.DEFAULT_
             fds.append(_lock(os.path.join(journal.RUN_DIR, f"sb-{m.dev.replace(':', '-')}.lock"),
                              f"{m.mount_point} (another pyexec run)", deadline, shared=shared,
                              cancel_fd=cancel_fd))
-        yield Held(plan)
+        yield held
     finally:
-        for fd in fds:
+        for fd in fds + held.fds:
             os.close(fd)
         with _held_lock:
             for d in devs:

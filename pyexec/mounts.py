@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import errno
 import os
+import stat
 from collections.abc import Callable, Collection, Iterable, Sequence
 
 from pyexec import errors
@@ -32,6 +33,9 @@ class Mount:
     dev: str  # major:minor of the superblock
     source: str
     root: str  # the mount's root within its filesystem ("/" unless a bind or subvolume)
+    # mountinfo's first field: which mount (identity.py checks an open fd against it); not part of
+    # equality, so that a mount compares by what it is, not by when it was mounted.
+    mnt_id: int = dataclasses.field(default=0, compare=False)
 
 
 def _unescape(field: str) -> str:
@@ -57,7 +61,8 @@ def parse_mountinfo(text: str) -> list[Mount]:
         lf, rf = left.split(), right.split()
         if len(lf) < 5 or len(rf) < 2:
             continue
-        mounts.append(Mount(_unescape(lf[4]), rf[0], lf[2], _unescape(rf[1]), _unescape(lf[3])))
+        mounts.append(Mount(_unescape(lf[4]), rf[0], lf[2], _unescape(rf[1]), _unescape(lf[3]),
+                            int(lf[0]) if lf[0].isdigit() else 0))
     return mounts
 
 
@@ -92,7 +97,7 @@ def _contains(mount_point: str, path: str) -> bool:
     return mount_point == "/" or path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
 
 
-def _visible(mounts: list[Mount]) -> dict[str, Mount]:
+def visible(mounts: list[Mount]) -> dict[str, Mount]:
     """The mount seen at each mount point: the last one mounted over a path hides earlier ones."""
     return {m.mount_point: m for m in mounts}
 
@@ -112,21 +117,15 @@ def _mountinfo(text: str | None) -> list[Mount]:
     return parse_mountinfo(read_mountinfo() if text is None else text)
 
 
-def superblock_of(path: str, text: str | None = None) -> str | None:
-    """The superblock (major:minor) path lives on, or None."""
-    host = _host_of(_visible(_mountinfo(text)).values(), os.path.realpath(path))
-    return host.dev if host else None
-
-
 def select(mounts: list[Mount], skip: Iterable[str] = (), fstypes: Collection[str] = FREEZABLE,
            backing: Backing = loop_backing_file) -> list[Mount]:
     """The freezable mounts, one per superblock, minus `skip`, in freeze order."""
-    visible = _visible(mounts)
+    seen = visible(mounts)
     skipped = {os.path.normpath(s) for s in skip}
     # A freeze is per superblock: skipping one of its mounts (a bind, a subvolume) skips them all.
-    skip_devs = {m.dev for m in visible.values() if m.mount_point in skipped}
+    skip_devs = {m.dev for m in seen.values() if m.mount_point in skipped}
     per_dev: dict[str, Mount] = {}
-    for m in visible.values():
+    for m in seen.values():
         if m.fstype not in fstypes or m.dev in skip_devs:
             continue
         cur = per_dev.get(m.dev)
@@ -134,7 +133,7 @@ def select(mounts: list[Mount], skip: Iterable[str] = (), fstypes: Collection[st
         if cur is None or (m.root == "/", -len(m.mount_point)) > (cur.root == "/", -len(cur.mount_point)):
             per_dev[m.dev] = m
     chosen = list(per_dev.values())
-    return order(chosen, visible=list(visible.values()), backing=backing)
+    return order(chosen, visible=list(seen.values()), backing=backing)
 
 
 def order(chosen: list[Mount], visible: list[Mount] | None = None,
@@ -168,21 +167,52 @@ def order(chosen: list[Mount], visible: list[Mount] | None = None,
     return done
 
 
+def _foreign_symlink(path: str) -> str | None:
+    """The first symlink on the way to path that another user than root owns (and so can point
+    elsewhere at any moment), or None.  Root's symlinks are followed as the kernel would."""
+    parts = [p for p in os.path.abspath(path).split("/") if p]
+    cur, hops = "/", 0
+    while parts:
+        name = parts.pop(0)
+        here = os.path.join(cur, name)
+        try:
+            st = os.lstat(here)
+        except OSError:
+            return None  # plan says what is missing
+        if stat.S_ISLNK(st.st_mode):
+            hops += 1
+            if st.st_uid != 0:
+                return f"{here} (owned by uid {st.st_uid})"
+            if hops > 40:  # MAXSYMLINKS: realpath's answer decides
+                return None
+            target = os.readlink(here)
+            parts = [p for p in target.split("/") if p] + parts
+            cur = "/" if target.startswith("/") else cur
+            continue
+        cur = os.path.normpath(here)  # cur has no symlink: its ".." is the lexical one
+    return None
+
+
 def plan(paths: Iterable[str], text: str | None = None, backing: Backing = loop_backing_file) -> list[Mount]:
     """The filesystems under paths (mount points or any path on one), once per superblock, in
-    freeze order; FreezeError 123 for a path that is not there or an order that cannot be safe.
+    freeze order; FreezeError 123 for a path that is not there, one named through a symlink another
+    user than root owns, or an order that cannot be safe.
 
     The one place every explicit list is ordered (the CLI, the library, safefreeze,
     pluginhost), with the same rule as discovery."""
-    visible = _visible(_mountinfo(text))
+    seen = visible(_mountinfo(text))
     per_dev: dict[str, Mount] = {}
     for p in paths:
+        foreign = _foreign_symlink(p)
+        if foreign is not None:
+            raise errors.FreezeError(123, f"named through the symlink {foreign}: a mount point is never "
+                                     "named through a symlink another user can change", p, errno=errno.ELOOP)
         real = os.path.realpath(p)
         if not os.path.isdir(real):
             there = os.path.exists(real)
             raise errors.FreezeError(123, "not a directory" if there else "no such directory", p,
                                      errno=errno.ENOTDIR if there else errno.ENOENT)
-        host = _host_of(visible.values(), real)
+        host = _host_of(seen.values(), real)
         if host is None:
             raise errors.FreezeError(123, "on no mounted filesystem", p)
         if host.fstype in NOT_FREEZABLE or host.fstype.startswith("fuse"):
@@ -194,7 +224,7 @@ def plan(paths: Iterable[str], text: str | None = None, backing: Backing = loop_
         per_dev.setdefault(host.dev, host)
     if len(per_dev) > MAX_MOUNTS:
         raise errors.FreezeError(121, f"{len(per_dev)} filesystems: at most {MAX_MOUNTS} per window")
-    return order(list(per_dev.values()), visible=list(visible.values()), backing=backing)
+    return order(list(per_dev.values()), visible=list(seen.values()), backing=backing)
 
 
 def underneath(chosen: list[Mount], text: str | None = None,
@@ -202,14 +232,14 @@ def underneath(chosen: list[Mount], text: str | None = None,
     """The filesystems the chosen ones' devices live in, transitively (a loop image's filesystem,
     through any stack of devices), not counting the chosen themselves: a thaw of a chosen one may
     write to them."""
-    visible = _visible(_mountinfo(text)).values()
+    seen = visible(_mountinfo(text)).values()
     chosen_devs = {m.dev for m in chosen}
     found: dict[str, Mount] = {}
     todo = list(chosen)
     while todo:
         m = todo.pop()
         for place in _backing_list(backing, m.source):
-            h = _host_of(visible, place)
+            h = _host_of(seen, place)
             if h is not None and h.dev not in chosen_devs and h.dev not in found:
                 found[h.dev] = h
                 todo.append(h)

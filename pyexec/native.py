@@ -192,6 +192,12 @@ def set_mount_fd(buf: SetBuffer, i: int, fd: int) -> None:
     struct.pack_into("=i", buf, _SET_HEADER.size + i * _MOUNT.size, fd)
 
 
+def set_mount_state(buf: SetBuffer, i: int, state: int) -> None:
+    """Store the state (an index of MOUNT_STATES) of mount i of a px_set in buf (a journal's copy)."""
+    off, fmt = _field_offset(_MOUNT, _MOUNT_FIELDS.index("state"))
+    struct.pack_into(fmt, buf, _SET_HEADER.size + i * _MOUNT.size + off, state)
+
+
 def read_capture(buf: bytearray) -> Captured:
     """Decode a px_capture from buf."""
     total, dropped, head_len, tail_len, tail_pos, _eof = _CAP_HEADER.unpack_from(buf, 0)

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TypedDict
 
-from pyexec import native, trust
+from pyexec import identity, native, trust
 from pyexec.errors import TABLE, PyexecError
 from pyexec.trust import TrustedFile
 
@@ -166,6 +166,7 @@ def kernel_paths(nat: native.Native | None = None) -> dict[str, str]:
         "tree kill": kill,
         "fd closing": "close_range" if f["close_range_cloexec"] else "/proc/self/fd walk",
         "guardian watch": "pidfd" if f["pidfd_open"] else "life pipe hang-up",
+        "mount open": identity.resolver(),
     }
 
 

@@ -1,23 +1,20 @@
 """The freeze window: `with freeze(mounts, timeout=...) as window:`.
 
 Plans the mounts (mounts.plan: once per superblock, each before what it lives on), takes their locks
-(locks.hold), opens the mount points, starts the thaw guardian (off the critical path), then freezes
-through the native core, yields, and thaws in `finally`.  The freeze set's page is the run journal
+and opens each mount point once (locks.hold, identity.py); after the pre-scripts re-checks that each
+mount is still where it was planned, starts the thaw guardian (off the critical path), then freezes
+through the held fds in the native core, yields, and thaws in `finally`.  The freeze set's page is the run journal's
 (journal.py).  Inside the window nothing is written to disk and no module is imported."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import errno
-import mmap
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypedDict
 
-import orjson
-
-from pyexec import errors, journal, limits, locks, native
+from pyexec import errors, identity, journal, limits, locks, mounts, native
 from pyexec.guardian import Guardian, wait_ready
 
 
@@ -52,6 +49,7 @@ class WindowDict(TypedDict):
     overhead_ns: int
     rcu_expedited: str
     guardian: str
+    journal_page: str
     mounts: list[dict[str, int | str]]  # MountResult's fields
     error: errors.ErrorDict | None
 
@@ -75,6 +73,7 @@ class Window:
     error: errors.PyexecError | None = None
     deadline_ns: int = 0  # the bound the guardian enforces (CLOCK_MONOTONIC)
     journal: str = ""  # the run journal while the window is open
+    page: str = ""  # where its page lived: "run-dir" (the journal file, tmpfs) or "memory" (a memfd)
     _thaw: Callable[[], None] | None = dataclasses.field(default=None, repr=False)
 
     def thaw_now(self) -> None:
@@ -110,6 +109,7 @@ class Window:
             "timeout_s": self.timeout_s, "start_ns": self.start_ns, "end_ns": self.end_ns,
             "length_ns": self.length_ns, "ioctl_ns": self.ioctl_ns, "hold_ns": self.hold_ns,
             "overhead_ns": self.overhead_ns, "rcu_expedited": self.rcu, "guardian": self.guardian,
+            "journal_page": self.page,
             "mounts": [dataclasses.asdict(m) for m in self.mounts],
             "error": self.error.as_dict() if self.error else None,
         }
@@ -122,60 +122,74 @@ def freeze(paths: Iterable[limits.Path] | locks.Held, timeout: float = limits.DE
     """Freeze paths (mount points, or a Held from hold()) for the body of the with-block.
 
     Raises ValueError/TypeError for a bad timeout or paths; FreezeError (121/123) if the freeze
-    cannot be done, with nothing left frozen; FreezeTimeout (122) after the block if it outlived
-    `timeout` and the guardian thawed it (a snapshot taken then is not consistent).  The guardian
-    thaws at `timeout` seconds even if this process hangs or dies."""
+    cannot be done, with nothing left frozen (123: a mount point no longer the mount planned);
+    FreezeTimeout (122) after the block if it outlived `timeout` and the guardian thawed it, and
+    FreezeError 121 if another thawed a filesystem inside it (a snapshot taken then is not
+    consistent).  The guardian thaws at `timeout` seconds even if this process hangs or dies."""
     timeout = limits.check_timeout(timeout)
     with contextlib.ExitStack() as stack:
         held = paths if isinstance(paths, locks.Held) else stack.enter_context(locks.hold(paths, lock_wait))
-        with window(held.paths, timeout, expedite, presync, guardian, backend) as win:
+        with window(held, timeout, expedite, presync, guardian, backend) as win:
             yield win
 
 
-@contextlib.contextmanager
-def window(paths: list[str], timeout: float, expedite: bool = True, presync: bool = True,
-           guardian: bool = True, backend: native.Native | None = None) -> Iterator[Window]:
-    """The window over paths exactly in the order given, unlocked: freeze() plans and locks first.
-    (Tests call it directly to give an order freeze() would refuse.)"""
-    nat = backend or native.default()
-    win = Window(paths=list(paths), backend=nat.name, expedite=expedite, presync=presync, timeout_s=timeout)
+def _open(paths: list[str], stack: contextlib.ExitStack) -> tuple[list[int], list[identity.Identity]]:
+    """Open paths as window() is given them directly (no plan): each once, no symlink followed."""
     fds: list[int] = []
-    if len(paths) > nat.max_mounts:
-        raise errors.FreezeError(121, f"{len(paths)} filesystems: at most {nat.max_mounts} per window")
+    ids: list[identity.Identity] = []
+
+    @stack.callback
+    def close_fds() -> None:
+        for fd in fds:
+            os.close(fd)
+    for p in paths:
+        fds.append(identity.open_dir(p))
+        ids.append(identity.of_fd(fds[-1]))
+    return fds, ids
+
+
+@contextlib.contextmanager
+def window(paths: list[str] | locks.Held, timeout: float, expedite: bool = True, presync: bool = True,
+           guardian: bool = True, backend: native.Native | None = None) -> Iterator[Window]:
+    """The window over a Held's mounts (through the fds it opened when planning), or over paths exactly
+    in the order given and unlocked: freeze() plans and locks first.  (Tests call it with paths to
+    give an order freeze() would refuse.)"""
+    nat = backend or native.default()
+    held = paths if isinstance(paths, locks.Held) else None
+    names = held.paths if held is not None else list(paths)  # type: ignore[arg-type]
+    win = Window(paths=names, backend=nat.name, expedite=expedite, presync=presync, timeout_s=timeout)
+    if len(names) > nat.max_mounts:
+        raise errors.FreezeError(121, f"{len(names)} filesystems: at most {nat.max_mounts} per window")
     with contextlib.ExitStack() as stack:
-        @stack.callback
-        def close_fds() -> None:
-            for fd in fds:
-                os.close(fd)
-        for p in paths:
-            try:
-                fds.append(os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
-            except OSError as err:
-                # os.open's OSError always carries an errno (typeshed allows None)
-                raise errors.FreezeError(123, f"cannot open mount point: {err.strerror}", p,
-                                         errno=err.errno or 0) from err
+        fds, ids = (held.fds, held.ids) if held is not None else _open(names, stack)
         os.makedirs(journal.RUN_DIR, mode=0o700, exist_ok=True)
         journal.recover(nat)  # a run killed together with its guardian left its mounts frozen: thaw them first
-        path = win.journal = journal.journal_path()
-        page_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        stack.callback(os.close, page_fd)
-        stack.callback(journal.unlink, path)
-        meta = orjson.dumps({"pid": os.getpid(), "paths": win.paths, "time": time.time()})
-        os.ftruncate(page_fd, nat.set_size)
-        os.pwrite(page_fd, meta, nat.set_size)
-        page = mmap.mmap(page_fd, nat.set_size)
-        stack.callback(page.close)
+        # After the pre-scripts, before anything of the window: each mount still where it was planned.
+        # (The freeze goes through the held fds whatever a path names later; this refuses a run whose
+        # paths were swapped meanwhile instead of calling it consistent.)
+        text = mounts.read_mountinfo()
+        for m in held.mounts if held is not None else []:
+            identity.recheck(m, text)
+        devs = [identity.superblock(fd, text) for fd in fds]
+        jr = journal.Journal(nat, names, ids, devs, text)
+        stack.callback(jr.close)
+        journal.refuse_run_dir_on(jr.superblock, devs)
+        win.journal, win.page = jr.path, "memory" if jr.in_memory else "run-dir"
+        page = jr.page
         nat.set_init(page, fds)
+        jr.publish()
         # The bound runs from before the guardian's start: it sleeps on the deadline it reads first.
         win.deadline_ns = nat.now_ns() + int(timeout * 1e9)
         native.set_header(page, controller_pid=os.getpid(), deadline_ns=win.deadline_ns)
         g = None
         if guardian:
-            g = Guardian(nat, page, page_fd, path)
+            g = Guardian(nat, page, jr.page_fd, jr.path)
             stack.callback(g.stop)
             if not wait_ready(page, g.proc):
                 raise errors.FreezeError(121, "the thaw guardian did not start")
             win.guardian = "ready"
+            jr.guardian_started(g.proc.pid)
+        jr.publish(armed=True)
 
         def thaw() -> None:
             win.thaw_begin_ns = win.thaw_begin_ns or nat.now_ns()
@@ -186,6 +200,7 @@ def window(paths: list[str], timeout: float, expedite: bool = True, presync: boo
         rec = native.read_set(page)
         _fill(win, rec)
         if rc < 0:
+            jr.publish()
             if rc == -errno.ETIMEDOUT:
                 win.error = _guardian_error(rec, g, timeout, win) or errors.FreezeTimeout(
                     f"the {timeout:g}s bound passed while freezing; what was frozen is thawed", win)
@@ -203,14 +218,25 @@ def window(paths: list[str], timeout: float, expedite: bool = True, presync: boo
             win.thaw_begin_ns = win.thaw_begin_ns or nat.now_ns()
             trc = nat.thaw(page)
             rec = native.read_set(page)
+            jr.publish()
             _fill(win, rec)
             if g is not None:
                 win.guardian = "idle"
-            win.error = _guardian_error(rec, g, timeout, win)
+            win.error = _guardian_error(rec, g, timeout, win) or _thawed_by_another(rec, win)
             if trc < 0 and trc != -errno.EINVAL and win.error is None:
                 win.error = errors.freeze_error(-trc, None, "FITHAW")
         if ok and win.error is not None:
             raise win.error
+
+
+def _thawed_by_another(rec: native.SetRecord, win: Window) -> errors.FreezeError | None:
+    """A mount our thaw found thawed already (FITHAW: EINVAL) when no guardian of ours thawed it: someone
+    else thawed it inside the window, so the window did not hold (the snapshot is not consistent)."""
+    lost = [p for p, m in zip(win.paths, rec.mounts) if m.thaw_errno == errno.EINVAL]
+    if not lost:
+        return None
+    return errors.FreezeError(121, "thawed by another process inside the window (FITHAW: EINVAL): the window "
+                              "did not hold, the snapshot is not consistent", ", ".join(lost), errno=errno.EINVAL)
 
 
 def _guardian_error(rec: native.SetRecord, g: Guardian | None, timeout: float,

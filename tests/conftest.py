@@ -4,4 +4,4 @@ a real unprivileged user for the hostile tests.
 
 A test of the native core or of the window takes `nat` and runs once per binding; the flow's tests
 (scripts, configs, the CLI) run on the default one (Cython): both answer through `native.Native`."""
-from helpers import local_user, mounts, nat, no_fd_leak  # noqa: F401
+from helpers import local_user, mounts, nat, no_fd_leak, run_tmpfs  # noqa: F401

@@ -52,11 +52,12 @@ class Mounts:
         for m in self.items:
             m.thaw()
 
-    def make(self, fstype: str, size_mb: int | None = None, image_dir=None) -> loopfs.LoopFS:
-        """A new mounted filesystem of fstype (its image in image_dir, default the test's tmp dir)."""
+    def make(self, fstype: str, size_mb: int | None = None, image_dir=None, mountpoint=None) -> loopfs.LoopFS:
+        """A new mounted filesystem of fstype (its image in image_dir, default the test's tmp dir; mounted at
+        mountpoint, default a new directory of the test's tmp dir)."""
         i = len(self.items)
         image = os.path.join(image_dir or self.tmp, f"img{i}.{fstype}")
-        m = loopfs.LoopFS(image, str(self.tmp / f"mnt{i}"), fstype, size_mb)
+        m = loopfs.LoopFS(image, str(mountpoint or self.tmp / f"mnt{i}"), fstype, size_mb)
         self.items.append(m)
         return m
 
@@ -297,3 +298,18 @@ def kill_with_descendants(pids) -> None:
             os.kill(p, 9)
         except ProcessLookupError:
             pass
+
+
+@pytest.fixture
+def run_tmpfs(tmp_path):
+    """A run directory on a tmpfs of its own (as /run is on most machines; here /run is on `/`): the
+    journal page is then the file itself, and recover knows each mount's last state.  Unmounted after."""
+    if not IS_ROOT:
+        pytest.skip("needs root: mount")
+    d = tmp_path / "run-tmpfs"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(d)], check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=True)

@@ -4,9 +4,9 @@ kernel does, and PYEXEC_DISABLE hides the cgroup files a filter cannot.
     python tests/kernel_profile.py PROFILE -- COMMAND...
 
 Profiles (what each answers differently from this machine's kernel):
-  4.18    RHEL/Alma/Rocky 8: no pidfd_open, pidfd_send_signal, clone3 or close_range (ENOSYS),
+  4.18    RHEL/Alma/Rocky 8: no pidfd_open, pidfd_send_signal, clone3, close_range or openat2 (ENOSYS),
           waitid(P_PIDFD) EINVAL; no cgroup.kill or cgroup.freeze
-  5.4     Ubuntu 20.04: no close_range (ENOSYS); clone3 without CLONE_INTO_CGROUP (ENOSYS here: glibc
+  5.4     Ubuntu 20.04: no close_range or openat2 (ENOSYS); clone3 without CLONE_INTO_CGROUP (ENOSYS here: glibc
           falls back from ENOSYS only, and pyexec's probe takes the same fallback for E2BIG); no
           cgroup.kill
   5.7     no close_range (ENOSYS); no cgroup.kill
@@ -25,7 +25,8 @@ import struct
 import sys
 
 # x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl).
-NR = {"waitid": 247, "pidfd_send_signal": 424, "pidfd_open": 434, "clone3": 435, "close_range": 436}
+NR = {"waitid": 247, "pidfd_send_signal": 424, "pidfd_open": 434, "clone3": 435, "close_range": 436,
+      "openat2": 437}
 P_PIDFD = 3
 AUDIT_ARCH_X86_64 = 0xC000003E
 RET_ALLOW = 0x7FFF0000
@@ -35,12 +36,12 @@ OFF_NR, OFF_ARCH, OFF_ARG0 = 0, 4, 16
 
 PROFILES = {
     "4.18": ({"pidfd_open": errno.ENOSYS, "pidfd_send_signal": errno.ENOSYS, "clone3": errno.ENOSYS,
-              "close_range": errno.ENOSYS, "waitid": ("arg0", P_PIDFD, errno.EINVAL)},
+              "close_range": errno.ENOSYS, "openat2": errno.ENOSYS, "waitid": ("arg0", P_PIDFD, errno.EINVAL)},
              "cgroup_kill,cgroup_freeze"),
-    "5.4": ({"clone3": errno.ENOSYS, "close_range": errno.ENOSYS}, "cgroup_kill"),
+    "5.4": ({"clone3": errno.ENOSYS, "close_range": errno.ENOSYS, "openat2": errno.ENOSYS}, "cgroup_kill"),
     "5.7": ({"close_range": errno.ENOSYS}, "cgroup_kill"),
     "4.18-v1": ({"pidfd_open": errno.ENOSYS, "pidfd_send_signal": errno.ENOSYS, "clone3": errno.ENOSYS,
-                 "close_range": errno.ENOSYS, "waitid": ("arg0", P_PIDFD, errno.EINVAL)},
+                 "close_range": errno.ENOSYS, "openat2": errno.ENOSYS, "waitid": ("arg0", P_PIDFD, errno.EINVAL)},
                 "cgroup_kill,cgroup_freeze,cgroup2"),
     "v1": ({}, "cgroup2"),
     "nocgroup": ({}, "cgroup2,cgroup_v1"),

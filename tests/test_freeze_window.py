@@ -2,6 +2,7 @@
 death, foreign freezes and the run lock."""
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -125,10 +126,10 @@ with window.freeze(paths, timeout=60) as w:
 """
 
 
-def test_next_freeze_recovers_what_a_dead_run_left_frozen(nat, mounts, tmp_path, monkeypatch):
+def test_next_freeze_recovers_what_a_dead_run_left_frozen(nat, mounts, run_tmpfs, monkeypatch):
     """Controller and guardian both killed: the journal stays, and the next freeze thaws its mounts first."""
     a, b = mounts.make("ext4"), mounts.make("ext4")
-    run_dir = tmp_path / "run"
+    run_dir = run_tmpfs
     monkeypatch.setattr(journal, "RUN_DIR", str(run_dir))
     env = {**os.environ, "PYEXEC_RUN_DIR": str(run_dir), "PYEXEC_BACKEND": nat.name}
     dead = subprocess.run([sys.executable, "-c", DOUBLE_KILL, b.mountpoint], env=env, cwd="/", timeout=60)
@@ -199,12 +200,16 @@ def test_foreign_freeze_during_window_is_left_to_its_owner(nat, mounts):
     assert loopfs.thaw_path(c.mountpoint), "the other tool's freeze was undone by our thaw"
 
 
-def test_foreign_thaw_during_window_is_not_an_error(nat, mounts):
-    a = mounts.make("ext4")
-    with window.freeze([a.mountpoint], timeout=20, backend=nat) as win:
-        subprocess.run(["fsfreeze", "-u", a.mountpoint], check=True)
-    assert win.error is None and win.mounts[0].thaw_errno in (0, 22)  # EINVAL: already thawed
-    assert not loopfs.thaw_path(a.mountpoint)
+def test_foreign_thaw_during_window_is_a_lost_window(nat, mounts):
+    """Another tool thawed our freeze inside the window: the window did not hold (121), never app-consistent."""
+    a, b = mounts.make("ext4"), mounts.make("ext4")
+    with pytest.raises(errors.FreezeError) as ei:
+        with window.freeze([a.mountpoint, b.mountpoint], timeout=20, backend=nat) as win:
+            subprocess.run(["fsfreeze", "-u", a.mountpoint], check=True)
+    assert ei.value.code == 121 and ei.value.path == a.mountpoint and "thawed by another" in ei.value.detail
+    assert win.error is ei.value and win.guardian == "idle"
+    assert [m.thaw_errno for m in win.mounts] == [errno.EINVAL, 0]  # ours thawed b; a was thawed already
+    assert not loopfs.thaw_path(a.mountpoint) and not loopfs.thaw_path(b.mountpoint)
 
 
 def test_two_runs_at_once_one_freezes_the_other_fails_clearly(mounts, tmp_path):

@@ -397,10 +397,11 @@ with window.window(sys.argv[1:], 120, presync=False):
 """
 
 
-def test_recover_after_double_kill_leaves_a_foreign_freeze(mounts, tmp_path):
+def test_recover_after_double_kill_leaves_a_foreign_freeze(mounts, run_tmpfs):
+    """With the run directory on tmpfs (the journal page is the file: journal.py says why it matters)."""
     outer, inner = nested(mounts)
     b = mounts.make("ext4")
-    run_dir = tmp_path / "run"
+    run_dir = run_tmpfs
     env = {**os.environ, "PYEXEC_RUN_DIR": str(run_dir)}
     subprocess.run(["fsfreeze", "-f", outer.mountpoint], check=True)  # INNER's FIFREEZE will wait on it
     ctl = subprocess.Popen([sys.executable, "-c", STUCK, inner.mountpoint, b.mountpoint], env=env, cwd="/")
