@@ -24,6 +24,7 @@ AZURE_LOCK_FILE = "SafeFreezeLockFile"
 
 
 _IN_CLOSE_WRITE, _IN_CLOSE_NOWRITE = 0x08, 0x10  # linux/inotify.h
+_WRLCK_WHOLE_FILE = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)  # struct flock, l_pid 0
 _libc: ctypes.CDLL | None = None
 
 
@@ -45,7 +46,7 @@ def _inotify_close_watch(path: str) -> int:
 
 def _lock(path: str, what: str, deadline: float, posix: bool = False, shared: bool = False,
           cancel_fd: int = -1) -> int:
-    """Take a lock on path (flock, exclusive or shared; or lockf for the Azure lock), waiting until
+    """Take a lock on path (flock, exclusive or shared; or an OFD record lock for the Azure lock), waiting until
     deadline (time.monotonic) for its holder to let go: woken by the holder's close or by cancel_fd,
     never by a timer tick.  Returns the fd that holds it; FreezeError 121 naming the holder after
     the deadline, or when cancel_fd becomes readable (a signal)."""
@@ -56,7 +57,11 @@ def _lock(path: str, what: str, deadline: float, posix: bool = False, shared: bo
         while True:
             try:
                 if posix:
-                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    # An open file description lock (fcntl(2), Linux 3.15): it conflicts with the
+                    # extension's lockf as a POSIX lock does, and also with another thread of this
+                    # process, and no close of another fd of the file drops it (a POSIX lock is the
+                    # whole process's: a second thread would take it at once and drop it at its close).
+                    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _WRLCK_WHOLE_FILE)
                 else:
                     fcntl.flock(fd, mode | fcntl.LOCK_NB)
                 break
@@ -93,10 +98,10 @@ def _lock(path: str, what: str, deadline: float, posix: bool = False, shared: bo
 
 
 def _holder(fd: int, posix: bool) -> str:
-    if posix:  # F_GETLK names the holder of a POSIX lock
-        req = struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0)
+    if posix:  # F_OFD_GETLK names the holder of a POSIX lock (an OFD lock's is -1: no one process)
         with contextlib.suppress(OSError):
-            return str(struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, req))[4])
+            pid = struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _WRLCK_WHOLE_FILE))[4]
+            return str(pid) if pid > 0 else "another pyexec run"
         return "?"
     with contextlib.suppress(OSError, ValueError):
         return str(int(os.pread(fd, 32, 0)))
@@ -104,7 +109,9 @@ def _holder(fd: int, posix: bool) -> str:
 
 
 _held_lock = threading.Lock()
-_held: dict[str, str] = {}  # superblock (major:minor) → mount point, held by this process
+# (thread, superblock major:minor) → mount point: what each thread of this process holds.  Another
+# thread's hold is waited for on the flock like another process's; only a thread's own is a nesting.
+_held: dict[tuple[int, str], str] = {}
 
 
 @dataclasses.dataclass
@@ -146,13 +153,14 @@ def hold(paths: Iterable[limits.Path] | None, lock_wait: float = limits.DEFAULT_
     finally:
         os.close(run_fd)
     journal.refuse_run_dir_on(run_sb, devs)
+    me = threading.get_ident()
     with _held_lock:
-        nested = [_held[d] for d in devs if d in _held]
+        nested = [_held[(me, d)] for d in devs if (me, d) in _held]
         if nested:
-            raise errors.FreezeError(121, "this process already holds " + ", ".join(nested)
+            raise errors.FreezeError(121, "this thread already holds " + ", ".join(nested)
                                      + " frozen: a freeze nested in another freeze of the same filesystem")
         for d, m in zip(devs, plan):
-            _held[d] = m.mount_point
+            _held[(me, d)] = m.mount_point
     fds: list[int] = []
     held = Held(plan)
     try:
@@ -176,4 +184,4 @@ def hold(paths: Iterable[limits.Path] | None, lock_wait: float = limits.DEFAULT_
             os.close(fd)
         with _held_lock:
             for d in devs:
-                _held.pop(d, None)
+                _held.pop((me, d), None)

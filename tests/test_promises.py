@@ -515,14 +515,94 @@ def test_sigterm_while_waiting_for_a_lock(tmp_path, mounts):
     with locks.hold([a.mountpoint]):
         p = subprocess.Popen([*PYEXEC, "run", "--config", hc, "--mount", a.mountpoint, "--json", "--lock-wait", "30"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
-        time.sleep(0.5)
-        t0 = time.monotonic()
+        # Signalled once it waits for the lock (its progress says so), not at a guessed instant.
+        said = b""
+        while b"lock:" not in said:
+            line = p.stderr.readline()
+            assert line, f"exited before waiting for the lock: {said!r}"
+            said += line
         p.send_signal(signal.SIGTERM)
-        out, err = p.communicate(timeout=30)
-        assert time.monotonic() - t0 < 1 and p.returncode == 128 + signal.SIGTERM, err
+        # Well before the 30 s lock wait: the signal ended the wait, not its deadline.
+        out, err = p.communicate(timeout=20)
+        assert p.returncode == 128 + signal.SIGTERM, err
     doc = orjson.loads(out)
     assert doc["code"] == 121 and "interrupted while waiting" in doc["problems"][-1]["detail"]
     assert not log.exists()
+
+
+def test_two_threads_freezing_one_filesystem_wait_for_each_other(mounts):
+    """A second thread of one agent waits for the first's window (lock_wait) as a second process
+    would, where it used to fail at once as a nested freeze; a freeze nested in the same thread is
+    still refused (it would wait for itself)."""
+    m = mounts.make("ext4")
+    first_in, first_out = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def first() -> None:
+        with window.freeze([m.mountpoint], timeout=20):
+            order.append("first frozen")
+            first_in.set()
+            first_out.wait(10)
+            order.append("first thawing")
+
+    t = threading.Thread(target=first)
+    t.start()
+    try:
+        assert first_in.wait(10)
+        threading.Timer(0.3, first_out.set).start()
+        with window.freeze([m.mountpoint], timeout=20, lock_wait=15) as win:
+            order.append("second frozen")
+            assert [x.state for x in win.mounts] == ["frozen"]
+            with pytest.raises(errors.FreezeError, match="nested"):
+                with window.freeze([m.mountpoint], timeout=20, lock_wait=15):
+                    pass
+    finally:
+        first_out.set()
+        t.join(30)
+    assert order == ["first frozen", "first thawing", "second frozen"]
+
+
+def test_the_azure_freeze_lock_is_held_per_run_not_per_process(tmp_path, mounts, monkeypatch):
+    """The extension's lock (lockf): another process's holds off a run, naming its pid; within one
+    process a second thread's run waits for the first's (a POSIX lock is the whole process's, so
+    lockf would let both in and the first close would drop it)."""
+    a, b = mounts.make("ext4"), mounts.make("ext4")
+    lockdir = tmp_path / "azlock"
+    lockdir.mkdir(mode=0o700)
+    monkeypatch.setattr(locks, "AZURE_LOCK_DIR", str(lockdir))
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+                               f"f = open({str(lockdir / locks.AZURE_LOCK_FILE)!r}, 'a+')\n"
+                               "fcntl.lockf(f, fcntl.LOCK_EX)\nprint('held', flush=True)\nsys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(errors.FreezeError, match=f"held by pid {holder.pid}"):
+            with window.freeze([a.mountpoint], timeout=20, lock_wait=0):
+                pass
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+    first_in, first_out = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def first() -> None:
+        with window.freeze([a.mountpoint], timeout=20):
+            order.append("a frozen")
+            first_in.set()
+            first_out.wait(10)
+            order.append("a thawing")
+
+    t = threading.Thread(target=first)
+    t.start()
+    try:
+        assert first_in.wait(10)
+        threading.Timer(0.3, first_out.set).start()
+        with window.freeze([b.mountpoint], timeout=20, lock_wait=15):
+            order.append("b frozen")
+    finally:
+        first_out.set()
+        t.join(30)
+    assert order == ["a frozen", "a thawing", "b frozen"]
 
 
 def test_a_run_on_an_image_locks_the_filesystem_it_lives_on(tmp_path, mounts):
