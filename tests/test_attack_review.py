@@ -1,0 +1,184 @@
+"""A hostile review of issue 19's fixes for attack 3 (the quiescers authenticate the server first) and
+attack 5 with the lower items (the snapshot command trust-checked): each test is one more way a local
+user (local_user: a real account, acting through its own processes) or root's own environment could
+get the password or run a program as root, asserting it fails.  What the other files test already
+(a user's socket in a sticky or writable directory, its symlinks, TCP without a CA, a rogue
+certificate, a user's PATH directory, a swap during the pre-scripts) is not repeated here."""
+from __future__ import annotations
+
+import grp
+import os
+import pathlib
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+
+import orjson
+import pytest
+
+from helpers import IS_ROOT
+from pyexec import config, errors, host, scripts, trust
+from pyexec.demo import loopfs
+from test_config_trust import make, write_setup
+from test_quiesce_auth import (ENGINES, PASSWORD, fake, free_port, hostconf, mp, not_app, pki, shared_dir,  # noqa: F401
+                               socket_host, work)
+
+pytestmark = pytest.mark.skipif(not IS_ROOT, reason="needs root: useradd, loop mounts")
+PYEXEC = [sys.executable, "-m", "pyexec.cli"]
+SERVER_ACCOUNT = {"postgresql": "postgres", "mariadb": "mysql"}  # config.DB_DEFAULTS' serverUser
+
+
+# ------------------------------------------------------------------ root's libpq environment
+
+@pytest.mark.parametrize("via", ["PGHOSTADDR", "PGSERVICE"])
+def test_a_socket_config_is_not_turned_into_tcp_by_roots_libpq_environment(local_user, work, shared_dir, tmp_path,
+                                                                           monkeypatch, via, mp):
+    """libpq connects to hostaddr, when it has one, over TCP and ignores host (a socket directory) for
+    the connection; requirepeer is a Unix socket's check only.  With PGHOSTADDR in root's environment
+    (or a service that sets hostaddr), the socket's peer check would be skipped and the password sent
+    in clear to the user listening on 127.0.0.1 at the configured port (a server on a socket only
+    leaves that port free).  The quiescer connects where the config says: the socket (absent: the
+    server is down), and the user gets nothing."""
+    os.chmod(shared_dir, 0o755)
+    port = free_port()
+    hc = hostconf(tmp_path / "c", "postgresql", host=shared_dir, port=port)
+    if via == "PGHOSTADDR":
+        monkeypatch.setenv("PGHOSTADDR", "127.0.0.1")
+    else:
+        services = make(tmp_path / "svc" / "pg_service.conf", b"[evil]\nhostaddr=127.0.0.1\n", mode=0o644)
+        monkeypatch.setenv("PGSERVICEFILE", services)
+        monkeypatch.setenv("PGSERVICE", "evil")
+    # The socket the walk finds (here root's listener, standing in for a server on its socket only):
+    # with hostaddr, libpq would never connect to it.
+    with socket.socket(socket.AF_UNIX) as server, fake(local_user, work, "postgresql", str(port)) as f:
+        server.bind(os.path.join(shared_dir, f".s.PGSQL.{port}"))
+        server.listen()
+        rep = host.run(hc, [mp], freeze_timeout=10)
+        got = f.received()
+    assert got == b"", got  # not even a startup packet
+    not_app(rep)
+    detail = rep.pre[0].detail
+    assert rep.code == 300 and "refused" in detail and "serverUser postgres" in detail, detail
+
+
+@ENGINES
+def test_roots_libpq_environment_does_not_weaken_verified_tls(local_user, work, tmp_path, pki, monkeypatch, engine,
+                                                              mp):
+    """PGSSLMODE=disable, PGSSLROOTCERT naming the user's certificate and PGREQUIREAUTH=password in
+    root's environment: the explicit verify-full and the CA held in memory win (PyMySQL reads no
+    environment and no option file: read_default_file is never passed).  The user's server without TLS
+    gets no password."""
+    port = free_port()
+    rogue = os.path.join(work, "rogue.pem")
+    make(pathlib.Path(rogue), (pki / "rogue.pem").read_bytes(), mode=0o644, uid=local_user.uid)
+    for k, v in {"PGSSLMODE": "disable", "PGSSLROOTCERT": rogue, "PGREQUIREAUTH": "password",
+                 "PGHOSTADDR": "127.0.0.1", "MYSQL_PWD": "x", "MYSQL_HOST": "127.0.0.1"}.items():
+        monkeypatch.setenv(k, v)
+    hc = hostconf(tmp_path / "c", engine, host="127.0.0.1", port=port, tlsCAFile=str(pki / "ca.pem"))
+    with fake(local_user, work, engine, str(port)) as f:
+        rep = host.run(hc, [mp], freeze_timeout=10)
+        got = f.received()
+    assert PASSWORD.encode() not in got, got
+    not_app(rep)
+    assert rep.code == 300, rep.pre
+
+
+# ------------------------------------------------------------------ the server's group
+
+@ENGINES
+def test_a_member_of_the_servers_group_who_binds_in_its_group_writable_socket_directory_is_refused(
+        local_user, work, shared_dir, tmp_path, engine, mp):
+    """Debian's socket directory is group-writable for the server's group (2775), and the directory rule
+    accepts it.  A user in that group can put its own socket at the configured name while the server
+    is down (or swap it for the server's after the walk: the socket's own owner is not checked, and
+    PostgreSQL's libpq looks the name up again in the directory).  The peer check is what refuses it:
+    SO_PEERCRED (MariaDB) and requirepeer (PostgreSQL) name the user, not serverUser."""
+    group = grp.getgrnam(SERVER_ACCOUNT[engine]).gr_gid
+    d = os.path.join(shared_dir, "run")
+    os.mkdir(d)
+    os.chown(d, 0, group)
+    os.chmod(d, 0o2775)
+    os.chmod(shared_dir, 0o755)
+    where, cfg_host, port = socket_host(engine, d)
+    hc = hostconf(tmp_path / "c", engine, host=cfg_host, **port)
+    checked = host.check(hc)
+    checked.close()
+    assert checked.errors == [], checked.errors  # the directory is one the server's account may have
+    with fake(InGroup(local_user, group), work, engine, where) as f:  # the user's own process, in the group
+        assert os.stat(where).st_uid == local_user.uid
+        rep = host.run(hc, [mp], freeze_timeout=10)
+        got = f.received()
+    assert got == b"", got
+    not_app(rep)
+    detail = rep.pre[0].detail
+    assert rep.code == 300 and "refused" in detail and "password was not sent" in detail, detail
+
+
+class InGroup:
+    """local_user's processes with one supplementary group (as its login would have, once a member)."""
+
+    def __init__(self, user, gid: int):
+        self.user, self.gid = user, gid
+
+    def popen(self, argv: list[str], **kw) -> subprocess.Popen:
+        kw.setdefault("cwd", self.user.home)
+        return subprocess.Popen(["setpriv", f"--reuid={self.user.uid}", f"--regid={self.user.gid}",
+                                 f"--groups={self.gid}", "--inh-caps=-all", "--bounding-set=-all", "--", *argv], **kw)
+
+
+def test_a_port_of_0_or_out_of_range_is_305():
+    for port in (0, -1, 65536, "5432", True):
+        for engine in ("mariadb", "postgresql"):
+            with pytest.raises(config.Problems) as p:
+                config.parse_database(orjson.dumps({"host": "127.0.0.1", "port": port, "tls": "disable"}),
+                                      "/x.json", engine)
+            assert [(e.code, e.key) for e in p.value.errors] == [(305, "port")], (port, p.value.errors)
+
+
+@pytest.fixture
+def area(local_user):
+    """root's 755 directory `root`, the user's own `user`, and `marks` (1777: where a program run leaves
+    its mark); under /tmp so the user can reach them."""
+    base = pathlib.Path(tempfile.mkdtemp(prefix="pyexec-review-"))
+    os.chmod(base, 0o755)
+    for name, mode in (("root", 0o755), ("user", 0o755), ("marks", 0o1777)):
+        (base / name).mkdir()
+        os.chmod(base / name, mode)
+    local_user.chown(base / "user")
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base)
+
+
+# ------------------------------------------------------------------ relative commands and PATH entries
+
+@pytest.mark.parametrize("path_env,prog", [(".:/usr/bin:/bin", "cp"), (":/usr/bin:/bin", "cp"),
+                                           ("/usr/bin:/bin", "./cp"), ("/usr/bin:/bin", "cp-link")])
+def test_a_snapshot_command_found_through_roots_cwd_in_a_users_directory_is_refused(
+        tmp_path, mounts, local_user, area, path_env, prog):
+    """Root runs pyexec from a directory of the user's, with "." or an empty entry in its PATH, or gives
+    a relative command, or the name found on PATH is root's symlink... to the user's program: the
+    program found is the user's, refused (11); it never runs."""
+    m = mounts.make("ext4")
+    cwd = area / "user"
+    marker = area / "marks" / "cp-ran"
+    res = local_user.run(["sh", "-c", f"printf '#!/bin/sh\\nid -u > {marker}\\n' > '{cwd}/cp' && chmod 755 '{cwd}/cp'"])
+    assert res.returncode == 0, res.stderr
+    if prog == "cp-link":
+        bindir = area / "root" / "bin"
+        bindir.mkdir(mode=0o755)
+        os.symlink(cwd / "cp", bindir / "cp-link")
+        path_env = f"{bindir}:{path_env}"
+    hc = write_setup(tmp_path)
+    res = subprocess.run([*PYEXEC, "run", "--config", hc, "--mount", m.mountpoint, "--json",
+                          "--snapshot-cmd", f"{prog} {hc} {tmp_path / 'copy'}"],
+                         capture_output=True, text=True, cwd=cwd, env={**os.environ, "PATH": path_env}, timeout=120)
+    assert "Traceback" not in res.stderr
+    doc = orjson.loads(res.stdout)
+    assert res.returncode == errors.TABLE[11].exit_status and doc["code"] == 11, res.stdout
+    assert not marker.exists() and not (tmp_path / "copy").exists()
+    assert not loopfs.thaw_path(m.mountpoint)
