@@ -138,6 +138,8 @@ def test_a_port_of_0_or_out_of_range_is_305():
             assert [(e.code, e.key) for e in p.value.errors] == [(305, "port")], (port, p.value.errors)
 
 
+# ------------------------------------------------------------------ a `#!` line naming the user's program
+
 @pytest.fixture
 def area(local_user):
     """root's 755 directory `root`, the user's own `user`, and `marks` (1777: where a program run leaves
@@ -152,6 +154,85 @@ def area(local_user):
         yield base
     finally:
         shutil.rmtree(base)
+
+
+def _users_interpreter(user, area: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """The user's own program (made by its processes), which leaves its mark when it runs."""
+    interp, marker = area / "user" / "interp", area / "marks" / "interp-ran"
+    res = user.run(["sh", "-c", f"printf '#!/bin/sh\\nid -u > {marker}\\n' > '{interp}' && chmod 755 '{interp}'"])
+    assert res.returncode == 0, res.stderr
+    return interp, marker
+
+
+@pytest.mark.parametrize("chain", [1, 2])
+def test_a_snapshot_command_whose_interpreter_the_user_owns_is_refused(tmp_path, mounts, local_user, area, chain):
+    """root's own 755 snapshot command in root's directory, its `#!` naming a program of the user's
+    (directly, or through a root `#!` script that names it): execve would run the user's program as
+    root.  Refused when resolved (11), naming the interpreter; nothing runs, nothing is frozen."""
+    m = mounts.make("ext4")
+    interp, marker = _users_interpreter(local_user, area)
+    if chain == 2:
+        interp = pathlib.Path(make(area / "root" / "wrapper", f"#!{interp}\n".encode(), mode=0o755))
+    snap = make(area / "root" / "snap", f"#! {interp} -x\nexit 0\n".encode(), mode=0o755)
+    with pytest.raises(ValueError) as e:
+        scripts.resolve_command(snap)
+    assert f"interpreter {interp}" in str(e.value) and f"owned by uid {local_user.uid}" in str(e.value), e.value
+    pre_ran = tmp_path / "pre-ran"
+    hc = write_setup(tmp_path, pre=f"#!/bin/sh\necho > {pre_ran}\n".encode())
+    res = subprocess.run([*PYEXEC, "run", "--config", hc, "--mount", m.mountpoint, "--json", "--snapshot-cmd", snap],
+                         capture_output=True, text=True, cwd="/", timeout=120)
+    assert "Traceback" not in res.stderr
+    doc = orjson.loads(res.stdout)
+    assert res.returncode == errors.TABLE[11].exit_status and doc["code"] == 11, res.stdout
+    assert not marker.exists() and not pre_ran.exists()
+    assert not loopfs.thaw_path(m.mountpoint)
+
+
+def test_an_interpreter_handed_to_the_user_after_the_check_does_not_run(tmp_path, mounts, local_user, area):
+    """The snapshot command's interpreter is root's at the check; a pre-script hands its directory to the
+    user, whose own process replaces it.  The walk right before the spawn follows the `#!` line too:
+    not run, the post-scripts run, nothing stays frozen."""
+    m = mounts.make("ext4")
+    d = area / "root" / "lib"
+    d.mkdir(mode=0o755)
+    root_interp = pathlib.Path(make(d / "interp", b"#!/bin/sh\nexit 0\n", mode=0o755))
+    snap = make(area / "root" / "snap", f"#!{root_interp}\n".encode(), mode=0o755)
+    evil, marker = _users_interpreter(local_user, area)
+    swap = shlex.join(local_user.argv(["sh", "-c", f"cp '{evil}' '{d}/new' && mv -f '{d}/new' '{root_interp}'"]))
+    hc = write_setup(tmp_path, pre=f"#!/bin/sh\nchown {local_user.uid} {d} && {swap}\n".encode())
+    res = subprocess.run([*PYEXEC, "run", "--config", hc, "--mount", m.mountpoint, "--json", "--snapshot-cmd", snap],
+                         capture_output=True, text=True, cwd="/", timeout=120)
+    doc = orjson.loads(res.stdout)
+    assert doc["pre"][0]["exit_code"] == 0 and os.stat(root_interp).st_uid == local_user.uid, doc["pre"]
+    assert doc["outcome"] == "failed" and doc["snapshot"]["detail"].startswith("not run:"), res.stdout
+    assert "interpreter" in doc["snapshot"]["detail"], doc["snapshot"]
+    assert not marker.exists() and doc["post"][0]["exit_code"] == 0
+    assert not loopfs.thaw_path(m.mountpoint)
+
+
+@pytest.mark.parametrize("phase", ["pre", "post"])
+def test_a_script_whose_interpreter_the_user_owns_is_refused(tmp_path, local_user, area, phase):
+    """The same for a pre- or post-script (root's, 700, in root's directories): 306 / 307 at the check."""
+    interp, marker = _users_interpreter(local_user, area)
+    body = f"#!{interp}\nexit 0\n".encode()
+    hc = write_setup(tmp_path, **{phase: body})
+    checked = host.check(hc)
+    checked.close()
+    want = 306 if phase == "pre" else 307
+    assert [e.code for e in checked.errors] == [want], checked.errors
+    assert f"interpreter {interp}" in checked.errors[0].detail, checked.errors[0].detail
+    assert not marker.exists()
+
+
+def test_interpreters_root_owns_or_that_are_missing_are_accepted(tmp_path):
+    """/bin/sh and /usr/bin/env (755, root's) pass; an interpreter that does not exist is the exec's to
+    report (only root could make it: the walk found root's directories); a script without the execute
+    bit runs as `sh PATH` and its `#!` line is not followed."""
+    for body, mode in ((b"#!/bin/sh\nexit 0\n", 0o755), (b"#!/usr/bin/env sh\nexit 0\n", 0o755),
+                       (b"#!/no/such/interp\n", 0o755), (b"#!/tmp\n", 0o644)):
+        p = make(tmp_path / "r" / "s", body, mode=mode)
+        os.chmod(tmp_path / "r", 0o755)
+        trust.open_trusted(p, trust.SNAPSHOT).close()
 
 
 # ------------------------------------------------------------------ relative commands and PATH entries
