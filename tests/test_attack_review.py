@@ -86,6 +86,94 @@ def test_roots_libpq_environment_does_not_weaken_verified_tls(local_user, work, 
     assert rep.code == 300, rep.pre
 
 
+# ------------------------------------------------------------------ MariaDB's first plugin, "tls": "disable"
+
+# The user's fake MariaDB names plugin in its handshake (no switch): caching_sha2_password then asks
+# for full authentication, sha256_password gets the client's request for a key; either way it offers
+# its own RSA public key, to which a client that does not refuse encrypts the password.  It records
+# each packet the client sends, one line each ("handshake-response", then what followed).
+FIRST_PLUGIN = r'''
+import socket, struct, sys
+plugin, port, record = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", port)); s.listen(4)
+print("ready", flush=True)
+KEY = b"-----BEGIN PUBLIC KEY-----\nMFwwDQYJKoZIhvcNAQEBBQADSwAwSAJBAL7Y8aQy5nF4b0hKxqOEtgB0W1Nk0fTZ\n" \
+      b"5Xz2p2oK8m3dIc4pW8n3v5uHc1r2s9lQe8mV0Yk3v8tq6a8rK3cCAwEAAQ==\n-----END PUBLIC KEY-----\n"
+def rd(c, n):
+    d = b""
+    while len(d) < n:
+        more = c.recv(n - len(d))
+        if not more: raise EOFError
+        d += more
+    return d
+def read_packet(c):
+    h = rd(c, 4)
+    return h[3], rd(c, int.from_bytes(h[:3], "little"))
+def packet(c, seq, body):
+    c.sendall(struct.pack("<I", len(body))[:3] + bytes([seq]) + body)
+c, _ = s.accept()
+c.settimeout(5)
+out = open(record, "a", buffering=1)
+caps = 0x1 | 0x8 | 0x200 | 0x2000 | 0x8000 | 0x80000
+packet(c, 0, b"\x0a8.0.99-fake\0" + struct.pack("<I", 7) + b"abcdefgh\0" + struct.pack("<HBHHB", caps & 0xFFFF, 33, 2,
+       caps >> 16, 21) + b"\0" * 10 + b"ijklmnopqrst\0" + plugin.encode() + b"\0")
+try:
+    seq, resp = read_packet(c)
+    out.write("handshake-response\n")
+    if plugin == "caching_sha2_password":
+        packet(c, seq + 1, b"\x01\x04")  # perform full authentication
+        seq, resp = read_packet(c)
+        out.write(f"{resp[:1].hex()} {len(resp)}\n")  # 02: a request for the server's public key
+    packet(c, seq + 1, b"\x01" + KEY)
+    seq, resp = read_packet(c)
+    out.write(f"rsa-encrypted-password {len(resp)}\n")
+except (EOFError, OSError):
+    pass
+'''
+
+
+@pytest.mark.parametrize("plugin", ["caching_sha2_password", "sha256_password"])
+def test_mariadb_tls_disable_refuses_the_handshakes_first_plugin_not_only_a_switch(local_user, work, tmp_path,
+                                                                                  plugin, mp):
+    """"tls": "disable": the user's server names caching_sha2_password or sha256_password in its
+    handshake rather than switching to it, then sends its own RSA key.  PyMySQL before 1.2.1 did not
+    ask auth_plugin_map about that first plugin and encrypted the password to the user's key; the
+    quiescer refuses (installed PyMySQL: the map is asked; older: the check refuses the driver)."""
+    port = free_port()
+    record = os.path.join(work, f"first-{plugin}")
+    hc = hostconf(tmp_path / "c", "mariadb", host="127.0.0.1", port=port, tls="disable")
+    proc = local_user.popen(["/usr/bin/python3", "-c", FIRST_PLUGIN, plugin, str(port), record],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        rep = host.run(hc, [mp], freeze_timeout=10)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    got = pathlib.Path(record).read_text()
+    assert got == "handshake-response\n", got  # then nothing: no key asked for, no password encrypted to it
+    not_app(rep)
+    detail = rep.pre[0].detail
+    assert rep.code == 300 and "refused" in detail and plugin in detail and "not sent" in detail, detail
+
+
+def test_a_pymysql_that_asks_its_plugin_map_only_on_a_switch_is_refused_for_tls_disable(tmp_path):
+    """The driver gate itself: the installed PyMySQL passes; a version before 1.2.1 (its VERSION, as the
+    module says it) is 300 for "tls": "disable", and fine over a socket or verified TLS."""
+    import types
+    import pymysql
+    from pyexec.quiesce import mariadb
+    cfg = config.parse_database(orjson.dumps({"host": "127.0.0.1", "tls": "disable"}), "/x.json", "mariadb")
+    mariadb.check_driver(cfg, pymysql)
+    old = types.SimpleNamespace(VERSION=(1, 2, 0, "final"))
+    with pytest.raises(errors.ScriptError) as e:
+        mariadb.check_driver(cfg, old)
+    assert e.value.code == 300 and "1.2.0" in e.value.detail
+    for doc in ({"host": "/run/mysqld/mysqld.sock"}, {"host": "db", "tlsCAFile": "/etc/ssl/ca.pem"}):
+        mariadb.check_driver(config.parse_database(orjson.dumps(doc), "/x.json", "mariadb"), old)
+
+
 # ------------------------------------------------------------------ the server's group
 
 @ENGINES

@@ -10,6 +10,7 @@ from types import ModuleType
 from typing import Any
 
 from pyexec import config
+from pyexec.errors import ScriptError
 from pyexec.quiesce import ABORT_CONNECT_S, Failed, close_quietly, endpoint, shutdown_fd
 
 ER_LOCK_WAIT_TIMEOUT = 1205
@@ -20,6 +21,21 @@ ER_SPECIFIC_ACCESS_DENIED = 1227  # needs RELOAD
 # (sha256_password, caching_sha2_password's full authentication), a broken hash (mysql_old_password).
 # Refused where TLS does not authenticate the server; left: mysql_native_password, client_ed25519.
 CLEAR_PLUGINS = ("mysql_clear_password", "dialog", "sha256_password", "caching_sha2_password", "mysql_old_password")
+# Before PyMySQL 1.2.1, auth_plugin_map was asked about an auth switch only: the handshake's own plugin
+# went straight to caching_sha2_password's full authentication or sha256_password, which RSA-encrypt
+# the password to whatever public key the server sends (PyMySQL Connection._request_authentication).
+PYMYSQL_PLUGIN_MAP_FIRST = (1, 2, 1)
+
+
+def check_driver(cfg: config.DatabaseConfig, driver: ModuleType) -> None:
+    """ScriptError 300 if cfg needs what this PyMySQL lacks (the refusals of "tls": "disable")."""
+    if cfg.socket or cfg.tls != "disable":
+        return
+    version = tuple(driver.VERSION[:3])
+    if version < PYMYSQL_PLUGIN_MAP_FIRST:
+        raise ScriptError(300, f"\"tls\": \"disable\" needs PyMySQL 1.2.1 or later to refuse the server's first "
+                               f"authentication plugin when it would send the password recoverably, and PyMySQL is "
+                               f"{'.'.join(map(str, version))}: upgrade it, or set tlsCAFile", cfg.path)
 
 
 class MariaDBSession:
