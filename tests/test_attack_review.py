@@ -158,9 +158,11 @@ def test_mariadb_tls_disable_refuses_the_handshakes_first_plugin_not_only_a_swit
     assert rep.code == 300 and "refused" in detail and plugin in detail and "not sent" in detail, detail
 
 
-def test_a_pymysql_that_asks_its_plugin_map_only_on_a_switch_is_refused_for_tls_disable(tmp_path):
+def test_a_pymysql_that_would_send_the_password_over_tcp_is_refused(tmp_path):
     """The driver gate itself: the installed PyMySQL passes; a version before 1.2.1 (its VERSION, as the
-    module says it) is 300 for "tls": "disable", and fine over a socket or verified TLS."""
+    module says it) is 300 for TCP, "tls": "disable" (it asked auth_plugin_map on a switch only) and
+    verified TLS alike (before 1.2.0 it logged in in clear to a server that offered no TLS: shown
+    with 1.1.2 against the fake of test_quiesce_auth), and fine over a Unix socket."""
     import types
     import pymysql
     from pyexec.quiesce import mariadb
@@ -170,8 +172,12 @@ def test_a_pymysql_that_asks_its_plugin_map_only_on_a_switch_is_refused_for_tls_
     with pytest.raises(errors.ScriptError) as e:
         mariadb.check_driver(cfg, old)
     assert e.value.code == 300 and "1.2.0" in e.value.detail
-    for doc in ({"host": "/run/mysqld/mysqld.sock"}, {"host": "db", "tlsCAFile": "/etc/ssl/ca.pem"}):
-        mariadb.check_driver(config.parse_database(orjson.dumps(doc), "/x.json", "mariadb"), old)
+    tls = config.parse_database(orjson.dumps({"host": "db", "tlsCAFile": "/etc/ssl/ca.pem"}), "/x.json", "mariadb")
+    with pytest.raises(errors.ScriptError) as e:
+        mariadb.check_driver(tls, types.SimpleNamespace(VERSION=(1, 1, 2, "final")))
+    assert e.value.code == 300 and "1.1.2" in e.value.detail
+    mariadb.check_driver(config.parse_database(orjson.dumps({"host": "/run/mysqld/mysqld.sock"}), "/x.json",
+                                               "mariadb"), old)
 
 
 # ------------------------------------------------------------------ the server's group
