@@ -21,7 +21,7 @@ import pytest
 
 from helpers import IS_ROOT
 from pyexec import config, errors, host, scripts, trust
-from pyexec.demo import loopfs
+from pyexec.demo import loopfs, safeio
 from test_config_trust import make, write_setup
 from test_quiesce_auth import (ENGINES, PASSWORD, fake, free_port, hostconf, mp, not_app, pki, shared_dir,  # noqa: F401
                                socket_host, work)
@@ -357,3 +357,25 @@ def test_a_snapshot_command_found_through_roots_cwd_in_a_users_directory_is_refu
     assert res.returncode == errors.TABLE[11].exit_status and doc["code"] == 11, res.stdout
     assert not marker.exists() and not (tmp_path / "copy").exists()
     assert not loopfs.thaw_path(m.mountpoint)
+
+
+# ------------------------------------------------------------------ the demo's chown of a restored tree
+
+def test_the_demo_does_not_chown_a_hard_link_its_account_planted_in_its_tree(local_user, area):
+    """The demo gives a restored data directory to the server's account (safeio.chown_tree).  That
+    account (here the user) owns the tree and, before, hard-links into it a file of root's it may write
+    (fs.protected_hardlinks allows that much; without it, any file): a chown of the link would give
+    root's file to the account.  It stays root's; the account's own files and directories are given."""
+    victim = area / "root" / "victim"
+    victim.write_text("root's\n")
+    os.chmod(victim, 0o666)
+    tree = area / "user" / "data"
+    res = local_user.run(["sh", "-c", f"mkdir -p '{tree}/sub' && echo x > '{tree}/sub/own' && "
+                                      f"ln '{victim}' '{tree}/sub/link' && ln -s '{victim}' '{tree}/sym'"])
+    assert res.returncode == 0, res.stderr
+    for p in (tree, tree / "sub", tree / "sub" / "own"):
+        os.chown(p, 0, 0)  # as a restore by root leaves them
+    safeio.chown_tree(str(tree), local_user.uid, local_user.gid)
+    assert (os.stat(victim).st_uid, os.stat(victim).st_gid) == (0, 0)
+    for p in (tree, tree / "sub", tree / "sub" / "own"):
+        assert os.stat(p).st_uid == local_user.uid, p
