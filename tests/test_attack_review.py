@@ -86,6 +86,22 @@ def test_roots_libpq_environment_does_not_weaken_verified_tls(local_user, work, 
     assert rep.code == 300, rep.pre
 
 
+def test_a_ca_file_reached_through_the_users_symlink_is_refused(local_user, work, shared_dir, tmp_path, pki):
+    """tlsCAFile names a symlink the user made in a sticky directory, to a CA file of its own: 306 at the
+    check.  (One that passes is read by the check and used from memory, libpq through a memfd: a swap
+    of the path afterwards changes nothing the connect trusts.)"""
+    os.chmod(shared_dir, 0o1777)
+    own = os.path.join(work, "ca.pem")
+    make(pathlib.Path(own), (pki / "rogue.pem").read_bytes(), mode=0o644, uid=local_user.uid)
+    link = os.path.join(shared_dir, "ca.pem")
+    assert local_user.run(["ln", "-s", own, link]).returncode == 0
+    for engine in ("mariadb", "postgresql"):
+        checked = host.check(hostconf(tmp_path / engine, engine, host="127.0.0.1", port=free_port(), tlsCAFile=link))
+        checked.close()
+        assert [e.code for e in checked.errors] == [306], checked.errors
+        assert "symlink" in checked.errors[0].detail and f"uid {local_user.uid}" in checked.errors[0].detail
+
+
 # ------------------------------------------------------------------ MariaDB's first plugin, "tls": "disable"
 
 # The user's fake MariaDB names plugin in its handshake (no switch): caching_sha2_password then asks
