@@ -46,6 +46,8 @@ SOCKET_DIR = Kind("database server socket", 300, 306, 306, 0, False, borrows_cod
 LABEL_DIR = Kind("backupLabelDirectory", 303, 307, 307, 0o022, False, borrows_codes=True)
 
 MAX_SYMLINKS = 40  # as the kernel's path walk (MAXSYMLINKS)
+BINPRM_BUF_SIZE = 256  # how much of a file execve reads for its `#!` line (fs/binfmt_script.c; 128 before Linux 5.1)
+MAX_INTERPRETERS = 5  # a `#!` interpreter may itself be one, this deep (fs/exec.c exec_binprm: ELOOP past it)
 
 
 @dataclasses.dataclass
@@ -230,7 +232,7 @@ def _walk(path: str, kind: Kind, owners: Owners = ROOT, create_mode: int | None 
         os.close(dirfd)
 
 
-def _open_final(kind: Kind, pfd: int, st: os.stat_result, here: str, path: str) -> TrustedFile:
+def _open_final(kind: Kind, pfd: int, st: os.stat_result, here: str, path: str, depth: int = 0) -> TrustedFile:
     if not stat.S_ISREG(st.st_mode):
         what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
         if kind.is_script or kind.borrows_codes:
@@ -252,7 +254,42 @@ def _open_final(kind: Kind, pfd: int, st: os.stat_result, here: str, path: str) 
     if (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):  # cannot happen; refuse if it does
         os.close(fd)
         raise _fail(kind, kind.mode_code, f"{here} changed while it was being opened", path)
+    if kind.is_script and st2.st_mode & 0o111:
+        try:
+            _check_interpreter(kind, fd, here, path, depth)
+        except BaseException:
+            os.close(fd)
+            raise
     return TrustedFile(path, fd, st2, kind)
+
+
+def _check_interpreter(kind: Kind, fd: int, here: str, path: str, depth: int) -> None:
+    """The program execve runs for an executable `#!` file is its interpreter, as root: walked with the
+    file's rules, except that anyone may read and execute it (/bin/sh is 755).  One that does not
+    exist is the exec's to report (ENOENT): the walk that found it missing showed only root could
+    make it.  A file without the execute bit runs as `sh PATH`, its `#!` line a comment."""
+    head = os.pread(fd, BINPRM_BUF_SIZE, 0)
+    if not head.startswith(b"#!"):
+        return
+    if depth >= MAX_INTERPRETERS:  # execve would fail (ELOOP); unchecked, it must not run
+        raise _fail(kind, kind.mode_code, f"{here}: more than {MAX_INTERPRETERS} #! interpreters", path)
+    # binfmt_script: the name is the first run of characters other than space, tab and NUL after `#!`.
+    name = head[2:].split(b"\n", 1)[0].lstrip(b" \t").split(b"\0", 1)[0].replace(b"\t", b" ").split(b" ", 1)[0]
+    if not name:
+        return
+    # A relative name is looked up from the cwd, which is `/` for everything pyexec runs.
+    interp = os.path.join("/", os.fsdecode(name))
+    ikind = dataclasses.replace(kind, bad_mode=0o022)
+    try:
+        ifd, ist, ihere = _walk(interp, ikind)
+        try:
+            _open_final(ikind, ifd, ist, ihere, interp, depth + 1).close()
+        finally:
+            os.close(ifd)
+    except PyexecError as e:
+        if isinstance(e.__cause__, FileNotFoundError):  # a component missing, in directories only root changes
+            return
+        raise _fail(kind, e.code, f"{here}'s interpreter {interp} (its #! line): {e.detail}", path) from e
 
 
 def recheck(f: TrustedFile) -> None:

@@ -94,14 +94,28 @@ def own_dir(path: str, uid: int, gid: int, mode: int, dir_fd: int | None = None)
 
 
 def chown_tree(path: str, uid: int, gid: int) -> None:
-    """Give path and everything under it to uid/gid; symlinks are changed themselves, never followed
-    (os.fwalk walks by fd, so a directory swapped for a symlink meanwhile is not entered)."""
+    """Give path and everything under it to uid/gid, each inode as it was found (os.fwalk walks by fd, so
+    a directory swapped for a symlink meanwhile is not entered); symlinks (whose owner gives nothing
+    here) and files with other hard links are left as they are."""
     with directory(path) as top:
         os.fchown(top, uid, gid)
     for _, dirs, files, dfd in os.fwalk(path, follow_symlinks=False):
         for n in dirs + files:
-            with contextlib.suppress(FileNotFoundError):
-                os.chown(n, uid, gid, dir_fd=dfd, follow_symlinks=False)
+            try:
+                fd = os.open(n, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            except FileNotFoundError:
+                continue
+            try:
+                st = os.fstat(fd)
+                # A hard link the tree's owner made to a file elsewhere (root's: one it may write, or any
+                # without fs.protected_hardlinks) is that file: chowning it would give it away.
+                if stat.S_ISLNK(st.st_mode) or (not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1):
+                    continue
+                # Through the fd (an O_PATH fd's /proc link names its inode): the name may have been
+                # replaced since it was opened.
+                os.chown(f"/proc/self/fd/{fd}", uid, gid)
+            finally:
+                os.close(fd)
 
 
 def empty_dir(dir_fd: int) -> None:

@@ -139,7 +139,8 @@ class Quiescer:
             check_label_dir(cfg)
             self._make = lambda: PostgresSession(cfg, password, driver, ep)
         else:
-            from pyexec.quiesce.mariadb import MariaDBSession
+            from pyexec.quiesce.mariadb import MariaDBSession, check_driver as check_pymysql
+            check_pymysql(cfg, driver)
             self._make = lambda: MariaDBSession(cfg, password, driver, ep)
 
     def _result(self, phase: str) -> scripts.ScriptResult:

@@ -10,6 +10,7 @@ from types import ModuleType
 from typing import Any
 
 from pyexec import config
+from pyexec.errors import ScriptError
 from pyexec.quiesce import ABORT_CONNECT_S, Failed, close_quietly, endpoint, shutdown_fd
 
 ER_LOCK_WAIT_TIMEOUT = 1205
@@ -20,6 +21,25 @@ ER_SPECIFIC_ACCESS_DENIED = 1227  # needs RELOAD
 # (sha256_password, caching_sha2_password's full authentication), a broken hash (mysql_old_password).
 # Refused where TLS does not authenticate the server; left: mysql_native_password, client_ed25519.
 CLEAR_PLUGINS = ("mysql_clear_password", "dialog", "sha256_password", "caching_sha2_password", "mysql_old_password")
+# What TCP needs of PyMySQL (Connection._request_authentication): before 1.2.0 an SSLContext did not
+# make TLS required (a server that did not offer it got the login in clear, a switch to
+# mysql_clear_password the password); before 1.2.1 auth_plugin_map was asked about a switch only, so
+# the handshake's own caching_sha2_password (full authentication) or sha256_password RSA-encrypted
+# the password to whatever public key the server sent.
+PYMYSQL_TCP = (1, 2, 1)
+
+
+def check_driver(cfg: config.DatabaseConfig, driver: ModuleType) -> None:
+    """ScriptError 300 if cfg is TCP and this PyMySQL would send the password to a server it did not
+    authenticate (a Unix socket's peer is checked by pyexec itself)."""
+    if cfg.socket:
+        return
+    version = tuple(driver.VERSION[:3])
+    if version < PYMYSQL_TCP:
+        raise ScriptError(300, f"a server reached over TCP needs PyMySQL 1.2.1 or later, which requires the TLS it "
+                               f"is given and refuses the plugins that would send the password recoverably, and "
+                               f"PyMySQL is {'.'.join(map(str, version))}: upgrade it, or use a Unix socket path "
+                               "as host", cfg.path)
 
 
 class MariaDBSession:
@@ -41,8 +61,8 @@ class MariaDBSession:
         tls: dict[str, Any] = {"ssl_disabled": True}
         if not self.cfg.socket:
             if self.cfg.tls == "verify-full":
-                # An SSLContext makes TLS required (PyMySQL 1.1+: "SSL is required but the server doesn't
-                # support it" rather than a fall back to clear text), before the handshake response.
+                # An SSLContext makes TLS required (PyMySQL 1.2.0+, check_driver: "SSL is required but the
+                # server doesn't support it" rather than a fall back to clear text), before the handshake response.
                 tls = {"ssl": self._ep.ssl_context()}
             else:
                 tls["auth_plugin_map"] = {p: endpoint.refuse_plugin(p) for p in CLEAR_PLUGINS}

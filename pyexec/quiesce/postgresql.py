@@ -81,7 +81,11 @@ class PostgresSession:
         return {"host": self.cfg.host, "sslmode": "prefer", "require_auth": "scram-sha-256"}
 
     def _connect(self, timeout_s: float) -> Any:
-        return self._pg.connect(port=self.cfg.port, user=self.cfg.user, dbname=self.cfg.database,
+        # hostaddr empty, explicitly: libpq connects to a hostaddr (from PGHOSTADDR or a pg_service.conf
+        # PGSERVICE names) over TCP and ignores host for the connection (libpq docs, "hostaddr"), so a
+        # socket's checks (requirepeer applies to Unix sockets only) would be skipped and the password
+        # sent to whoever listens there.  A parameter given, even empty, is not taken from either.
+        return self._pg.connect(port=self.cfg.port, user=self.cfg.user, dbname=self.cfg.database, hostaddr="",
                                 password=self._password or None, connect_timeout=max(2, int(timeout_s)),
                                 autocommit=True, application_name="pyexec-quiesce", **self._params())
 
