@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/statfs.h>
@@ -196,6 +197,22 @@ int px_cgroup_wait_empty(int cgroup_fd, int64_t deadline_ns)
         return -ENOSYS;
     wait_pids_gone(pids, n < MAX_LISTED ? n : MAX_LISTED, deadline_ns);
     return signal_listed(cgroup_fd, 0, NULL, 0) == 0 ? 0 : -ETIMEDOUT;
+}
+
+void px_helper_leave(const char *ctl, char *const parents[], int n)
+{
+    char guard[64];
+    snprintf(guard, sizeof(guard), "%s/guard", ctl);
+    for (int i = 0; i < n; i++) {
+        int parent = open(parents[i], O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (parent < 0)
+            continue;
+        /* If the move fails, "guard" stays populated: the next warden's sweep removes it. */
+        write_file(parent, "cgroup.procs", "0");
+        unlinkat(parent, guard, AT_REMOVEDIR);
+        unlinkat(parent, ctl, AT_REMOVEDIR); /* fails while a script, a daemon or a helper is left */
+        close(parent);
+    }
 }
 
 int px_kill_tree(const px_proc *p, int cgroup_fd, int64_t grace_ns, int64_t kill_wait_ns,

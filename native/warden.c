@@ -119,14 +119,7 @@ int main(int argc, char **argv)
     }
     /* The controller is gone, killed or at its normal exit.  Leave "guard" for pyexec's own
      * directory (still not the caller's cgroup), so that "guard" empties once the guardians go. */
-    for (int i = 0; i < n; i++) {
-        int procs = openat(parents[i], "cgroup.procs", O_WRONLY | O_CLOEXEC);
-        if (procs >= 0) {
-            ssize_t w = write(procs, "0", 1);
-            (void)w; /* if it fails, "guard" stays populated: the next warden's sweep removes it */
-            close(procs);
-        }
-    }
+    px_helper_leave(argv[1], argv + 3, argc - 3);
     /* After a normal exit nothing is "run-*", and "done" is kept while a daemon lives in it. */
     for (int i = 0; i < n; i++)
         sweep(parents[i], argv[1]);

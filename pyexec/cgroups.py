@@ -107,11 +107,12 @@ class Warden:
                     raise
                 continue  # a hierarchy we may not write (a read-only name=systemd): stay in the caller's
             self.guards.append(guard)
-        used = [os.path.dirname(os.path.dirname(g)) for g in self.guards]
+        # pyexec's directory in each hierarchy used: a helper's argv, where it moves and cleans up at its end
+        self.parents = [os.path.dirname(os.path.dirname(g)) for g in self.guards]
         with self.guard_fds() as fds:
             # It is never waited for (it outlives us by design), so its fds are of no use here.
-            native.default().spawn_helper([WARDEN, str(self.pid), str(native.life_fd()), *used], path=WARDEN,
-                                          cgroup_fds=fds).close()
+            native.default().spawn_helper([WARDEN, str(self.pid), str(native.life_fd()), *self.parents],
+                                          path=WARDEN, cgroup_fds=fds).close()
 
     @contextlib.contextmanager
     def guard_fds(self) -> Iterator[list[int]]:
@@ -140,12 +141,13 @@ class Warden:
 
 
 @contextlib.contextmanager
-def helper_cgroups() -> Iterator[list[int]]:
-    """The fds of this process's helpers' leaves (empty without a usable cgroup), for the with-block:
-    where a guardian is spawned, outside the caller's cgroup."""
+def helper_cgroups() -> Iterator[tuple[list[int], list[str]]]:
+    """Where a guardian starts, outside the caller's cgroup: the fds of this process's helpers' leaves
+    (open for the with-block) and pyexec's directory in each hierarchy; empty lists without a
+    usable cgroup."""
     warden = Warden.get()
     if warden is None:
-        yield []
+        yield [], []
         return
     with warden.guard_fds() as fds:
-        yield fds
+        yield fds, warden.parents

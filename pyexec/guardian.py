@@ -18,9 +18,9 @@ class Guardian:
     def __init__(self, nat: native.Native, page: native.SetBuffer, page_fd: int, journal: str):
         self.nat = nat
         # In pyexec's own cgroup (cgroups.py): a kill or freeze of the caller's does not reach it.
-        with cgroups.helper_cgroups() as cg:
-            self.proc = nat.spawn_helper([GUARDIAN, str(os.getpid()), str(native.life_fd()), journal], GUARDIAN,
-                                         exec_fd=page_fd, cgroup_fds=cg)
+        with cgroups.helper_cgroups() as (fds, parents):
+            self.proc = nat.spawn_helper([GUARDIAN, str(os.getpid()), str(native.life_fd()), journal, *parents],
+                                         GUARDIAN, exec_fd=page_fd, cgroup_fds=fds)
         self.page = page
         self.lost = False
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
