@@ -122,7 +122,9 @@ int main(int argc, char **argv)
     if (argc >= 4 && !any_ours(s))
         unlink(argv[3]);
     /* Nothing left to guard: leave pyexec's cgroup "guard" (argv[4...]: its hierarchies' pyexec
-     * directories) and remove it if the warden has gone already. */
-    px_helper_leave(argv[1], argv + 4, argc > 4 ? argc - 4 : 0);
+     * directories) and remove it if the warden is done.  Only once the controller has exited (we
+     * have been reparented), never while a controller that we could not watch still uses it. */
+    if (getppid() != ctl)
+        px_helper_leave(argv[1], argv + 4, argc > 4 ? argc - 4 : 0);
     return 0;
 }

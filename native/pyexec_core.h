@@ -204,11 +204,10 @@ int px_cgroup_is_v1(int cgroup_fd);
  * is empty or the deadline passes.  For the warden; scripts are killed by px_kill_tree. */
 int px_cgroup_kill(int cgroup_fd, int64_t deadline_ns);
 
-/* A helper's last act once its controller is gone (the guardian, the warden): move into each of
- * parents (<mount>/pyexec, pyexec's directory in each hierarchy), then remove <parent>/<ctl>/guard
- * and <parent>/<ctl> where they are empty.  Whoever of the warden and the guardians leaves last
- * removes them (a cgroup v1 machine without pidfd_open gives the warden no way to await the
- * guardians). */
+/* A guardian's last act once its controller is gone: move into each of parents (<mount>/pyexec,
+ * pyexec's directory in each hierarchy, where the warden lives), then remove <parent>/<ctl>/guard
+ * and <parent>/<ctl> where they are empty.  Whoever of the warden and the guardians is last removes
+ * them (a cgroup v1 machine without pidfd_open gives the warden no way to await the guardians). */
 void px_helper_leave(const char *ctl, char *const parents[], int n);
 
 /* Wait until a cgroup is empty (0) or the deadline passes (-ETIMEDOUT): an event on v2

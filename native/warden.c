@@ -5,18 +5,19 @@
  * controller's pid as argv[1], its life pipe as argv[2], and pyexec's directory (<mount>/pyexec)
  * in each cgroup hierarchy it uses as argv[3...]: the scripts' (cgroup v2, else the v1 freezer)
  * and those a kill of the caller's cgroup can come through (the v1 freezer, name=systemd).  The
- * controller's directory in each is <pid>, and its leaf "guard" holds this warden and the
- * controller's thaw guardians, spawned into it (px_spawn_helper): a kill of the caller's cgroup
- * (cgroup.kill, systemd's kill of a unit, an OOM group kill, a v1 freezer-based kill) does not
- * reach them, and its freeze does not stop them.
+ * warden lives in those directories (px_spawn_helper puts it there before it runs); the
+ * controller's directory in each is <pid>, made after the warden runs so that no moment leaves it
+ * unwatched, and its leaf "guard" holds the controller's thaw guardians.  Neither is in the
+ * caller's cgroup: a kill of that cgroup (cgroup.kill, systemd's kill of a unit, an OOM group
+ * kill, a v1 freezer-based kill) does not reach them, and its freeze does not stop them.
  * A running script lives in a leaf cgroup named "run-<n>"; when it ends the controller moves what
  * it left running into the sibling "done" and removes the leaf (cgroup v2 refuses renames).  The
  * warden leaves "done" alone, since a post-script may have started a daemon on purpose.  The
  * warden sleeps on the controller's pidfd (or life pipe); when the controller is gone (killed, or
- * at its normal exit, when no "run-*" is left) it moves itself up into <mount>/pyexec, kills every
- * "run-*" cgroup's whole tree, waits (bounded) for the guardians to thaw and leave "guard", removes
- * the empty leaves and the directory, and exits.  At its start it sweeps the directories of
- * controllers that died unwatched. */
+ * at its normal exit, when no "run-*" is left) it kills every "run-*" cgroup's whole tree, waits
+ * (bounded) for the guardians to thaw and leave "guard", removes the empty leaves and the
+ * directory, and exits.  At its start it sweeps the directories of controllers that died
+ * unwatched. */
 #define _GNU_SOURCE
 #include "pyexec_core.h"
 
@@ -117,10 +118,7 @@ int main(int argc, char **argv)
         while (poll(&pf, 1, -1) < 0 && errno == EINTR)
             ;
     }
-    /* The controller is gone, killed or at its normal exit.  Leave "guard" for pyexec's own
-     * directory (still not the caller's cgroup), so that "guard" empties once the guardians go. */
-    px_helper_leave(argv[1], argv + 3, argc - 3);
-    /* After a normal exit nothing is "run-*", and "done" is kept while a daemon lives in it. */
+    /* The controller is gone, killed or at its normal exit.  After a normal exit nothing is "run-*", and "done" is kept while a daemon lives in it. */
     for (int i = 0; i < n; i++)
         sweep(parents[i], argv[1]);
     int64_t deadline = px_now_ns() + GUARDIANS_WAIT_NS;

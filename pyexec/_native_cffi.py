@@ -61,6 +61,7 @@ class _FFI(Protocol):
 
 class _Lib(Protocol):
     PX_MAX_MOUNTS: int
+    PX_MAX_CGROUPS: int
 
     def px_probe(self, f: _Features) -> int: ...
     def px_now_ns(self) -> int: ...

@@ -5,10 +5,11 @@ removes the directories when this process ends, however it ends (native/warden.c
 Layout, in each hierarchy pyexec uses (<mount>/pyexec/<pid>/...):
   run-N   a running script (the scripts' hierarchy only: cgroup v2, else the v1 freezer)
   done    what a finished script left running on purpose (a post-script's daemon)
-  guard   the warden and the thaw guardians: never in the caller's cgroup, so a kill of that cgroup
-          (cgroup.kill, systemd's kill of the unit, an OOM group kill, a container's or v1 freezer's
-          kill) or its freeze leaves them to thaw and to kill the scripts.
-The hierarchies: cgroup v2, the v1 freezer, and v1 name=systemd (a v1 systemd kills a unit by it)."""
+  guard   the thaw guardians
+and the warden lives in <mount>/pyexec itself.  Neither is in the caller's cgroup, so a kill of that
+cgroup (cgroup.kill, systemd's kill of the unit, an OOM group kill, a container's or a v1 freezer-based
+kill) or its freeze leaves them to thaw and to kill the scripts.  The hierarchies: cgroup v2, the v1
+freezer, and v1 name=systemd (a v1 or hybrid systemd finds a unit's processes there)."""
 from __future__ import annotations
 
 import contextlib
@@ -85,34 +86,41 @@ def hierarchies() -> list[str]:
 
 class Warden:
     """This process's cgroup directories and the warden that empties and removes them when this
-    process ends, however it ends (native/warden.c); the warden and the guardians live in the
-    directories' "guard" leaves."""
+    process ends, however it ends (native/warden.c).  The warden lives in pyexec's directory of each
+    hierarchy, the guardians in this process's "guard" leaves."""
 
     _lock = threading.Lock()
     _current: "Warden | None" = None
 
     def __init__(self, roots: list[str]):
         self.pid = os.getpid()
-        parents = [os.path.join(r, "pyexec") for r in roots]
-        self.path = os.path.join(parents[0], str(self.pid))  # the scripts' directory
-        # Every directory before the warden, which starts inside the guard leaves: a kill in between
-        # leaves empty directories, which the next warden's sweep of dead controllers removes.
-        self.guards: list[str] = []
-        for parent in parents:
-            guard = os.path.join(parent, str(self.pid), GUARD)
+        # pyexec's directory in each hierarchy (a read-only name=systemd is skipped: the helpers stay
+        # in the caller's cgroup there): where the warden lives, and what it sweeps.
+        self.parents: list[str] = []
+        for root in roots:
+            parent = os.path.join(root, "pyexec")
             try:
-                os.makedirs(guard, exist_ok=True)
+                os.makedirs(parent, exist_ok=True)
             except OSError:
-                if parent == parents[0]:
+                if root == roots[0]:
                     raise
-                continue  # a hierarchy we may not write (a read-only name=systemd): stay in the caller's
-            self.guards.append(guard)
-        # pyexec's directory in each hierarchy used: a helper's argv, where it moves and cleans up at its end
-        self.parents = [os.path.dirname(os.path.dirname(g)) for g in self.guards]
-        with self.guard_fds() as fds:
+                continue
+            self.parents.append(parent)
+        self.path = os.path.join(self.parents[0], str(self.pid))  # the scripts' directory
+        fds: list[int] = []
+        try:
+            for parent in self.parents:
+                fds.append(os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+            # The warden first, then our directories: a kill in between leaves nothing unwatched.
             # It is never waited for (it outlives us by design), so its fds are of no use here.
             native.default().spawn_helper([WARDEN, str(self.pid), str(native.life_fd()), *self.parents],
                                           path=WARDEN, cgroup_fds=fds).close()
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self.guards = [os.path.join(parent, str(self.pid), GUARD) for parent in self.parents]
+        for guard in self.guards:
+            os.makedirs(guard, exist_ok=True)
 
     @contextlib.contextmanager
     def guard_fds(self) -> Iterator[list[int]]:
