@@ -266,9 +266,8 @@ static int spawn_clone(const char *path, int exec_fd, char *const argv[], char *
     long r = -1;
     int e = 0;
     _Alignas(16) char stack[CHILD_STACK_SIZE];
-    struct child_args a = {path, exec_fd, out_w, err_w, -1, -1, {-1, -1, -1, -1}, 0,
-                           f->close_range_cloexec, 0, argv, envp};
-    _Static_assert(PX_MAX_CGROUPS == 4, "the initializer above lists PX_MAX_CGROUPS fds");
+    struct child_args a = {.path = path, .exec_fd = exec_fd, .out_w = out_w, .err_w = err_w, .devnull = -1,
+                           .ep_w = -1, .close_range_ok = f->close_range_cloexec, .argv = argv, .envp = envp};
     *pidfd = -1;
     if (n_cg < 0 || n_cg > PX_MAX_CGROUPS)
         return -EINVAL;

@@ -40,7 +40,7 @@ cdef extern from "pyexec_core.h" nogil:
     int px_rcu_restore(px_set *s)
     int px_spawn(const char *path, int exec_fd, char *const *argv, char *const *envp,
                  int cgroup_fd, px_proc *p)
-    int PX_MAX_CGROUPS
+    enum: PX_MAX_CGROUPS
     int px_spawn_helper(const char *path, int exec_fd, char *const *argv, char *const *envp,
                         const int32_t *cgroup_fds, int32_t n, px_proc *p)
     int px_wait(const px_proc *p, int64_t deadline_ns, int cancel_fd, px_capture *out,
@@ -170,10 +170,10 @@ def spawn_helper(path, int exec_fd, list argv, list env, list cgroup_fds):
     cdef char **cenv = NULL
     cdef const char *cpath = NULL
     cdef bytes bpath = None
-    cdef int32_t fds[4]
+    cdef int32_t fds[PX_MAX_CGROUPS]
     cdef int32_t n = len(cgroup_fds)
     cdef int rc
-    if n > PX_MAX_CGROUPS or n > 4:
+    if n > PX_MAX_CGROUPS:
         raise ValueError(f"at most {PX_MAX_CGROUPS} cgroups")
     for i, fd in enumerate(cgroup_fds):
         fds[i] = fd

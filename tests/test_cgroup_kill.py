@@ -24,7 +24,7 @@ import orjson
 import pytest
 
 from helpers import needs_root, procs_matching
-from pyexec import cgroups
+from pyexec import cgroups, native
 from test_config_trust import make, write_setup
 from test_freeze_window import writable_within
 from test_kill_storm import gone_within, guardian_of
@@ -338,3 +338,53 @@ def test_kill_of_the_callers_cgroup_at_random_instants(tmp_path, mounts, caller)
                 run.proc.wait()
         finally:
             c.close()
+
+
+def test_spawn_helper_starts_inside_every_cgroup_and_outlives_its_spawner(nat, tmp_path):
+    """px_spawn_helper, with each binding: the child is inside every cgroup given (one per hierarchy:
+    cgroup v2, the v1 freezer, name=systemd) before its first instruction, and lives on when the
+    process that spawned it is SIGKILLed while it is in a v1 cgroup it joined itself (a script
+    joined that way would die with it: PR_SET_PDEATHSIG)."""
+    name = f"pxhelper-{uuid.uuid4().hex[:8]}"
+    dirs = [os.path.join(r, name) for r in ROOTS]
+    keys = [_hier(d) for d in dirs]
+    for d in dirs:
+        os.mkdir(d)
+    fds = [os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) for d in dirs]
+    orphan = None
+    try:
+        out = nat.new_capture()
+        p = nat.spawn_helper(["/bin/cat", "/proc/self/cgroup"], "/bin/cat", cgroup_fds=fds)
+        try:
+            st = nat.wait(p, out=out)
+        finally:
+            p.close()
+        assert st is not None and st.code == 0
+        where = {ln.split(":", 2)[1]: ln.split(":", 2)[2] for ln in native.read_capture(out).data.decode().splitlines()}
+        assert [where[k] for k in keys] == [f"/{name}"] * len(keys), where
+        freezer = dirs[ROOTS.index(cgroups.freezer_v1_root())]
+        code = ("import os, sys; from pyexec import native\n"
+                "fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)\n"
+                "p = native.load(sys.argv[2]).spawn_helper(['/bin/sleep', '60'], '/bin/sleep', cgroup_fds=[fd])\n"
+                "print(p.pid, flush=True)\n"
+                "os.kill(os.getpid(), 9)\n")
+        r = subprocess.run([sys.executable, "-c", code, freezer, nat.name], capture_output=True, text=True, cwd="/",
+                           timeout=60)
+        assert r.returncode == -signal.SIGKILL, r.stderr
+        orphan = int(r.stdout)
+        # The kernel sends PR_SET_PDEATHSIG's signal as the spawner exits, before it is reaped; give
+        # that SIGKILL a moment to finish the process.
+        time.sleep(0.2)
+        with open(f"/proc/{orphan}/stat", "rb") as f:
+            assert f.read().rpartition(b")")[2].split()[0] != b"Z", "the helper died with its spawner"
+        assert _cgroups_of(orphan)["freezer"] == f"/{name}"
+    finally:
+        for fd in fds:
+            os.close(fd)
+        if orphan is not None:
+            os.kill(orphan, signal.SIGKILL)
+            deadline = time.monotonic() + SLACK_S
+            while _procs_under(dirs) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        for d in dirs:
+            os.rmdir(d)
