@@ -202,7 +202,7 @@ int px_cgroup_wait_empty(int cgroup_fd, int64_t deadline_ns)
 void px_helper_leave(const char *ctl, char *const parents[], int n)
 {
     char guard[64];
-    snprintf(guard, sizeof(guard), "%s/guard", ctl);
+    snprintf(guard, sizeof(guard), "%s/" PX_GUARD_LEAF, ctl);
     for (int i = 0; i < n; i++) {
         int parent = open(parents[i], O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         if (parent < 0)

@@ -209,6 +209,8 @@ int px_cgroup_kill(int cgroup_fd, int64_t deadline_ns);
  * and <parent>/<ctl> where they are empty.  Whoever of the warden and the guardians is last removes
  * them (a cgroup v1 machine without pidfd_open gives the warden no way to await the guardians). */
 void px_helper_leave(const char *ctl, char *const parents[], int n);
+/* The guardians' leaf in a controller's cgroup directory (pyexec/cgroups.py's GUARD). */
+#define PX_GUARD_LEAF "guard"
 
 /* Wait until a cgroup is empty (0) or the deadline passes (-ETIMEDOUT): an event on v2
  * (cgroup.events); on v1 the pidfds of the pids it lists (-ENOSYS without pidfd_open).  For the

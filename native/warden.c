@@ -36,7 +36,6 @@
 /* A guardian whose controller died thaws at once and exits; past this the directory is left to
  * the next warden's sweep of dead controllers. */
 #define GUARDIANS_WAIT_NS 10000000000LL
-#define GUARD "guard"
 
 /* Kill what runs in <parent>/<name>/run-*, then remove the empty leaves and the directory. */
 static void sweep(int parent, const char *name)
@@ -49,7 +48,7 @@ static void sweep(int parent, const char *name)
         struct dirent *e;
         while ((e = readdir(d)) != NULL) {
             int running = strncmp(e->d_name, "run-", 4) == 0;
-            if (!running && strcmp(e->d_name, "done") != 0 && strcmp(e->d_name, GUARD) != 0)
+            if (!running && strcmp(e->d_name, "done") != 0 && strcmp(e->d_name, PX_GUARD_LEAF) != 0)
                 continue;
             if (running) {
                 int cg = openat(dir, e->d_name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -90,7 +89,7 @@ static void sweep_dead(int parent, pid_t self_ctl)
 static int wait_guardians(int parent, const char *name, int64_t deadline_ns)
 {
     char path[64];
-    snprintf(path, sizeof(path), "%s/" GUARD, name);
+    snprintf(path, sizeof(path), "%s/" PX_GUARD_LEAF, name);
     int fd = openat(parent, path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0)
         return 0;
@@ -118,7 +117,8 @@ int main(int argc, char **argv)
         while (poll(&pf, 1, -1) < 0 && errno == EINTR)
             ;
     }
-    /* The controller is gone, killed or at its normal exit.  After a normal exit nothing is "run-*", and "done" is kept while a daemon lives in it. */
+    /* The controller is gone, killed or at its normal exit.  After a normal exit nothing is
+     * "run-*", and "done" is kept while a daemon lives in it. */
     for (int i = 0; i < n; i++)
         sweep(parents[i], argv[1]);
     int64_t deadline = px_now_ns() + GUARDIANS_WAIT_NS;

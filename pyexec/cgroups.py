@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pyexec import native
 
 WARDEN = os.path.join(os.path.dirname(__file__), "pyexec-warden")
-GUARD = "guard"  # the helpers' leaf (native/warden.c says the same)
+GUARD = "guard"  # the guardians' leaf (PX_GUARD_LEAF in native/pyexec_core.h, for the C programs)
 
 
 def _disabled(name: str) -> bool:
@@ -118,17 +118,30 @@ class Warden:
         finally:
             for fd in fds:
                 os.close(fd)
-        self.guards = [os.path.join(parent, str(self.pid), GUARD) for parent in self.parents]
-        for guard in self.guards:
-            os.makedirs(guard, exist_ok=True)
+        self.guards: list[str] = []
+        for parent in self.parents:
+            guard = os.path.join(parent, str(self.pid), GUARD)
+            try:
+                os.makedirs(guard, exist_ok=True)
+            except OSError:
+                if parent == self.parents[0]:
+                    raise
+                continue
+            self.guards.append(guard)
 
     @contextlib.contextmanager
     def guard_fds(self) -> Iterator[list[int]]:
-        """The helpers' leaves, open (for px_spawn_helper) for the with-block."""
+        """The guardians' leaves, open (for px_spawn_helper) for the with-block; none if one cannot
+        be opened (removed by hand): the guardian then starts in the caller's cgroup rather than not."""
         fds: list[int] = []
         try:
-            for g in self.guards:
-                fds.append(os.open(g, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+            try:
+                for g in self.guards:
+                    fds.append(os.open(g, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+            except OSError:
+                for fd in fds:
+                    os.close(fd)
+                fds = []
             yield fds
         finally:
             for fd in fds:
@@ -150,8 +163,8 @@ class Warden:
 
 @contextlib.contextmanager
 def helper_cgroups() -> Iterator[tuple[list[int], list[str]]]:
-    """Where a guardian starts, outside the caller's cgroup: the fds of this process's helpers' leaves
-    (open for the with-block) and pyexec's directory in each hierarchy; empty lists without a
+    """Where a guardian starts, outside the caller's cgroup: the fds of this process's guardians'
+    leaves (open for the with-block) and pyexec's directory in each hierarchy; empty lists without a
     usable cgroup."""
     warden = Warden.get()
     if warden is None:
