@@ -10,6 +10,7 @@ the bound, no script is left, and their cgroups go once they are done.  Each ker
 and the v1 freezer with and without pidfds."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pathlib
@@ -351,7 +352,6 @@ def test_spawn_helper_starts_inside_every_cgroup_and_outlives_its_spawner(nat, t
     for d in dirs:
         os.mkdir(d)
     fds = [os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) for d in dirs]
-    orphan = None
     try:
         out = nat.new_capture()
         p = nat.spawn_helper(["/bin/cat", "/proc/self/cgroup"], "/bin/cat", cgroup_fds=fds)
@@ -381,10 +381,11 @@ def test_spawn_helper_starts_inside_every_cgroup_and_outlives_its_spawner(nat, t
     finally:
         for fd in fds:
             os.close(fd)
-        if orphan is not None:
-            os.kill(orphan, signal.SIGKILL)
-            deadline = time.monotonic() + SLACK_S
-            while _procs_under(dirs) and time.monotonic() < deadline:
-                time.sleep(0.01)
+        deadline = time.monotonic() + SLACK_S
+        while _procs_under(dirs) and time.monotonic() < deadline:  # the orphan, or whatever a failure left
+            for pid in _procs_under(dirs):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            time.sleep(0.01)
         for d in dirs:
             os.rmdir(d)
