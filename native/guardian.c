@@ -14,7 +14,9 @@
  * returns and sees the guardian fired.  If the controller dies instead (a process dies only once
  * its ioctl has returned), nothing is in flight any more and the guardian thaws it.
  * argv[3], if given, is the run's journal: once the guardian has thawed everything, it removes it,
- * so that a journal left behind always means that nobody thawed (what `pyexec recover` looks for). */
+ * so that a journal left behind always means that nobody thawed (what `pyexec recover` looks for).
+ * It runs in pyexec's own cgroups (argv[4...]: <mount>/pyexec of each hierarchy; see warden.c), out of
+ * reach of a kill or a freeze of the caller's cgroup. */
 #define _GNU_SOURCE
 #include "pyexec_core.h"
 
@@ -65,7 +67,7 @@ static int any_ours(px_set *s)
 
 int main(int argc, char **argv)
 {
-    if (argc != 3 && argc != 4)
+    if (argc < 3)
         return 2;
     pid_t ctl = (pid_t)atoi(argv[1]);
     px_set *s = mmap(NULL, sizeof(px_set), PROT_READ | PROT_WRITE, MAP_SHARED, PAGE_FD, 0);
@@ -117,7 +119,12 @@ int main(int argc, char **argv)
         px_thaw(s, PX_THAW_GUARDIAN_FDS | PX_THAW_IN_FLIGHT);
         px_rcu_restore(s);
     }
-    if (argc == 4 && !any_ours(s))
+    if (argc >= 4 && !any_ours(s))
         unlink(argv[3]);
+    /* Nothing left to guard: leave pyexec's cgroup "guard" (argv[4...]: its hierarchies' pyexec
+     * directories) and remove it if the warden is done.  Only once the controller has exited (we
+     * have been reparented), never while a controller that we could not watch still uses it. */
+    if (getppid() != ctl)
+        px_helper_leave(argv[1], argv + 4, argc > 4 ? argc - 4 : 0);
     return 0;
 }

@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/statfs.h>
@@ -72,9 +73,9 @@ static int write_file(int dir_fd, const char *name, const char *val)
     return rc;
 }
 
-/* SIGKILL every pid listed in the cgroup's cgroup.procs, keeping up to max of them in pids (if
- * given); the count killed, or -errno. */
-static int kill_listed(int cgroup_fd, pid_t *pids, int max)
+/* Send sig to every pid listed in the cgroup's cgroup.procs (0: only check that it lives), keeping
+ * up to max of them in pids (if given); the count signalled, or -errno. */
+static int signal_listed(int cgroup_fd, int sig, pid_t *pids, int max)
 {
     char buf[4096];
     int fd = openat(cgroup_fd, "cgroup.procs", O_RDONLY | O_CLOEXEC);
@@ -90,7 +91,7 @@ static int kill_listed(int cgroup_fd, pid_t *pids, int max)
         while ((nl = strchr(line, '\n')) != NULL) {
             *nl = 0;
             long pid = strtol(line, NULL, 10);
-            if (pid > 0 && kill((pid_t)pid, SIGKILL) == 0) {
+            if (pid > 0 && kill((pid_t)pid, sig) == 0) {
                 if (pids && n < max)
                     pids[n] = (pid_t)pid;
                 n++;
@@ -136,7 +137,7 @@ static int v1_kill_all(int cgroup_fd, int64_t deadline_ns)
     pid_t pids[MAX_LISTED];
     for (int pass = 0; pass < KILL_PASSES && px_now_ns() < deadline_ns; pass++) {
         int frozen = write_file(cgroup_fd, "freezer.state", "FROZEN") == 0;
-        int n = kill_listed(cgroup_fd, pids, MAX_LISTED);
+        int n = signal_listed(cgroup_fd, SIGKILL, pids, MAX_LISTED);
         if (frozen)
             write_file(cgroup_fd, "freezer.state", "THAWED");
         if (n <= 0)
@@ -161,11 +162,11 @@ static void cgroup_kill_all(int cgroup_fd, int64_t deadline_ns)
         return;
     if (f->cgroup_freeze && write_file(cgroup_fd, "cgroup.freeze", "1") == 0) {
         cgroup_events_wait(cgroup_fd, "frozen 1", deadline_ns);
-        kill_listed(cgroup_fd, NULL, 0);
+        signal_listed(cgroup_fd, SIGKILL, NULL, 0);
         write_file(cgroup_fd, "cgroup.freeze", "0"); /* SIGKILL takes effect on the thaw */
         return;
     }
-    kill_listed(cgroup_fd, NULL, 0);
+    signal_listed(cgroup_fd, SIGKILL, NULL, 0);
 }
 
 /* Wait until the cgroup is empty: an event on v2; on v1 the kill passes have waited already. */
@@ -180,6 +181,38 @@ int px_cgroup_kill(int cgroup_fd, int64_t deadline_ns)
     cgroup_kill_all(cgroup_fd, deadline_ns);
     cgroup_wait_empty(cgroup_fd, deadline_ns);
     return 0;
+}
+
+int px_cgroup_wait_empty(int cgroup_fd, int64_t deadline_ns)
+{
+    if (!px_cgroup_is_v1(cgroup_fd))
+        return cgroup_events_wait(cgroup_fd, "populated 0", deadline_ns);
+    /* v1 has no emptiness event: await the exit of each pid it lists, on its pidfd.  One pass:
+     * nothing joins a cgroup the warden waits on (its controller is gone). */
+    pid_t pids[MAX_LISTED];
+    int n = signal_listed(cgroup_fd, 0, pids, MAX_LISTED);
+    if (n <= 0)
+        return n;
+    if (!px_features_get()->pidfd_open)
+        return -ENOSYS;
+    wait_pids_gone(pids, n < MAX_LISTED ? n : MAX_LISTED, deadline_ns);
+    return signal_listed(cgroup_fd, 0, NULL, 0) == 0 ? 0 : -ETIMEDOUT;
+}
+
+void px_helper_leave(const char *ctl, char *const parents[], int n)
+{
+    char guard[64];
+    snprintf(guard, sizeof(guard), "%s/" PX_GUARD_LEAF, ctl);
+    for (int i = 0; i < n; i++) {
+        int parent = open(parents[i], O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (parent < 0)
+            continue;
+        /* If the move fails, "guard" stays populated: the next warden's sweep removes it. */
+        write_file(parent, "cgroup.procs", "0");
+        unlinkat(parent, guard, AT_REMOVEDIR);
+        unlinkat(parent, ctl, AT_REMOVEDIR); /* fails while a script, a daemon or a helper is left */
+        close(parent);
+    }
 }
 
 int px_kill_tree(const px_proc *p, int cgroup_fd, int64_t grace_ns, int64_t kill_wait_ns,

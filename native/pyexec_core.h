@@ -155,6 +155,13 @@ int px_rcu_restore(px_set *s);
 #define PX_SPAWN_DIE_WITH_PARENT (-2)
 int px_spawn(const char *path, int exec_fd, char *const argv[], char *const envp[],
              int cgroup_fd, px_proc *p);
+/* Spawn a helper that must outlive the caller and the caller's cgroup (the guardian, the warden):
+ * as px_spawn, but inside every cgroup of cgroup_fds (pyexec's own, one per hierarchy) before any
+ * of it runs: a cgroup v2 directory by clone3 CLONE_INTO_CGROUP (5.7), the others (all of them on
+ * older kernels) joined by the child before it execs.  Never killed with the caller. */
+#define PX_MAX_CGROUPS 4
+int px_spawn_helper(const char *path, int exec_fd, char *const argv[], char *const envp[],
+                    const int32_t *cgroup_fds, int32_t n, px_proc *p);
 /* Drain output until the process exits (then reap it), deadline_ns passes (-ETIMEDOUT,
  * not reaped) or cancel_fd (if >= 0) is readable (-ECANCELED, not reaped; cancel_fd is not
  * read, so every wait on it wakes).  deadline_ns < 0: no deadline. */
@@ -196,5 +203,18 @@ int px_cgroup_is_v1(int cgroup_fd);
 /* SIGKILL every process in a cgroup and its descendants (cgroup.kill), then wait until it
  * is empty or the deadline passes.  For the warden; scripts are killed by px_kill_tree. */
 int px_cgroup_kill(int cgroup_fd, int64_t deadline_ns);
+
+/* A guardian's last act once its controller is gone: move into each of parents (<mount>/pyexec,
+ * pyexec's directory in each hierarchy, where the warden lives), then remove <parent>/<ctl>/guard
+ * and <parent>/<ctl> where they are empty.  Whoever of the warden and the guardians is last removes
+ * them (a cgroup v1 machine without pidfd_open gives the warden no way to await the guardians). */
+void px_helper_leave(const char *ctl, char *const parents[], int n);
+/* The guardians' leaf in a controller's cgroup directory (pyexec/cgroups.py's GUARD). */
+#define PX_GUARD_LEAF "guard"
+
+/* Wait until a cgroup is empty (0) or the deadline passes (-ETIMEDOUT): an event on v2
+ * (cgroup.events); on v1 the pidfds of the pids it lists (-ENOSYS without pidfd_open).  For the
+ * warden, waiting for the guardians to leave. */
+int px_cgroup_wait_empty(int cgroup_fd, int64_t deadline_ns);
 
 #endif

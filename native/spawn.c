@@ -128,10 +128,19 @@ done:
 /* What the vfork child needs between clone and execve. */
 struct child_args {
     const char *path;
-    int exec_fd, out_w, err_w, devnull, ep_w, cg_procs;
+    int exec_fd, out_w, err_w, devnull, ep_w;
+    int cg_procs[PX_MAX_CGROUPS]; /* cgroup.procs of each cgroup the child joins itself */
+    int n_cg_procs;
     int close_range_ok;
     pid_t die_with; /* > 0: SIGKILL the child when this parent dies (no cgroup to kill it by) */
     char *const *argv, *const *envp;
+};
+
+/* How a child is placed and whether it dies with us. */
+enum spawn_mode {
+    SPAWN_SCRIPT,          /* in its cgroup (if any); dies with us only while it joins it itself */
+    SPAWN_DIE_WITH_PARENT, /* in no cgroup: the kernel kills it when the calling thread dies */
+    SPAWN_HELPER,          /* outlives us: never killed with us */
 };
 
 /* Mark every fd from `low` up close-on-exec without close_range (kernel < 5.11): walk
@@ -183,9 +192,10 @@ static int child_exec(void *arg)
      * and setsid'd descendants can escape: README).  The parent may have died already. */
     if (a->die_with > 0 && (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0 || getppid() != a->die_with))
         goto fail;
-    /* Join the cgroup first, before anything of the script runs (without CLONE_INTO_CGROUP). */
-    if (a->cg_procs >= 0 && write(a->cg_procs, "0", 1) != 1)
-        goto fail;
+    /* Join the cgroups first, before anything of the program runs (without CLONE_INTO_CGROUP). */
+    for (int i = 0; i < a->n_cg_procs; i++)
+        if (write(a->cg_procs[i], "0", 1) != 1)
+            goto fail;
     if (setsid() < 0 || chdir("/") < 0)
         goto fail;
     if (dup2(a->devnull, 0) < 0 || dup2(a->out_w, 1) < 0 || dup2(a->err_w, 2) < 0)
@@ -243,54 +253,65 @@ static long clone3_on_stack(struct clone_args *ca, int (*fn)(void *), void *arg)
 }
 #endif
 
-/* The vfork child path: clone3 into the cgroup where the kernel can (5.7), else glibc's clone
- * with CLONE_VM|CLONE_VFORK and the child joining the cgroup itself.  *pidfd is the child's pidfd
- * when clone3 made one, else -1. */
+/* The vfork child path: clone3 into the cgroup v2 directory of cgroup_fds where the kernel can
+ * (5.7), the child joining the others (and that one, on older kernels) itself; else glibc's clone
+ * with CLONE_VM|CLONE_VFORK.  *pidfd is the child's pidfd when clone3 made one, else -1. */
 static int spawn_clone(const char *path, int exec_fd, char *const argv[], char *const envp[],
-                       int out_w, int err_w, int cgroup_fd, pid_t *pid, int *pidfd)
+                       int out_w, int err_w, const int32_t *cgroup_fds, int n_cg, enum spawn_mode mode,
+                       pid_t *pid, int *pidfd)
 {
     const px_features *f = px_features_get();
-    int ep_r = -1, ep_w = -1, devnull = -1, cg_procs = -1, rc;
+    int ep_r = -1, ep_w = -1, devnull = -1, rc;
     int child_pidfd = -1;
     long r = -1;
     int e = 0;
     _Alignas(16) char stack[CHILD_STACK_SIZE];
+    struct child_args a = {.path = path, .exec_fd = exec_fd, .out_w = out_w, .err_w = err_w, .devnull = -1,
+                           .ep_w = -1, .close_range_ok = f->close_range_cloexec, .argv = argv, .envp = envp};
     *pidfd = -1;
+    if (n_cg < 0 || n_cg > PX_MAX_CGROUPS)
+        return -EINVAL;
     if ((rc = make_pipe(&ep_r, &ep_w)) < 0)
         return rc;
-    devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    a.ep_w = ep_w;
+    devnull = a.devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
     if (devnull < 0) {
         rc = -errno;
         goto done;
     }
-    /* CLONE_INTO_CGROUP takes a cgroup v2 directory only; a v1 leaf is joined by the child. */
-    int use_clone3 = cgroup_fd >= 0 && f->clone3_cgroup && !px_cgroup_is_v1(cgroup_fd);
-    if (cgroup_fd >= 0 && !use_clone3) {
-        cg_procs = openat(cgroup_fd, "cgroup.procs", O_WRONLY | O_CLOEXEC);
-        if (cg_procs < 0) {
+    /* CLONE_INTO_CGROUP takes one cgroup v2 directory; v1 directories are joined by the child. */
+    int into = -1;
+    for (int i = 0; i < n_cg && f->clone3_cgroup && into < 0; i++)
+        if (!px_cgroup_is_v1(cgroup_fds[i]))
+            into = cgroup_fds[i];
+    for (int i = 0; i < n_cg; i++) {
+        if (cgroup_fds[i] == into)
+            continue;
+        int fd = openat(cgroup_fds[i], "cgroup.procs", O_WRONLY | O_CLOEXEC);
+        if (fd < 0) {
             rc = -errno;
             goto done;
         }
+        a.cg_procs[a.n_cg_procs++] = fd;
     }
-    /* A child that joins its cgroup itself is outside it for a moment: if we die then, the warden's
-     * sweep would miss it, so it dies with us instead (and without any cgroup it always does). */
-    int die_with_us = cgroup_fd == PX_SPAWN_DIE_WITH_PARENT || cg_procs >= 0;
-    struct child_args a = {path, exec_fd, out_w, err_w, devnull, ep_w, cg_procs,
-                           f->close_range_cloexec, die_with_us ? getpid() : 0, argv, envp};
-    if (cgroup_fd < 0)
-        cgroup_fd = -1;
+    /* A script that joins its cgroup itself is outside it for a moment: if we die then, the warden's
+     * sweep would miss it, so it dies with us instead (and without any cgroup it always does).  A
+     * helper must outlive us: the vfork child is suspended with us until it has joined, so a kill
+     * of our cgroup in that moment ends both before the helper has anything to do. */
+    int die_with_us = mode == SPAWN_DIE_WITH_PARENT || (mode == SPAWN_SCRIPT && a.n_cg_procs > 0);
+    a.die_with = die_with_us ? getpid() : 0;
     /* The child shares our memory until it execs: no handler of ours may run in it, so every
      * signal stays blocked across the clone (the child resets handlers, then unblocks). */
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    if (use_clone3) {
+    if (into >= 0) {
         struct clone_args ca;
         memset(&ca, 0, sizeof(ca));
         ca.flags = CLONE_PIDFD | CLONE_INTO_CGROUP | CLONE_VFORK;
         ca.pidfd = (uint64_t)(uintptr_t)&child_pidfd;
         ca.exit_signal = SIGCHLD;
-        ca.cgroup = (uint64_t)cgroup_fd;
+        ca.cgroup = (uint64_t)into;
 #if defined(__x86_64__)
         ca.flags |= CLONE_VM;
         ca.stack = (uint64_t)(uintptr_t)stack;
@@ -339,8 +360,8 @@ done:
         close(ep_w);
     if (devnull >= 0)
         close(devnull);
-    if (cg_procs >= 0)
-        close(cg_procs);
+    for (int i = 0; i < a.n_cg_procs; i++)
+        close(a.cg_procs[i]);
     return rc;
 }
 
@@ -400,8 +421,8 @@ static int exit_pipe(pid_t pid)
     return p[0];
 }
 
-int px_spawn(const char *path, int exec_fd, char *const argv[], char *const envp[],
-             int cgroup_fd, px_proc *p)
+static int spawn_any(const char *path, int exec_fd, char *const argv[], char *const envp[],
+                     const int32_t *cgroup_fds, int n_cg, enum spawn_mode mode, px_proc *p)
 {
     int out_r = -1, out_w = -1, err_r = -1, err_w = -1, rc, pidfd = -1;
     pid_t pid = -1;
@@ -414,11 +435,11 @@ int px_spawn(const char *path, int exec_fd, char *const argv[], char *const envp
     if ((rc = make_pipe(&err_r, &err_w)) < 0)
         goto done;
 #if HAVE_SPAWN_CLOSEFROM
-    if (cgroup_fd == -1)
+    if (n_cg == 0 && mode == SPAWN_SCRIPT)
         rc = spawn_posix(path, exec_fd, argv, envp, out_w, err_w, &pid);
     else
 #endif
-        rc = spawn_clone(path, exec_fd, argv, envp, out_w, err_w, cgroup_fd, &pid, &pidfd);
+        rc = spawn_clone(path, exec_fd, argv, envp, out_w, err_w, cgroup_fds, n_cg, mode, &pid, &pidfd);
     if (rc < 0)
         goto done;
     if (pidfd < 0) {
@@ -446,4 +467,20 @@ done:
     if (err_r >= 0)
         close(err_r);
     return rc;
+}
+
+int px_spawn(const char *path, int exec_fd, char *const argv[], char *const envp[],
+             int cgroup_fd, px_proc *p)
+{
+    int32_t fd = cgroup_fd;
+    if (cgroup_fd >= 0)
+        return spawn_any(path, exec_fd, argv, envp, &fd, 1, SPAWN_SCRIPT, p);
+    return spawn_any(path, exec_fd, argv, envp, NULL, 0,
+                     cgroup_fd == PX_SPAWN_DIE_WITH_PARENT ? SPAWN_DIE_WITH_PARENT : SPAWN_SCRIPT, p);
+}
+
+int px_spawn_helper(const char *path, int exec_fd, char *const argv[], char *const envp[],
+                    const int32_t *cgroup_fds, int32_t n, px_proc *p)
+{
+    return spawn_any(path, exec_fd, argv, envp, cgroup_fds, n, SPAWN_HELPER, p);
 }

@@ -40,6 +40,9 @@ cdef extern from "pyexec_core.h" nogil:
     int px_rcu_restore(px_set *s)
     int px_spawn(const char *path, int exec_fd, char *const *argv, char *const *envp,
                  int cgroup_fd, px_proc *p)
+    enum: PX_MAX_CGROUPS
+    int px_spawn_helper(const char *path, int exec_fd, char *const *argv, char *const *envp,
+                        const int32_t *cgroup_fds, int32_t n, px_proc *p)
     int px_wait(const px_proc *p, int64_t deadline_ns, int cancel_fd, px_capture *out,
                 px_capture *err, px_status *st)
     int px_kill_tree(const px_proc *p, int cgroup_fd, int64_t grace_ns, int64_t kill_wait_ns,
@@ -152,6 +155,36 @@ def spawn(path, int exec_fd, list argv, list env, int cgroup_fd=-1):
         cenv = _strv(env)
         with nogil:
             rc = px_spawn(cpath, exec_fd, cargv, cenv, cgroup_fd, &p)
+    finally:
+        free(cargv)
+        free(cenv)
+    if rc < 0:
+        raise errors.oserror(-rc, "spawn", path if path is not None else argv[0])
+    return (p.pid, p.pidfd, p.out_fd, p.err_fd)
+
+
+def spawn_helper(path, int exec_fd, list argv, list env, list cgroup_fds):
+    """Spawn a helper into cgroup_fds; returns (pid, pidfd, out_fd, err_fd) or raises OSError."""
+    cdef px_proc p
+    cdef char **cargv = NULL
+    cdef char **cenv = NULL
+    cdef const char *cpath = NULL
+    cdef bytes bpath = None
+    cdef int32_t fds[PX_MAX_CGROUPS]
+    cdef int32_t n = len(cgroup_fds)
+    cdef int rc
+    if n > PX_MAX_CGROUPS:
+        raise ValueError(f"at most {PX_MAX_CGROUPS} cgroups")
+    for i, fd in enumerate(cgroup_fds):
+        fds[i] = fd
+    if path is not None:
+        bpath = path
+        cpath = bpath
+    cargv = _strv(argv)
+    try:
+        cenv = _strv(env)
+        with nogil:
+            rc = px_spawn_helper(cpath, exec_fd, cargv, cenv, fds, n, &p)
     finally:
         free(cargv)
         free(cenv)

@@ -61,6 +61,7 @@ class _FFI(Protocol):
 
 class _Lib(Protocol):
     PX_MAX_MOUNTS: int
+    PX_MAX_CGROUPS: int
 
     def px_probe(self, f: _Features) -> int: ...
     def px_now_ns(self) -> int: ...
@@ -70,6 +71,8 @@ class _Lib(Protocol):
     def px_rcu_restore(self, s: _CData) -> int: ...
     def px_spawn(self, path: bytes | _CData, exec_fd: int, argv: _CData, envp: _CData, cgroup_fd: int,
                  p: _Proc) -> int: ...
+    def px_spawn_helper(self, path: bytes | _CData, exec_fd: int, argv: _CData, envp: _CData, cgroup_fds: _CData,
+                        n: int, p: _Proc) -> int: ...
     def px_wait(self, p: _Proc, deadline_ns: int, cancel_fd: int, out: _CData, err: _CData, st: _Status) -> int: ...
     def px_kill_tree(self, p: _Proc, cgroup_fd: int, grace_ns: int, kill_wait_ns: int, out: _CData, err: _CData,
                      st: _Status) -> int: ...
@@ -153,6 +156,21 @@ def spawn(path: bytes | None, exec_fd: int, argv: list[bytes], env: list[bytes],
     cargv, _ka = _strv(argv)
     cenv, _ke = _strv(env)
     rc = lib.px_spawn(path if path is not None else ffi.NULL, exec_fd, cargv, cenv, cgroup_fd, p)
+    if rc < 0:
+        raise errors.oserror(-rc, "spawn", path if path is not None else argv[0])
+    return (p.pid, p.pidfd, p.out_fd, p.err_fd)
+
+
+def spawn_helper(path: bytes | None, exec_fd: int, argv: list[bytes], env: list[bytes],
+                 cgroup_fds: list[int]) -> ProcTuple:
+    """Spawn a helper into cgroup_fds; returns (pid, pidfd, out_fd, err_fd) or raises OSError."""
+    if len(cgroup_fds) > lib.PX_MAX_CGROUPS:
+        raise ValueError(f"at most {lib.PX_MAX_CGROUPS} cgroups")
+    p = ffi.new("px_proc *")
+    cargv, _ka = _strv(argv)
+    cenv, _ke = _strv(env)
+    fds = ffi.new("int32_t[]", cgroup_fds or [-1])
+    rc = lib.px_spawn_helper(path if path is not None else ffi.NULL, exec_fd, cargv, cenv, fds, len(cgroup_fds), p)
     if rc < 0:
         raise errors.oserror(-rc, "spawn", path if path is not None else argv[0])
     return (p.pid, p.pidfd, p.out_fd, p.err_fd)

@@ -7,7 +7,7 @@ import os
 import select
 import threading
 
-from pyexec import native
+from pyexec import cgroups, native
 
 GUARDIAN = os.path.join(os.path.dirname(__file__), "pyexec-guardian")
 
@@ -17,8 +17,10 @@ class Guardian:
 
     def __init__(self, nat: native.Native, page: native.SetBuffer, page_fd: int, journal: str):
         self.nat = nat
-        self.proc = nat.spawn([GUARDIAN, str(os.getpid()), str(native.life_fd()), journal], {}, path=GUARDIAN,
-                              exec_fd=page_fd)
+        # In pyexec's own cgroup (cgroups.py): a kill or freeze of the caller's does not reach it.
+        with cgroups.helper_cgroups() as (fds, parents):
+            self.proc = nat.spawn_helper([GUARDIAN, str(os.getpid()), str(native.life_fd()), journal, *parents],
+                                         GUARDIAN, exec_fd=page_fd, cgroup_fds=fds)
         self.page = page
         self.lost = False
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)

@@ -56,6 +56,8 @@ class Binding(Protocol):
     def rcu_restore(self, buf: SetBuffer) -> int: ...
     def spawn(self, path: bytes | None, exec_fd: int, argv: list[bytes], env: list[bytes],
               cgroup_fd: int = -1) -> ProcTuple: ...
+    def spawn_helper(self, path: bytes | None, exec_fd: int, argv: list[bytes], env: list[bytes],
+                     cgroup_fds: list[int]) -> ProcTuple: ...
     def wait(self, proc: ProcTuple, deadline_ns: int, cancel_fd: int, cap_out: bytearray | None,
              cap_err: bytearray | None) -> tuple[int, StatusTuple | None]: ...
     def kill_tree(self, proc: ProcTuple, cgroup_fd: int, grace_ns: int, kill_wait_ns: int,
@@ -276,6 +278,14 @@ class Native:
         benv = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
         bpath = os.fsencode(path) if path is not None else None
         return Proc(*self.mod.spawn(bpath, exec_fd, bargv, benv, cgroup_fd))
+
+    def spawn_helper(self, argv: Sequence[StrOrBytesPath], path: StrOrBytesPath, exec_fd: int = -1,
+                     cgroup_fds: Sequence[int] = ()) -> Proc:
+        """Spawn a helper that outlives this process and its cgroup (the guardian, the warden): as
+        spawn with no environment, started inside each of cgroup_fds (pyexec's own cgroups, one per
+        hierarchy) before any of it runs, never killed with us; OSError on exec failure."""
+        bargv = [os.fsencode(a) for a in argv]
+        return Proc(*self.mod.spawn_helper(os.fsencode(path), exec_fd, bargv, [], list(cgroup_fds)))
 
     def wait(self, proc: Proc, deadline_ns: int = -1, out: bytearray | None = None, err: bytearray | None = None,
              cancel_fd: int = -1) -> Status | None:

@@ -10,11 +10,11 @@ import os
 import pwd
 import shlex
 import shutil
-import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TypedDict
 
 from pyexec import identity, native, trust
+from pyexec.cgroups import Warden, cgroup_root, hierarchies
 from pyexec.errors import TABLE, PyexecError
 from pyexec.trust import TrustedFile
 
@@ -104,45 +104,6 @@ class ScriptResult:
         }
 
 
-def _disabled(name: str) -> bool:
-    return name in os.environ.get("PYEXEC_DISABLE", "").split(",")
-
-
-def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> str | None:
-    """Where cgroup v2 is mounted, or None (also when PYEXEC_DISABLE names cgroup2)."""
-    if _disabled("cgroup2"):
-        return None
-    with contextlib.suppress(OSError), open(mountinfo) as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if right.split()[:1] == ["cgroup2"]:
-                return left.split()[4]
-    return None
-
-
-def freezer_v1_root(mountinfo: str = "/proc/self/mountinfo") -> str | None:
-    """Where the cgroup v1 freezer hierarchy is mounted, or None (also when PYEXEC_DISABLE names
-    cgroup_v1): the scripts' cgroups on a machine without a usable cgroup v2."""
-    if _disabled("cgroup_v1"):
-        return None
-    with contextlib.suppress(OSError), open(mountinfo) as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            rf = right.split()
-            if rf[:1] == ["cgroup"] and len(rf) >= 3 and "freezer" in rf[2].split(","):
-                return left.split()[4]
-    return None
-
-
-def cgroup_root() -> tuple[str, str] | None:
-    """Where the scripts' cgroups go: (cgroup v2 mount, "v2"), else (v1 freezer mount, "v1"), else None."""
-    v2 = cgroup2_root()
-    if v2:
-        return v2, "v2"
-    v1 = freezer_v1_root()
-    return (v1, "v1") if v1 else None
-
-
 def kernel_paths(nat: native.Native | None = None) -> dict[str, str]:
     """Which path each kernel-dependent job takes on this machine (probed once): for `pyexec
     check`, `pyexec status` and the report."""
@@ -167,46 +128,9 @@ def kernel_paths(nat: native.Native | None = None) -> dict[str, str]:
         "fd closing": "close_range" if f["close_range_cloexec"] else "/proc/self/fd walk",
         "guardian watch": "pidfd" if f["pidfd_open"] else "life pipe hang-up",
         "mount open": identity.resolver(),
+        "guardian and warden": (f"pyexec/<pid>/guard in {', '.join(hierarchies())} (outside the caller's cgroup)"
+                                if cg else "the caller's cgroup (no cgroup of pyexec's own)"),
     }
-
-
-WARDEN = os.path.join(os.path.dirname(__file__), "pyexec-warden")
-
-
-class _Warden:
-    """This process's cgroup directory for scripts, and the warden that empties and removes it when
-    this process ends, however it ends (native/warden.c)."""
-
-    _lock = threading.Lock()
-    _current: "_Warden | None" = None
-
-    def __init__(self, root: str):
-        self.pid = os.getpid()
-        parent = os.path.join(root, "pyexec")
-        self.path = os.path.join(parent, str(self.pid))
-        os.makedirs(parent, exist_ok=True)
-        pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            # The warden first, then our directory: a kill in between leaves nothing unwatched.
-            # It is never waited for (it outlives us by design), so its fds are of no use here.
-            native.default().spawn([WARDEN, str(self.pid), str(native.life_fd())], {}, path=WARDEN,
-                                   exec_fd=pfd).close()
-        finally:
-            os.close(pfd)
-        os.makedirs(self.path, exist_ok=True)
-
-    @classmethod
-    def get(cls) -> "_Warden | None":
-        """The warden of this process (started on first use), or None without a usable cgroup."""
-        with cls._lock:
-            cur = cls._current
-            if cur is None or cur.pid != os.getpid():  # a forked child needs its own
-                found = cgroup_root()
-                try:
-                    cur = cls._current = cls(found[0]) if found else None
-                except OSError:
-                    cur = None
-            return cur
 
 
 @contextlib.contextmanager
@@ -216,7 +140,7 @@ def script_cgroup(enabled: bool = True) -> Iterator[int]:
     While the script runs the leaf is named run-N, which the warden kills if this process dies.
     After it, whatever the script left running on purpose (a daemon a post-script started) moves
     to the sibling "done", which the warden leaves alone (cgroup v2 refuses to rename a cgroup)."""
-    warden = _Warden.get() if enabled else None
+    warden = Warden.get() if enabled else None
     run = fd = None
     if warden:
         run = os.path.join(warden.path, f"run-{next(_cg_seq)}")

@@ -1,0 +1,174 @@
+"""pyexec's own cgroups, outside the caller's: where each hierarchy is mounted, this process's
+directory in each (its scripts' leaves, its helpers' leaf), and the warden that kills its scripts and
+removes the directories when this process ends, however it ends (native/warden.c).
+
+Layout, in each hierarchy pyexec uses (<mount>/pyexec/<pid>/...):
+  run-N   a running script (the scripts' hierarchy only: cgroup v2, else the v1 freezer)
+  done    what a finished script left running on purpose (a post-script's daemon)
+  guard   the thaw guardians
+and the warden lives in <mount>/pyexec itself.  Neither is in the caller's cgroup, so a kill of that
+cgroup (cgroup.kill, systemd's kill of the unit, an OOM group kill, a container's or a v1 freezer-based
+kill) or its freeze leaves them to thaw and to kill the scripts.  The hierarchies: cgroup v2, the v1
+freezer, and v1 name=systemd (a v1 or hybrid systemd finds a unit's processes there)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+
+from pyexec import native
+
+WARDEN = os.path.join(os.path.dirname(__file__), "pyexec-warden")
+GUARD = "guard"  # the guardians' leaf (PX_GUARD_LEAF in native/pyexec_core.h, for the C programs)
+
+
+def _disabled(name: str) -> bool:
+    return name in os.environ.get("PYEXEC_DISABLE", "").split(",")
+
+
+def _v1_root(option: str, mountinfo: str) -> str | None:
+    """Where the cgroup v1 hierarchy with this mount option (a controller, "name=systemd") is mounted."""
+    with contextlib.suppress(OSError), open(mountinfo) as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            rf = right.split()
+            if rf[:1] == ["cgroup"] and len(rf) >= 3 and option in rf[2].split(","):
+                return left.split()[4]
+    return None
+
+
+def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """Where cgroup v2 is mounted, or None (also when PYEXEC_DISABLE names cgroup2)."""
+    if _disabled("cgroup2"):
+        return None
+    with contextlib.suppress(OSError), open(mountinfo) as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split()[:1] == ["cgroup2"]:
+                return left.split()[4]
+    return None
+
+
+def freezer_v1_root(mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """Where the cgroup v1 freezer hierarchy is mounted, or None (also when PYEXEC_DISABLE names
+    cgroup_v1): the scripts' cgroups on a machine without a usable cgroup v2."""
+    return None if _disabled("cgroup_v1") else _v1_root("freezer", mountinfo)
+
+
+def systemd_v1_root(mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """Where systemd's own cgroup v1 hierarchy (name=systemd) is mounted, or None (also when
+    PYEXEC_DISABLE names cgroup_v1): a v1 or hybrid systemd finds a unit's processes there."""
+    return None if _disabled("cgroup_v1") else _v1_root("name=systemd", mountinfo)
+
+
+def cgroup_root() -> tuple[str, str] | None:
+    """Where the scripts' cgroups go: (cgroup v2 mount, "v2"), else (v1 freezer mount, "v1"), else None."""
+    v2 = cgroup2_root()
+    if v2:
+        return v2, "v2"
+    v1 = freezer_v1_root()
+    return (v1, "v1") if v1 else None
+
+
+def hierarchies() -> list[str]:
+    """The mounts of every hierarchy pyexec keeps its own cgroups in: the scripts' first, then the
+    v1 freezer and name=systemd where mounted (a kill or freeze of the caller can come through each)."""
+    found = cgroup_root()
+    if found is None:
+        return []  # no usable cgroup: nothing of pyexec's own anywhere
+    out = [found[0]]
+    for root in (freezer_v1_root(), systemd_v1_root()):
+        if root and root not in out:
+            out.append(root)
+    return out
+
+
+class Warden:
+    """This process's cgroup directories and the warden that empties and removes them when this
+    process ends, however it ends (native/warden.c).  The warden lives in pyexec's directory of each
+    hierarchy, the guardians in this process's "guard" leaves."""
+
+    _lock = threading.Lock()
+    _current: "Warden | None" = None
+
+    def __init__(self, roots: list[str]):
+        self.pid = os.getpid()
+        # pyexec's directory in each hierarchy (a read-only name=systemd is skipped: the helpers stay
+        # in the caller's cgroup there): where the warden lives, and what it sweeps.
+        self.parents: list[str] = []
+        for root in roots:
+            parent = os.path.join(root, "pyexec")
+            try:
+                os.makedirs(parent, exist_ok=True)
+            except OSError:
+                if root == roots[0]:
+                    raise
+                continue
+            self.parents.append(parent)
+        self.path = os.path.join(self.parents[0], str(self.pid))  # the scripts' directory
+        fds: list[int] = []
+        try:
+            for parent in self.parents:
+                fds.append(os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+            # The warden first, then our directories: a kill in between leaves nothing unwatched.
+            # It is never waited for (it outlives us by design), so its fds are of no use here.
+            native.default().spawn_helper([WARDEN, str(self.pid), str(native.life_fd()), *self.parents],
+                                          path=WARDEN, cgroup_fds=fds).close()
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self.guards: list[str] = []
+        for parent in self.parents:
+            guard = os.path.join(parent, str(self.pid), GUARD)
+            try:
+                os.makedirs(guard, exist_ok=True)
+            except OSError:
+                if parent == self.parents[0]:
+                    raise
+                continue
+            self.guards.append(guard)
+
+    @contextlib.contextmanager
+    def guard_fds(self) -> Iterator[list[int]]:
+        """The guardians' leaves, open (for px_spawn_helper) for the with-block; none if one cannot
+        be opened (removed by hand): the guardian then starts in the caller's cgroup rather than not."""
+        fds: list[int] = []
+        try:
+            try:
+                for g in self.guards:
+                    fds.append(os.open(g, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+            except OSError:
+                for fd in fds:
+                    os.close(fd)
+                fds = []
+            yield fds
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    @classmethod
+    def get(cls) -> "Warden | None":
+        """The warden of this process (started on first use), or None without a usable cgroup."""
+        with cls._lock:
+            cur = cls._current
+            if cur is None or cur.pid != os.getpid():  # a forked child needs its own
+                roots = hierarchies()
+                try:
+                    cur = cls._current = cls(roots) if roots else None
+                except OSError:
+                    cur = None
+            return cur
+
+
+@contextlib.contextmanager
+def helper_cgroups() -> Iterator[tuple[list[int], list[str]]]:
+    """Where a guardian starts, outside the caller's cgroup: the fds of this process's guardians'
+    leaves (open for the with-block) and pyexec's directory in each hierarchy; empty lists without a
+    usable cgroup."""
+    warden = Warden.get()
+    if warden is None:
+        yield [], []
+        return
+    with warden.guard_fds() as fds:
+        yield fds, warden.parents
