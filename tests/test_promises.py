@@ -4,6 +4,7 @@ post-script, concurrent runs, and recover after a double kill with a foreign fre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import os
 import signal
@@ -530,35 +531,42 @@ def test_sigterm_while_waiting_for_a_lock(tmp_path, mounts):
     assert not log.exists()
 
 
+@contextlib.contextmanager
+def frozen_by_another_thread(mountpoint: str, order: list[str], name: str):
+    """Another thread of this process holds mountpoint frozen; it thaws 0.3 s after the block starts."""
+    frozen, thaw = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with window.freeze([mountpoint], timeout=20):
+            order.append(f"{name} frozen")
+            frozen.set()
+            thaw.wait(10)
+            order.append(f"{name} thawing")
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert frozen.wait(10)
+        threading.Timer(0.3, thaw.set).start()
+        yield
+    finally:
+        thaw.set()
+        t.join(30)
+
+
 def test_two_threads_freezing_one_filesystem_wait_for_each_other(mounts):
     """A second thread of one agent waits for the first's window (lock_wait) as a second process
     would, where it used to fail at once as a nested freeze; a freeze nested in the same thread is
     still refused (it would wait for itself)."""
     m = mounts.make("ext4")
-    first_in, first_out = threading.Event(), threading.Event()
     order: list[str] = []
-
-    def first() -> None:
-        with window.freeze([m.mountpoint], timeout=20):
-            order.append("first frozen")
-            first_in.set()
-            first_out.wait(10)
-            order.append("first thawing")
-
-    t = threading.Thread(target=first)
-    t.start()
-    try:
-        assert first_in.wait(10)
-        threading.Timer(0.3, first_out.set).start()
+    with frozen_by_another_thread(m.mountpoint, order, "first"):
         with window.freeze([m.mountpoint], timeout=20, lock_wait=15) as win:
             order.append("second frozen")
             assert [x.state for x in win.mounts] == ["frozen"]
             with pytest.raises(errors.FreezeError, match="nested"):
                 with window.freeze([m.mountpoint], timeout=20, lock_wait=15):
                     pass
-    finally:
-        first_out.set()
-        t.join(30)
     assert order == ["first frozen", "first thawing", "second frozen"]
 
 
@@ -570,7 +578,7 @@ def test_the_azure_freeze_lock_is_held_per_run_not_per_process(tmp_path, mounts,
     lockdir = tmp_path / "azlock"
     lockdir.mkdir(mode=0o700)
     monkeypatch.setattr(locks, "AZURE_LOCK_DIR", str(lockdir))
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys\n"
                                f"f = open({str(lockdir / locks.AZURE_LOCK_FILE)!r}, 'a+')\n"
                                "fcntl.lockf(f, fcntl.LOCK_EX)\nprint('held', flush=True)\nsys.stdin.read()"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -582,26 +590,10 @@ def test_the_azure_freeze_lock_is_held_per_run_not_per_process(tmp_path, mounts,
     finally:
         holder.stdin.close()
         holder.wait(10)
-    first_in, first_out = threading.Event(), threading.Event()
     order: list[str] = []
-
-    def first() -> None:
-        with window.freeze([a.mountpoint], timeout=20):
-            order.append("a frozen")
-            first_in.set()
-            first_out.wait(10)
-            order.append("a thawing")
-
-    t = threading.Thread(target=first)
-    t.start()
-    try:
-        assert first_in.wait(10)
-        threading.Timer(0.3, first_out.set).start()
+    with frozen_by_another_thread(a.mountpoint, order, "a"):
         with window.freeze([b.mountpoint], timeout=20, lock_wait=15):
             order.append("b frozen")
-    finally:
-        first_out.set()
-        t.join(30)
     assert order == ["a frozen", "a thawing", "b frozen"]
 
 
