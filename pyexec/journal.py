@@ -16,7 +16,8 @@ Where the page lives decides what `recover` knows after a kill of both controlle
   every mount marked freezing ("maybe ours"), after the last FITHAW as it ended.  recover after a kill
   inside such a window thaws every mount of that run that is still the same filesystem, even one
   another tool froze after the crash (whose FITHAW then answers EINVAL), rather than leave one frozen.
-  (`status` shows a live run's mounts as freezing then: the file is not updated inside the window.)
+  (`status` reads a live run's page from its memfd, through /proc/<controller>/fd: the file is not
+  updated inside the window.)
 
 Either way a mount is thawed only through an fd opened without following a symlink and only if it is
 still the filesystem the run froze (mount id, device, inode); one that is not is left frozen and the
@@ -40,6 +41,7 @@ from pyexec import errors, identity, mounts, native
 RUN_DIR = os.environ.get("PYEXEC_RUN_DIR", "/run/pyexec")  # tmpfs on a normal system: never frozen
 RCU_EXPEDITED = "/sys/kernel/rcu_expedited"
 MEMORY_FS = ("tmpfs", "ramfs")  # filesystems a MAP_SHARED page of cannot block on a freeze
+MEMFD_NAME = "pyexec-journal"  # the memfd of a page in memory, as /proc/<pid>/fd shows it
 
 
 class MountId(TypedDict):
@@ -61,6 +63,7 @@ class JournalMeta(TypedDict, total=False):
     paths: list[str]
     ids: list[MountId]
     page: str  # "run-dir" (the page is this file) or "memory" (a copy of a memfd)
+    page_fd: int  # "memory": the memfd's fd in the controller
     time: float
     states: list[str]
 
@@ -92,13 +95,30 @@ def journals() -> list[tuple[str, JournalMeta, bool]]:
             rec = native.read_set(data[:size])
         except (OSError, ValueError, orjson.JSONDecodeError):
             continue
-        doc["states"] = [m.state for m in rec.mounts]
         # Each pid with its start time: a pid given to another process since (ours included) is not the run.
         pids = [(doc.get("pid"), doc.get("start")),
                 (doc.get("guardian_pid") or rec.guardian_pid, doc.get("guardian_start"))]
         running = any(_alive(p, start) for p, start in pids if p)
+        if running and doc.get("page") == "memory":
+            # The file holds a copy made before the window ("freezing": maybe ours); the live page is
+            # the run's memfd, read through its controller's fd table.
+            rec = _live_page(doc, size) or rec
+        doc["states"] = [m.state for m in rec.mounts]
         out.append((j, doc, running))
     return out
+
+
+def _live_page(doc: JournalMeta, size: int) -> native.SetRecord | None:
+    """A running run's page, from its memfd (None if it cannot be read: the run just ended)."""
+    pid, fd = doc.get("pid"), doc.get("page_fd")
+    if not pid or fd is None or not _alive(pid, doc.get("start")):
+        return None
+    link = f"/proc/{pid}/fd/{fd}"
+    with contextlib.suppress(OSError, ValueError):
+        if os.readlink(link).startswith("/memfd:" + MEMFD_NAME):
+            with open(link, "rb") as f:
+                return native.read_set(f.read(size))
+    return None
 
 
 def status() -> list[RunStatus]:
@@ -224,7 +244,7 @@ class Journal:
             fs = identity.by_mnt_id(mountinfo or mounts.read_mountinfo()).get(identity.mnt_id(self.fd))
             self.superblock = fs.dev if fs else None  # the run directory's, by identity
             self.in_memory = fs is None or fs.fstype not in MEMORY_FS
-            self.page_fd = os.memfd_create("pyexec-journal", os.MFD_CLOEXEC) if self.in_memory else self.fd
+            self.page_fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC) if self.in_memory else self.fd
             os.ftruncate(self.page_fd, self.size)
             self.page = mmap.mmap(self.page_fd, self.size)
         except BaseException:
@@ -234,6 +254,8 @@ class Journal:
             "pid": os.getpid(), "start": start_time(os.getpid()), "paths": list(paths),
             "ids": [MountId(mnt_id=i.mnt_id, st_dev=i.st_dev, st_ino=i.st_ino, dev=d or "") for i, d in zip(ids, devs)],
             "page": "memory" if self.in_memory else "run-dir", "time": time.time()}
+        if self.in_memory:
+            self.meta["page_fd"] = self.page_fd  # where `pyexec status` reads the live page
 
     def publish(self, armed: bool = False) -> None:
         """Write the metadata and (for a page in memory) a copy of the page to the file; armed: every

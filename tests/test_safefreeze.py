@@ -134,7 +134,9 @@ def test_unopenable_mount_is_123_and_nothing_is_frozen(mounts, tmp_path):
         ext.close()
     assert (d["verdict"], d["returncode"]) == (123, safefreeze.EXIT_FAILED), d
     assert f"Failed to open: {tmp_path / 'nope'}\n" in d["stdout"] and "Traceback" not in d["stdout"]
-    assert not frozen(w) and not loopfs.thaw_path(a.mountpoint)
+    # FITHAW answering EINVAL is the proof nothing is frozen; a writer's pause alone is not (a loaded
+    # machine's writeback can hold it 200 ms), so its progress is awaited, not timed.
+    assert not loopfs.thaw_path(a.mountpoint) and writable_within(w, 10) is not None
 
 
 def test_not_a_directory_is_reported_as_the_reference_does(mounts, tmp_path):
