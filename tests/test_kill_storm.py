@@ -7,6 +7,7 @@ started had its post-script run (except where SIGKILL took the controller itself
 A summary (trials per phase, worst and median time-to-thaw) goes to results/kill-storm.json."""
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import random
@@ -158,8 +159,11 @@ def test_kill_storm(tmp_path, mounts):
                 took = time.monotonic() - t_kill
             assert writable, f"trial {i} ({mode}, {phase_of(marks)}): a mount stayed frozen"
             assert gone_within(is_script, 5), f"trial {i} ({mode}): a script process outlived its controller"
-            assert gone_within(lambda a_: os.path.basename(a_[0]) in (b"pyexec-guardian", b"pyexec-warden")
-                               and a_[1:2] == [str(p.pid).encode()], 5), f"trial {i}: a helper outlived {p.pid}"
+            helper_of = lambda a_: (os.path.basename(a_[0]) in (b"pyexec-guardian", b"pyexec-warden")  # noqa: E731
+                                    and a_[1:2] == [str(p.pid).encode()])
+            # The warden's own bounds (native/warden.c): up to KILL_WAIT_NS (5 s) for the scripts' trees,
+            # then GUARDIANS_WAIT_NS (10 s) for the guardians to leave their leaf; a helper past both is a leak.
+            assert gone_within(helper_of, 20), f"trial {i} ({mode}): a helper outlived {p.pid}: {_describe(helper_of)}"
             if cg_root:
                 left = os.path.join(cg_root, "pyexec", str(p.pid))
                 if cg_removed_at_once:
@@ -194,6 +198,19 @@ def test_kill_storm(tmp_path, mounts):
     worst = summary["worst_time_to_writable_s"]
     assert worst < BOUND_S, f"a mount took {worst:.3f}s after a kill to take writes again (bound {BOUND_S}s)"
     assert summary["by_phase"].get("window", 0) > 0, "no kill landed inside the window"
+
+
+def _describe(pred) -> list[str]:
+    """What the processes matching pred are doing: pid, state, kernel wait channel, argv, cgroup."""
+    out = []
+    for pid in procs_matching(pred):
+        with contextlib.suppress(OSError):
+            state = open(f"/proc/{pid}/stat", "rb").read().rpartition(b")")[2].split()[0].decode()
+            wchan = open(f"/proc/{pid}/wchan").read()
+            argv = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            cg = open(f"/proc/{pid}/cgroup").read().replace("\n", "; ")
+            out.append(f"{pid} {state} {wchan} {argv} [{cg}]")
+    return out
 
 
 def _live(tree: dict) -> dict:
