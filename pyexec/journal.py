@@ -30,6 +30,7 @@ import glob
 import itertools
 import mmap
 import os
+import struct
 import time
 from collections.abc import Collection, Sequence
 from typing import TypedDict
@@ -91,9 +92,15 @@ def journals() -> list[tuple[str, JournalMeta, bool]]:
         try:
             with open(j, "rb") as f:
                 data = f.read()
+        except OSError:
+            continue
+        try:
             doc: JournalMeta = orjson.loads(data[size:].rstrip(b"\0"))
             rec = native.read_set(data[:size])
-        except (OSError, ValueError, orjson.JSONDecodeError):
+        except (ValueError, orjson.JSONDecodeError):
+            unwritten = _unwritten(j, data[:size])
+            if unwritten is not None:
+                out.append(unwritten)
             continue
         # Each pid with its start time: a pid given to another process since (ours included) is not the run.
         pids = [(doc.get("pid"), doc.get("start")),
@@ -106,6 +113,22 @@ def journals() -> list[tuple[str, JournalMeta, bool]]:
         doc["states"] = [m.state for m in rec.mounts]
         out.append((j, doc, running))
     return out
+
+
+def _unwritten(path: str, page: bytes) -> tuple[str, JournalMeta, bool] | None:
+    """A journal its run was killed while making (before its first write: no freeze set in it yet,
+    and nothing is frozen before one is): its pid from its name, no mounts; None for any other
+    unreadable journal, which is left as it is."""
+    try:
+        native.read_set(page)
+        return None  # a freeze set is there: not one that was never written
+    except (ValueError, struct.error):  # no magic, or shorter than a header
+        pass
+    try:
+        pid = int(os.path.basename(path).split("-")[1])
+    except (IndexError, ValueError):
+        return None
+    return path, {"pid": pid, "paths": [], "states": []}, _alive(pid)
 
 
 def _live_page(doc: JournalMeta, size: int) -> native.SetRecord | None:
@@ -168,6 +191,9 @@ def recover(nat: native.Native | None = None) -> tuple[list[str], list[int], boo
             pid = doc.get("pid")
             if pid is not None:  # pyexec always writes it; a journal without one names no pid
                 alive.append(pid)
+            continue
+        if not doc.get("paths"):  # never written: it names nothing frozen
+            unlink(j)
             continue
         with open(j, "rb") as f:
             page = bytearray(f.read(nat.set_size))

@@ -271,3 +271,25 @@ def test_mount_named_through_a_users_symlink_is_refused_before_any_script(local_
     assert rep.code == 123 and rep.outcome == host.FAILED and rep.pre == [] and rep.window is None, rep
     assert "symlink" in rep.check_errors[-1].detail and f"uid {local_user.uid}" in rep.check_errors[-1].detail
     assert not is_frozen(b.mountpoint)
+
+
+def test_a_journal_its_run_never_wrote_is_removed_by_recover(tmp_path):
+    """A run killed as it made its journal (the file created, nothing in it yet; or only the zeroed
+    page of a tmpfs journal) froze nothing: status names its dead pid, recover removes it, thaws nothing;
+    a journal with a freeze set but unreadable metadata is left alone."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    size = native.default().set_size
+    (run_dir / f"window-{dead.pid}-0.journal").write_bytes(b"")
+    (run_dir / f"window-{dead.pid}-1.journal").write_bytes(b"\0" * size)
+    page = bytearray(size)
+    native.default().set_init(page, [])
+    (run_dir / f"window-{dead.pid}-2.journal").write_bytes(bytes(page) + b"{not json")
+    env = {**os.environ, "PYEXEC_RUN_DIR": str(run_dir)}
+    st = subprocess.run([*PYEXEC, "status"], env=env, cwd="/", capture_output=True, text=True, timeout=60)
+    assert st.stdout.count(f"pid {dead.pid} (dead)") == 2, st.stdout
+    r = subprocess.run([*PYEXEC, "recover"], env=env, cwd="/", capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("recover: 0 filesystem(s) thawed"), r.stdout + r.stderr
+    assert sorted(os.listdir(run_dir)) == [f"window-{dead.pid}-2.journal"]
