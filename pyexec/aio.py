@@ -42,7 +42,7 @@ class FreezeOptions(TypedDict, total=False):
 
 
 async def run_async(host_path: str = config.HOST_CONFIG_PATH, mount_points: Iterable[limits.Path] | None = None,
-                    snapshot: host.Snapshot | AsyncSnapshot = None, freeze_timeout: float = 60.0,
+                    snapshot: host.Snapshot | AsyncSnapshot = None, freeze_timeout: float = limits.DEFAULT_RUN_FREEZE_TIMEOUT,
                     **kw: Unpack[RunOptions]) -> host.RunReport:
     """run() without blocking the event loop; cancellable like a signalled run (post-scripts first).
 

@@ -11,7 +11,7 @@ from typing import TextIO
 
 import orjson
 
-from pyexec import __version__, config, errors, journal, scripts
+from pyexec import __version__, config, errors, journal, limits, scripts
 
 MOUNT_HELP = ("mount point to freeze (repeatable); without it every local filesystem that discovery "
               "finds is frozen, as the reference does")
@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mount", action="append", help=MOUNT_HELP)
     r.add_argument("--snapshot-cmd", help="command run inside the freeze window (shell quoting rules; a bare "
                    "name is looked up on PATH; killed with its process tree at the freeze bound)")
-    r.add_argument("--freeze-timeout", default=60.0, help="bound of the freeze window, seconds in (0, 86400]")
+    r.add_argument("--freeze-timeout", default=limits.DEFAULT_RUN_FREEZE_TIMEOUT, help="bound of the freeze window, seconds in (0, 86400]")
     r.add_argument("--lock-wait", default=0.0,
                    help="seconds to wait for another run holding one of the filesystems (default 0)")
     r.add_argument("--no-expedite", action="store_true", help="do not set rcu_expedited around FIFREEZE")

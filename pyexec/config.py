@@ -32,8 +32,7 @@ class PluginEntry:
     """One plugin named by the host config."""
 
     index: int
-    name: str
-    path: str
+    name: str  # pluginName<i> (pluginPath<i> is required, as by the reference, but names nothing pyexec runs)
     config_path: str
 
     @property
@@ -68,8 +67,6 @@ class PluginConfig:
     host_limit: bool = False  # the host's timeoutInSeconds, lower than the plugin's, is `timeout`
     continue_on_failure: bool = True
     fs_freeze: bool = True
-    plugin_name: str = ""
-    app_name: str = ""
     warnings: tuple[str, ...] = ()
 
 
@@ -137,7 +134,7 @@ def parse_host(data: bytes, path: str = HOST_CONFIG_PATH) -> HostConfig:
                                           path, key))
             values[base] = value
         if all(values.values()):
-            plugins.append(PluginEntry(i, values["pluginName"], values["pluginPath"], values["pluginConfigPath"]))
+            plugins.append(PluginEntry(i, values["pluginName"], values["pluginConfigPath"]))
     if count == 0:  # as the reference: nothing runs, nothing fails
         warnings.append("numberOfPlugins is 0: no plugins configured, no script will run")
     skip = tuple(s.strip() for s in sec.get("mountsToSkip", "").split(",") if s.strip())
@@ -155,8 +152,9 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return seen
 
 
-# key: (field, kind, default); kind "str!" is a required non-empty absolute path.
-_PLUGIN_KEYS = {
+# key: (field, kind, default): a default of None makes the key required; a field of None checks the
+# key's value (a wrong type is 305, as for any key) and keeps nothing, for keys pyexec has no use for.
+_PLUGIN_KEYS: dict[str, tuple[str | None, str, object]] = {
     "preScriptLocation": ("pre_script", "path", None),
     "postScriptLocation": ("post_script", "path", None),
     "preScriptParams": ("pre_params", "strlist", ()),
@@ -166,8 +164,8 @@ _PLUGIN_KEYS = {
     "timeoutInSeconds": ("timeout", "timeout", PLUGIN_TIMEOUT_DEFAULT),
     "continueBackupOnFailure": ("continue_on_failure", "bool", True),
     "fsFreezeEnabled": ("fs_freeze", "bool", True),
-    "pluginName": ("plugin_name", "str", ""),
-    "appName": ("app_name", "str", ""),
+    "pluginName": (None, "str", ""),
+    "appName": (None, "str", ""),
 }
 _IGNORED_KEYS = {
     "ScriptsExecutionPollTimeSeconds": "accepted and ignored: pyexec waits on events, it does not poll",
@@ -221,7 +219,7 @@ def _check(kind: str, value: object) -> tuple[object, str | None]:
     raise AssertionError(kind)
 
 
-def _parse_json(data: bytes, path: str, keys: Mapping[str, tuple[str, str, object]],
+def _parse_json(data: bytes, path: str, keys: Mapping[str, tuple[str | None, str, object]],
                 ignored: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
     """A JSON object's keys checked against keys: (fields, warnings); Problems (305) lists every bad key."""
     text = _decode(data, path, 305)
@@ -239,13 +237,13 @@ def _parse_json(data: bytes, path: str, keys: Mapping[str, tuple[str, str, objec
         if key not in doc:
             if default is None:
                 errors.append(ConfigError(305, "required key is missing", path, key))
-            else:
+            elif field is not None:
                 fields[field] = default
             continue
         value, problem = _check(kind, doc[key])
         if problem:
             errors.append(ConfigError(305, problem, path, key))
-        else:
+        elif field is not None:
             fields[field] = value
     for key in doc:
         if key in ignored:
@@ -321,9 +319,9 @@ class DatabaseConfig:
         return self.host.startswith("/")
 
 
-def _db_keys(engine: str) -> dict[str, tuple[str, str, object]]:
+def _db_keys(engine: str) -> dict[str, tuple[str | None, str, object]]:
     d = DB_DEFAULTS[engine]
-    keys: dict[str, tuple[str, str, object]] = {
+    keys: dict[str, tuple[str | None, str, object]] = {
         "host": ("host", "str", d["host"]),
         "port": ("port", "port", d["port"]),
         "user": ("user", "str", d["user"]),

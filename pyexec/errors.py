@@ -9,10 +9,7 @@ from __future__ import annotations
 import dataclasses
 import errno as _errno
 import os
-from typing import TYPE_CHECKING, TypedDict
-
-if TYPE_CHECKING:
-    from pyexec.window import Window
+from typing import TypedDict
 
 # How a problem affects the backup, as the reference's caller decides it.
 FALLBACK = "fallback"  # the snapshot goes on, file-system consistent
@@ -182,11 +179,11 @@ class FreezeError(PyexecError):
 
 
 class FreezeTimeout(FreezeError):
-    """The window outlived its bound: the guardian thawed it (code 122).  .window has the detail."""
+    """The window outlived its bound and was thawed by force (code 122); window.py's subclass carries
+    the window itself as .window."""
 
-    def __init__(self, detail: str, window: Window | None = None):
+    def __init__(self, detail: str):
         super().__init__(122, detail)
-        self.window = window
 
 
 class FreezeNotSupported(FreezeError):
@@ -218,6 +215,22 @@ def freeze_error(err: int, path: str | None, what: str = "FIFREEZE") -> FreezeEr
     """The freeze exception of the right kind for an errno of a freeze ioctl."""
     cls = _FREEZE_KINDS.get(err, FreezeError)
     return cls(121, f"{what} failed: {os.strerror(err)} (errno {err})", path, errno=err)
+
+
+def timed_out(rc: int) -> bool:
+    """Whether a native wait or freeze's negative-errno return means its deadline passed."""
+    return rc == -_errno.ETIMEDOUT
+
+
+def not_frozen(err: int) -> bool:
+    """Whether a FITHAW's errno means the filesystem was not frozen (EINVAL): someone thawed it already."""
+    return err == _errno.EINVAL
+
+
+def thawed_by_another(paths: list[str]) -> FreezeError:
+    """The error for mounts found thawed inside the window by a FITHAW that was not ours (121)."""
+    return FreezeError(121, "thawed by another process inside the window (FITHAW: EINVAL): the window "
+                       "did not hold, the snapshot is not consistent", ", ".join(paths), errno=_errno.EINVAL)
 
 
 def markdown_table() -> str:

@@ -204,7 +204,7 @@ SHELL_OPERATORS = {"&&", "||", ";", "|", ">", ">>", "<", "&", "2>&1"}
 
 
 def run(host_path: str = config.HOST_CONFIG_PATH, mount_points: Iterable[limits.Path] | None = None,
-        snapshot: Snapshot = None, freeze_timeout: float = 60.0, expedite: bool = True, presync: bool = True,
+        snapshot: Snapshot = None, freeze_timeout: float = limits.DEFAULT_RUN_FREEZE_TIMEOUT, expedite: bool = True, presync: bool = True,
         nat: native.Native | None = None, progress: Callable[[str], object] = lambda msg: None,
         lock_wait: float = limits.DEFAULT_LOCK_WAIT, cancel: signals.Cancel | None = None) -> RunReport:
     """The whole flow.  Raises ValueError/TypeError for a bad argument (freeze_timeout, snapshot
@@ -319,7 +319,8 @@ def _window(rep: RunReport, held: locks.Held | None, snapshot: _Action, timeout:
                                     "recover to thaw every filesystem of the run (docs/architecture.md, journal)")
             reraise = _snapshot(snapshot, win, cancel, nat, timeout, rep)
     except errors.FreezeError as e:
-        rep.window = getattr(e, "window", rep.window)
+        if isinstance(e, window.Timeout):
+            rep.window = e.window
         rep.check_errors.append(e)
         # Frozen past the bound (122), never frozen, or thawed early: the snapshot is not consistent.
         rep.snapshot, rep.snapshot_detail = "failed", e.describe()

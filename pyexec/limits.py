@@ -1,11 +1,14 @@
-"""The numbers and lists pyexec accepts, checked before anything runs: one declaration of each bound."""
+"""The numbers and lists pyexec accepts, checked before anything runs, and the defaults of the bounds a caller sets."""
 from __future__ import annotations
 
 import math
 import os
 from collections.abc import Iterable
 
+# Two defaults, on purpose: run()'s window holds a snapshot command (often a cloud API call, whose
+# latency is not ours), freeze()'s holds the caller's own in-process action.
 DEFAULT_TIMEOUT = 30.0  # the freeze bound of the library's freeze() when none is given
+DEFAULT_RUN_FREEZE_TIMEOUT = 60.0  # the freeze bound of run(), run_async() and `pyexec run`
 MAX_TIMEOUT = 86400.0
 DEFAULT_LOCK_WAIT = 0.0
 Path = str | bytes | os.PathLike[str] | os.PathLike[bytes]  # a mount point, as the caller names it

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypedDict
@@ -115,6 +114,14 @@ class Window:
         }
 
 
+class Timeout(errors.FreezeTimeout):
+    """The window outlived its bound and was thawed by force (122), with the window it ended."""
+
+    def __init__(self, detail: str, window: Window):
+        super().__init__(detail)
+        self.window = window
+
+
 @contextlib.contextmanager
 def freeze(paths: Iterable[limits.Path] | locks.Held, timeout: float = limits.DEFAULT_TIMEOUT, expedite: bool = True,
            presync: bool = True, guardian: bool = True, backend: native.Native | None = None,
@@ -201,8 +208,8 @@ def window(paths: list[str] | locks.Held, timeout: float, expedite: bool = True,
         _fill(win, rec)
         if rc < 0:
             jr.publish()
-            if rc == -errno.ETIMEDOUT:
-                win.error = _guardian_error(rec, g, timeout, win) or errors.FreezeTimeout(
+            if errors.timed_out(rc):
+                win.error = _guardian_error(rec, g, timeout, win) or Timeout(
                     f"the {timeout:g}s bound passed while freezing; what was frozen is thawed", win)
             else:
                 bad = win.paths[rec.failed_index] if rec.failed_index >= 0 else None
@@ -223,7 +230,7 @@ def window(paths: list[str] | locks.Held, timeout: float, expedite: bool = True,
             if g is not None:
                 win.guardian = "idle"
             win.error = _guardian_error(rec, g, timeout, win) or _thawed_by_another(rec, win)
-            if trc < 0 and trc != -errno.EINVAL and win.error is None:
+            if trc < 0 and not errors.not_frozen(-trc) and win.error is None:
                 win.error = errors.freeze_error(-trc, None, "FITHAW")
         if ok and win.error is not None:
             raise win.error
@@ -232,11 +239,8 @@ def window(paths: list[str] | locks.Held, timeout: float, expedite: bool = True,
 def _thawed_by_another(rec: native.SetRecord, win: Window) -> errors.FreezeError | None:
     """A mount our thaw found thawed already (FITHAW: EINVAL) when no guardian of ours thawed it: someone
     else thawed it inside the window, so the window did not hold (the snapshot is not consistent)."""
-    lost = [p for p, m in zip(win.paths, rec.mounts) if m.thaw_errno == errno.EINVAL]
-    if not lost:
-        return None
-    return errors.FreezeError(121, "thawed by another process inside the window (FITHAW: EINVAL): the window "
-                              "did not hold, the snapshot is not consistent", ", ".join(lost), errno=errno.EINVAL)
+    lost = [p for p, m in zip(win.paths, rec.mounts) if errors.not_frozen(m.thaw_errno)]
+    return errors.thawed_by_another(lost) if lost else None
 
 
 def _guardian_error(rec: native.SetRecord, g: Guardian | None, timeout: float,
@@ -247,7 +251,7 @@ def _guardian_error(rec: native.SetRecord, g: Guardian | None, timeout: float,
     state = rec.guardian_state
     if state == native.G_FIRED_DEADLINE:
         win.guardian = "fired:deadline"
-        return errors.FreezeTimeout(f"the window passed its {timeout:g}s bound and was thawed by the guardian", win)
+        return Timeout(f"the window passed its {timeout:g}s bound and was thawed by the guardian", win)
     if state == native.G_LOST or g.lost:
         win.guardian = "lost"
         return errors.FreezeError(121, "the thaw guardian died, so the filesystems were thawed at once: "

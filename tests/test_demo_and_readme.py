@@ -1,6 +1,7 @@
 """The README's promises: the demo runs end to end and cleans up; the error table matches."""
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -71,9 +72,20 @@ def test_readme_error_table_matches_code():
 
 
 def test_readme_commands_are_the_ci_commands():
-    text = README.read_text()
-    assert "make test" in text and "make demo" in text
-    assert "make test" in (README.parent / ".ci" / "run").read_text()
+    """The fresh-machine section gives the two commands first, CI runs the second as its only command,
+    and each sets the machine up first, then runs the demo or the whole suite."""
+    section = README.read_text().split("## On a fresh machine", 1)[1].split("\n## ", 1)[0]
+    commands = [line.strip() for line in section.splitlines() if line.startswith("    ") and line.strip()]
+    assert commands[:2] == ["make demo", "make test"], commands
+    ci = [line.strip() for line in (README.parent / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.lstrip().startswith("#")]
+    assert ci[-1] == commands[1] and not any(c.startswith(("make", "pytest", ".venv")) for c in ci[:-1]), ci
+    for target, last in (("test", "pytest -q --timeout 900 --benchmark-disable tests benchmarks"),
+                         ("demo", "pyexec demo")):
+        r = subprocess.run(["make", "-n", "-C", str(README.parent), target], capture_output=True, text=True,
+                           timeout=60, env={**os.environ, "VENV": ".venv"})
+        steps = [s for s in r.stdout.splitlines() if s.strip() and not s.startswith("make")]
+        assert r.returncode == 0 and steps == ["bash scripts/setup.sh", f".venv/bin/{last}"], r.stdout
 
 
 def test_demo_with_a_missing_dir_is_a_usage_error(tmp_path):

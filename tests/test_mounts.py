@@ -56,10 +56,14 @@ def test_loop_images_precede_their_backing_filesystem():
 
 
 def test_subvolumes_are_one_superblock():
+    # The recording mounts four subvolumes of one btrfs (one st_dev, four roots) and a second btrfs.
+    parsed = discovery.parse_mountinfo((RECORDED / "btrfs-subvolumes.txt").read_text())
+    subvolumes = [m for m in parsed if m.dev == "0:24"]
+    assert sorted(m.root for m in subvolumes) == ["/@", "/@home", "/@log", "/@snapshots"]
     chosen = select_recorded("btrfs-subvolumes.txt")
-    assert len({m.dev for m in chosen}) == len(chosen)
-    root = next(m for m in chosen if m.mount_point == "/")
-    assert root.dev == "0:24" and root.fstype == "btrfs"
+    # Those four become one freeze, through the subvolume mounted at /; the other btrfs is its own.
+    assert [(m.mount_point, m.dev, m.fstype) for m in chosen] == [("/srv/backup", "0:38", "btrfs"),
+                                                                 ("/", "0:24", "btrfs")]
 
 
 @pytest.mark.parametrize("skip,expect", [

@@ -77,7 +77,7 @@ def safefreeze_main(argv: list[str] | None = None) -> int:
     Everything goes to stdout, as the reference prints it: its caller logs the helper's stdout."""
     from pyexec.azure import safefreeze
     # The caller's thaw request can cross our timeout: a SIGUSR1 after the window must not kill us,
-    # the caller reads the exit status.  (The window itself installs its own handler.)
+    # the caller reads the exit status.  (While it waits, safefreeze.run takes SIGUSR1 as the thaw request.)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     argv = sys.argv[1:] if argv is None else argv
     try:
