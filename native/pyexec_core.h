@@ -121,14 +121,19 @@ typedef struct px_status {
     int64_t exit_seen_ns; /* CLOCK_MONOTONIC when the pidfd reported the exit */
 } px_status;
 
-/* Kernel features in use (1) or replaced by their fallback (0); probed once (native/probe.c). */
+/* Kernel features in use (1) or replaced by their fallback (0), each a probe of the running kernel
+ * made once per process (native/probe.c) and forced to 0 by its name in PYEXEC_DISABLE (close_range
+ * for close_range_cloexec); the comment gives the kernel that brought it and the fallback. */
 typedef struct px_features {
     int32_t pidfd_open;          /* 5.3: else a waiter thread's pipe signals the exit */
     int32_t waitid_pidfd;        /* 5.4: else waitid(P_PID) on the unreaped pid */
     int32_t clone3_cgroup;       /* 5.7: else the vfork child writes itself into cgroup.procs */
     int32_t close_range_cloexec; /* 5.11: else the child walks /proc/self/fd with getdents64 */
-    int32_t cgroup_kill;         /* 5.14: else freeze the cgroup (5.2), kill each pid, thaw */
-    int32_t cgroup_freeze;       /* 5.2: else kill each pid of the cgroup, pass after pass */
+    int32_t cgroup_kill;         /* 5.14, cgroup v2: else freeze the cgroup (5.2), kill each pid, thaw */
+    int32_t cgroup_freeze;       /* 5.2, cgroup v2: else one pass killing each pid of cgroup.procs */
+    int32_t openat2;             /* 5.6: else a mount point is opened by an O_NOFOLLOW walk from / */
+    int32_t cgroup2;             /* cgroup v2 mounted (4.5): else the scripts' cgroups are v1 freezer's */
+    int32_t cgroup_v1;           /* a cgroup v1 hierarchy mounted (2.6.24): without either, no cgroup */
 } px_features;
 
 int px_probe(px_features *out);

@@ -31,6 +31,9 @@ cdef extern from "pyexec_core.h" nogil:
         int32_t close_range_cloexec
         int32_t cgroup_kill
         int32_t cgroup_freeze
+        int32_t openat2
+        int32_t cgroup2
+        int32_t cgroup_v1
     int PX_MAX_MOUNTS
     int px_probe(px_features *f)
     int64_t px_now_ns()
@@ -89,7 +92,7 @@ def probe():
     cdef px_features f
     px_probe(&f)
     return (f.pidfd_open, f.waitid_pidfd, f.clone3_cgroup, f.close_range_cloexec, f.cgroup_kill,
-            f.cgroup_freeze)
+            f.cgroup_freeze, f.openat2, f.cgroup2, f.cgroup_v1)
 
 
 def now_ns():

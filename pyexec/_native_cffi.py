@@ -23,6 +23,9 @@ class _Features(Protocol):
     close_range_cloexec: int
     cgroup_kill: int
     cgroup_freeze: int
+    openat2: int
+    cgroup2: int
+    cgroup_v1: int
 
 
 class _Proc(Protocol):
@@ -107,12 +110,12 @@ def _status(st: _Status) -> StatusTuple:
     return (st.code, st.signal, st.core, st.utime_ns, st.stime_ns, st.maxrss_kb, st.exit_seen_ns)
 
 
-def probe() -> tuple[int, int, int, int, int, int]:
+def probe() -> tuple[int, int, int, int, int, int, int, int, int]:
     """The kernel features in use (1) or replaced by a fallback (0), in px_features order."""
     f = ffi.new("px_features *")
     lib.px_probe(f)
     return (f.pidfd_open, f.waitid_pidfd, f.clone3_cgroup, f.close_range_cloexec, f.cgroup_kill,
-            f.cgroup_freeze)
+            f.cgroup_freeze, f.openat2, f.cgroup2, f.cgroup_v1)
 
 
 def now_ns() -> int:

@@ -1,5 +1,5 @@
-"""pyexec's own cgroups, outside the caller's: where each hierarchy is mounted, this process's
-directory in each (its scripts' leaves, its helpers' leaf), and the warden that kills its scripts and
+"""pyexec's own cgroups, outside the caller's: this process's directory in each hierarchy (found by
+pyexec.kernel; its scripts' leaves, its helpers' leaf), and the warden that kills its scripts and
 removes the directories when this process ends, however it ends (native/warden.c).
 
 Layout, in each hierarchy pyexec uses (<mount>/pyexec/<pid>/...):
@@ -17,71 +17,10 @@ import os
 import threading
 from collections.abc import Iterator
 
-from pyexec import native
+from pyexec import kernel, native
 
 WARDEN = os.path.join(os.path.dirname(__file__), "pyexec-warden")
 GUARD = "guard"  # the guardians' leaf (PX_GUARD_LEAF in native/pyexec_core.h, for the C programs)
-
-
-def _disabled(name: str) -> bool:
-    return name in os.environ.get("PYEXEC_DISABLE", "").split(",")
-
-
-def _v1_root(option: str, mountinfo: str) -> str | None:
-    """Where the cgroup v1 hierarchy with this mount option (a controller, "name=systemd") is mounted."""
-    with contextlib.suppress(OSError), open(mountinfo) as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            rf = right.split()
-            if rf[:1] == ["cgroup"] and len(rf) >= 3 and option in rf[2].split(","):
-                return left.split()[4]
-    return None
-
-
-def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> str | None:
-    """Where cgroup v2 is mounted, or None (also when PYEXEC_DISABLE names cgroup2)."""
-    if _disabled("cgroup2"):
-        return None
-    with contextlib.suppress(OSError), open(mountinfo) as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if right.split()[:1] == ["cgroup2"]:
-                return left.split()[4]
-    return None
-
-
-def freezer_v1_root(mountinfo: str = "/proc/self/mountinfo") -> str | None:
-    """Where the cgroup v1 freezer hierarchy is mounted, or None (also when PYEXEC_DISABLE names
-    cgroup_v1): the scripts' cgroups on a machine without a usable cgroup v2."""
-    return None if _disabled("cgroup_v1") else _v1_root("freezer", mountinfo)
-
-
-def systemd_v1_root(mountinfo: str = "/proc/self/mountinfo") -> str | None:
-    """Where systemd's own cgroup v1 hierarchy (name=systemd) is mounted, or None (also when
-    PYEXEC_DISABLE names cgroup_v1): a v1 or hybrid systemd finds a unit's processes there."""
-    return None if _disabled("cgroup_v1") else _v1_root("name=systemd", mountinfo)
-
-
-def cgroup_root() -> tuple[str, str] | None:
-    """Where the scripts' cgroups go: (cgroup v2 mount, "v2"), else (v1 freezer mount, "v1"), else None."""
-    v2 = cgroup2_root()
-    if v2:
-        return v2, "v2"
-    v1 = freezer_v1_root()
-    return (v1, "v1") if v1 else None
-
-
-def hierarchies() -> list[str]:
-    """The mounts of every hierarchy pyexec keeps its own cgroups in: the scripts' first, then the
-    v1 freezer and name=systemd where mounted (a kill or freeze of the caller can come through each)."""
-    found = cgroup_root()
-    if found is None:
-        return []  # no usable cgroup: nothing of pyexec's own anywhere
-    out = [found[0]]
-    for root in (freezer_v1_root(), systemd_v1_root()):
-        if root and root not in out:
-            out.append(root)
-    return out
 
 
 class Warden:
@@ -153,7 +92,7 @@ class Warden:
         with cls._lock:
             cur = cls._current
             if cur is None or cur.pid != os.getpid():  # a forked child needs its own
-                roots = hierarchies()
+                roots = kernel.hierarchies()
                 try:
                     cur = cls._current = cls(roots) if roots else None
                 except OSError:

@@ -11,7 +11,7 @@ from typing import TextIO
 
 import orjson
 
-from pyexec import __version__, config, errors, journal, limits, scripts
+from pyexec import __version__, config, errors, journal, kernel, limits
 
 MOUNT_HELP = ("mount point to freeze (repeatable); without it every local filesystem that discovery "
               "finds is frozen, as the reference does")
@@ -47,7 +47,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             would_freeze = []
         if args.json:
             doc = {"ok": not res.errors, "code": res.code, "problems": [e.as_dict() for e in res.errors],
-                   "kernel": scripts.kernel_paths(),
+                   "kernel": kernel.kernel_paths(),
                    "warnings": res.warnings, "would_freeze": would_freeze,
                    "plugins": [p.entry.name for p in res.plugins]}
             sys.stdout.buffer.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
@@ -95,7 +95,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _print_kernel() -> None:
     print("kernel paths:")
-    for job, path in scripts.kernel_paths().items():
+    for job, path in kernel.kernel_paths().items():
         print(f"  {job + ':':<16} {path}")
 
 

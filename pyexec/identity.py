@@ -7,7 +7,6 @@ symlink followed on the way, checked against mountinfo by mount id, and from the
 thawed and re-checked through that fd, never through its path again."""
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -15,12 +14,11 @@ import os
 import stat
 import struct
 
-from pyexec import errors, mounts
+from pyexec import errors, kernel, mounts
 
 _NR_OPENAT2 = 437  # one number on every architecture (the unified table of 5.6, openat2(2))
 _RESOLVE_NO_MAGICLINKS, _RESOLVE_NO_SYMLINKS = 0x02, 0x04  # linux/openat2.h
 _FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-_openat2: bool | None = None  # probed at the first open: None until then
 _libc: ctypes.CDLL | None = None
 
 
@@ -33,23 +31,18 @@ class Identity:
     st_ino: int
 
 
-def _openat2_open(path: str) -> int | None:
-    """openat2(2) with RESOLVE_NO_SYMLINKS (5.6): the fd, or None where the kernel has no openat2."""
-    global _libc, _openat2
+def _openat2_open(path: str) -> int:
+    """openat2(2) with RESOLVE_NO_SYMLINKS (5.6; pyexec.kernel says whether this kernel has it)."""
+    global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
     how = struct.pack("=QQQ", _FLAGS, 0, _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
     fd = _libc.syscall(ctypes.c_long(_NR_OPENAT2), ctypes.c_int(-100), os.fsencode(path),  # AT_FDCWD
                        ctypes.c_char_p(how), ctypes.c_size_t(len(how)))
-    if fd >= 0:
-        _openat2 = True
-        return int(fd)
-    e = ctypes.get_errno()
-    if e in (errno.ENOSYS, errno.E2BIG) and not _openat2:  # no openat2 (or a filter answering as if none)
-        _openat2 = False
-        return None
-    _openat2 = True
-    raise OSError(e, os.strerror(e), path)
+    if fd < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), path)
+    return int(fd)
 
 
 def _walk_open(path: str) -> int:
@@ -81,22 +74,12 @@ def open_dir(path: str) -> int:
         raise errors.FreezeError(123, "a mount point must be an absolute path without '..'", path,
                                  errno=errno.EINVAL)
     try:
-        fd = _openat2_open(path) if _openat2 is not False else None
-        return fd if fd is not None else _walk_open(path)
+        return _openat2_open(path) if kernel.features()["openat2"] else _walk_open(path)
     except OSError as err:
         e = err.errno or 0
         why = ("a symlink on the way to the mount point: refused, never followed" if e == errno.ELOOP
                else f"cannot open mount point: {err.strerror}")
         raise errors.FreezeError(123, why, path, errno=e) from err
-
-
-def resolver() -> str:
-    """How open_dir resolves a path on this kernel (probed at its first use): for `pyexec status`."""
-    if _openat2 is None:
-        with contextlib.suppress(errors.FreezeError):
-            os.close(open_dir("/"))
-    return ("openat2 RESOLVE_NO_SYMLINKS" if _openat2
-            else "O_NOFOLLOW walk, one component at a time (no openat2: before 5.6)")
 
 
 def mnt_id(fd: int) -> int:

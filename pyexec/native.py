@@ -48,7 +48,7 @@ class Binding(Protocol):
     CAPTURE_SIZE: int
     MAX_MOUNTS: int
 
-    def probe(self) -> tuple[int, int, int, int, int, int]: ...
+    def probe(self) -> tuple[int, int, int, int, int, int, int, int, int]: ...
     def now_ns(self) -> int: ...
     def set_init(self, buf: SetBuffer, fds: Sequence[int]) -> int: ...
     def freeze(self, buf: SetBuffer, flags: int) -> int: ...
@@ -312,7 +312,8 @@ class Native:
         raise errors.oserror(-rc, what)
 
 
-FEATURES = ("pidfd_open", "waitid_pidfd", "clone3_cgroup", "close_range_cloexec", "cgroup_kill", "cgroup_freeze")
+FEATURES = ("pidfd_open", "waitid_pidfd", "clone3_cgroup", "close_range_cloexec", "cgroup_kill", "cgroup_freeze",
+            "openat2", "cgroup2", "cgroup_v1")
 _life: tuple[int, int, int] | None = None  # (pid, read end, write end)
 
 

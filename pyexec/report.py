@@ -6,7 +6,7 @@ from typing import TypedDict
 
 import orjson
 
-from pyexec import scripts
+from pyexec import kernel, scripts
 from pyexec.errors import TABLE, ErrorDict
 from pyexec.host import RunReport
 from pyexec.window import WindowDict
@@ -54,7 +54,7 @@ def to_dict(rep: RunReport) -> ReportDict:
         "post": [r.as_dict() for r in rep.post],
         "window": rep.window.as_dict() if rep.window else None,
         "pid": os.getpid(),
-        "kernel": scripts.kernel_paths(),
+        "kernel": kernel.kernel_paths(),
     }
 
 

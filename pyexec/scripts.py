@@ -13,8 +13,8 @@ import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TypedDict
 
-from pyexec import identity, native, trust
-from pyexec.cgroups import Warden, cgroup_root, hierarchies
+from pyexec import native, trust
+from pyexec.cgroups import Warden
 from pyexec.errors import TABLE, PyexecError
 from pyexec.trust import TrustedFile
 
@@ -102,35 +102,6 @@ class ScriptResult:
             "continue_backup": self.continue_backup, "detail": self.detail, "cancelled": self.cancelled,
             "facts": dict(self.facts),
         }
-
-
-def kernel_paths(nat: native.Native | None = None) -> dict[str, str]:
-    """Which path each kernel-dependent job takes on this machine (probed once): for `pyexec
-    check`, `pyexec status` and the report."""
-    f = (nat or native.default()).features()
-    cg = cgroup_root()
-    if cg is None:
-        kill = "process group (no cgroup; the script dies with pyexec by PR_SET_PDEATHSIG)"
-        join = "none (no cgroup)"
-    elif cg[1] == "v1":
-        kill = ("cgroup v1 freezer: freeze, kill each pid, thaw, await their pidfds" if f["pidfd_open"]
-                else "cgroup v1 freezer: freeze, kill each pid, thaw (one pass: no pidfd to await them)")
-        join = "vfork child writes cgroup.procs (cgroup v1 freezer)"
-    else:
-        kill = ("cgroup.kill" if f["cgroup_kill"] else "cgroup freeze + kill + thaw" if f["cgroup_freeze"]
-                else "kill of each pid in cgroup.procs")
-        join = "clone3 CLONE_INTO_CGROUP" if f["clone3_cgroup"] else "vfork child writes cgroup.procs"
-    return {
-        "child waits": "pidfd" if f["pidfd_open"] else "waiter thread + pipe (no pidfd_open)",
-        "reaping": "waitid P_PIDFD" if f["waitid_pidfd"] else "waitid P_PID",
-        "cgroup join": join,
-        "tree kill": kill,
-        "fd closing": "close_range" if f["close_range_cloexec"] else "/proc/self/fd walk",
-        "guardian watch": "pidfd" if f["pidfd_open"] else "life pipe hang-up",
-        "mount open": identity.resolver(),
-        "guardian and warden": (f"pyexec/<pid>/guard in {', '.join(hierarchies())} (outside the caller's cgroup)"
-                                if cg else "the caller's cgroup (no cgroup of pyexec's own)"),
-    }
 
 
 @contextlib.contextmanager

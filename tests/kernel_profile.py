@@ -47,20 +47,28 @@ PROFILES = {
     "nocgroup": ({}, "cgroup2,cgroup_v1"),
     "native": ({}, ""),
 }
-# What pyexec's probe must then report (native.Native.features()); None: as this machine has it.
-EXPECTED = {
-    "4.18-v1": {"pidfd_open": False, "waitid_pidfd": False, "clone3_cgroup": False, "close_range_cloexec": False,
-                "cgroup_kill": False, "cgroup_freeze": False},
-    "4.18": {"pidfd_open": False, "waitid_pidfd": False, "clone3_cgroup": False, "close_range_cloexec": False,
-             "cgroup_kill": False, "cgroup_freeze": False},
-    "5.4": {"pidfd_open": True, "waitid_pidfd": True, "clone3_cgroup": False, "close_range_cloexec": False,
-            "cgroup_kill": False, "cgroup_freeze": True},
-    "5.7": {"pidfd_open": True, "waitid_pidfd": True, "clone3_cgroup": True, "close_range_cloexec": False,
-            "cgroup_kill": False, "cgroup_freeze": True},
-    "v1": None,
-    "nocgroup": None,
-    "native": None,
+# Each feature pyexec's probe reports (native/pyexec_core.h's px_features), and what a profile takes
+# it away with: a syscall its filter answers, or a name in PYEXEC_DISABLE.  What a profile leaves,
+# the probe must report as the kernel has it (tests/test_kernel_profiles.py checks the kernel itself).
+TAKEN_BY = {
+    "pidfd_open": ({"pidfd_open"}, {"pidfd_open"}),
+    "waitid_pidfd": ({"waitid", "pidfd_open"}, {"waitid_pidfd", "pidfd_open"}),  # asked with a pidfd
+    "clone3_cgroup": ({"clone3"}, {"clone3_cgroup"}),
+    "close_range_cloexec": ({"close_range"}, {"close_range"}),
+    "openat2": ({"openat2"}, {"openat2"}),
+    "cgroup2": (set(), {"cgroup2"}),
+    "cgroup_v1": (set(), {"cgroup_v1"}),
+    "cgroup_kill": (set(), {"cgroup_kill", "cgroup2"}),  # a cgroup v2 file: of no use without v2
+    "cgroup_freeze": (set(), {"cgroup_freeze", "cgroup2"}),
 }
+
+
+def allows(profile: str, inherited: str = "") -> dict[str, bool]:
+    """For each feature, whether the profile leaves it to the kernel (True) or takes it away; inherited:
+    a PYEXEC_DISABLE the profile adds to (main() keeps the caller's)."""
+    rules, disable = PROFILES[profile]
+    names = set(",".join([inherited, disable]).split(","))
+    return {f: not (syscalls & rules.keys() or switches & names) for f, (syscalls, switches) in TAKEN_BY.items()}
 
 
 def _ins(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:

@@ -25,7 +25,7 @@ import orjson
 import pytest
 
 from helpers import needs_root, procs_matching
-from pyexec import cgroups, native
+from pyexec import kernel, native
 from test_config_trust import make, write_setup
 from test_freeze_window import writable_within
 from test_kill_storm import gone_within, guardian_of
@@ -39,7 +39,7 @@ SLACK_S = 10.0
 TRIALS = int(os.environ.get("PYEXEC_CGROUP_KILL_TRIALS", "10"))  # per kernel profile
 # Profile → the kind of cgroup the caller is in (the one pyexec's scripts use on that profile).
 PROFILES = {"native": "v2", "4.18": "v2", "v1": "v1", "4.18-v1": "v1"}
-ROOTS = [r for r in (cgroups.cgroup2_root(), cgroups.freezer_v1_root(), cgroups.systemd_v1_root()) if r]
+ROOTS = [r for r in (kernel.cgroup2_root(), kernel.freezer_v1_root(), kernel.systemd_v1_root()) if r]
 HELPERS = (b"pyexec-guardian", b"pyexec-warden")
 NO_PIDFD = {"4.18", "4.18-v1"}
 
@@ -49,7 +49,7 @@ class Caller:
 
     def __init__(self, kind: str):
         name = f"pxcaller-{uuid.uuid4().hex[:8]}"
-        v2, freezer, systemd = cgroups.cgroup2_root(), cgroups.freezer_v1_root(), cgroups.systemd_v1_root()
+        v2, freezer, systemd = kernel.cgroup2_root(), kernel.freezer_v1_root(), kernel.systemd_v1_root()
         assert v2 and freezer and systemd, "this test needs cgroup v2, the v1 freezer and name=systemd mounted"
         self.kind = kind
         self.paths = [os.path.join(v2, name)] if kind == "v2" else [os.path.join(freezer, name),
@@ -197,7 +197,7 @@ class Run:
             # cgroup v1 has no emptiness event and, without pidfd_open, no way to await an exit: a leaf
             # whose last process (a guardian or script the kill caught) was still dying when the warden
             # swept stays, empty, until the next warden's sweep (README, Kernels).  Nothing may run there.
-            assert all(os.path.dirname(d) != os.path.join(cgroups.cgroup2_root(), "pyexec") for d in left), left
+            assert all(os.path.dirname(d) != os.path.join(kernel.cgroup2_root(), "pyexec") for d in left), left
             assert not _procs_under(left), f"processes left in {left}: {_procs_under(left)}"
             _next_warden(self.profile)
             left = [d for d in left if os.path.exists(d)]
@@ -240,8 +240,8 @@ def _cgroups_of(pid: int) -> dict[str, str]:
 
 def _hier(kind_path: str) -> str:
     """The /proc/<pid>/cgroup key of the hierarchy mounted at kind_path."""
-    return {cgroups.cgroup2_root(): "", cgroups.freezer_v1_root(): "freezer",
-            cgroups.systemd_v1_root(): "name=systemd"}[os.path.dirname(kind_path)]
+    return {kernel.cgroup2_root(): "", kernel.freezer_v1_root(): "freezer",
+            kernel.systemd_v1_root(): "name=systemd"}[os.path.dirname(kind_path)]
 
 
 @pytest.mark.parametrize("phase", ["pre", "snapshot", "post"])
@@ -362,7 +362,7 @@ def test_spawn_helper_starts_inside_every_cgroup_and_outlives_its_spawner(nat, t
         assert st is not None and st.code == 0
         where = {ln.split(":", 2)[1]: ln.split(":", 2)[2] for ln in native.read_capture(out).data.decode().splitlines()}
         assert [where[k] for k in keys] == [f"/{name}"] * len(keys), where
-        freezer = dirs[ROOTS.index(cgroups.freezer_v1_root())]
+        freezer = dirs[ROOTS.index(kernel.freezer_v1_root())]
         code = ("import os, sys; from pyexec import native\n"
                 "fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)\n"
                 "p = native.load(sys.argv[2]).spawn_helper(['/bin/sleep', '60'], '/bin/sleep', cgroup_fds=[fd])\n"

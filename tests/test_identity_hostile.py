@@ -5,6 +5,7 @@ through its own processes on real loop filesystems; nothing is left frozen."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import orjson
 import pytest
 
 from helpers import needs_root
-from pyexec import errors, host, identity, journal, native, window
+from pyexec import errors, host, journal, kernel, native, window
 from pyexec.demo import loopfs
 from test_config_trust import write_setup
 from test_freeze_window import writable_within
@@ -90,8 +91,9 @@ def test_symlink_on_the_way_to_a_mount_point_is_never_followed(local_user, mount
     r = local_user.run(["ln", "-s", str(tmp_path / "elsewhere"), "sub"])
     assert r.returncode == 0, r.stderr
     through = str(local_user.home / "sub" / "mnt")
-    for forced in (None, False):
-        monkeypatch.setattr(identity, "_openat2", forced)
+    probed = kernel.features()
+    for forced in (probed["openat2"], False):
+        monkeypatch.setattr(kernel, "features", functools.partial(dict, probed, openat2=forced))
         with pytest.raises(errors.FreezeError) as ei:
             with window.window([through], 5):
                 pass

@@ -21,7 +21,7 @@ import uuid
 import orjson
 
 from helpers import needs_root, procs_matching
-from pyexec import scripts
+from pyexec import kernel
 from test_config_trust import write_setup
 from test_freeze_window import writable_within
 
@@ -100,7 +100,7 @@ def test_kill_storm(tmp_path, mounts):
     env = {**os.environ, "PYEXEC_RUN_DIR": str(tmp_path / "run")}
     argv = [sys.executable, "-c", CONTROLLER, cfg, str(HOLD_S), a.mountpoint, b.mountpoint]
     is_script = lambda argv_: marker.encode() in argv_  # noqa: E731
-    found = scripts.cgroup_root()
+    found = kernel.cgroup_root()
     cg_root = found[0] if found else None
     # cgroup v2 says when a leaf is empty (cgroup.events), so the warden removes it at once.  v1 has no
     # such event: a killed script still counts until its (orphaned) zombie is reaped by init, so the

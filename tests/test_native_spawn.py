@@ -9,7 +9,7 @@ import time
 import pytest
 
 from pyexec import native
-from pyexec.cgroups import cgroup2_root, freezer_v1_root
+from pyexec.kernel import cgroup2_root, freezer_v1_root
 
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"}
 S = 1_000_000_000

@@ -19,7 +19,7 @@ import pytest
 import pyexec
 
 from helpers import kill_with_descendants, needs_btrfs, needs_root, procs_matching
-from pyexec import errors, host, locks, native, scripts, window
+from pyexec import errors, host, kernel, locks, native, window
 from pyexec.demo import loopfs
 from test_config_trust import write_setup
 from test_freeze_window import writable_within
@@ -323,7 +323,7 @@ def test_script_dies_with_a_sigkilled_pyexec(tmp_path, mounts):
     tag = f"hung-{os.getpid()}-{time.monotonic_ns()}"
     kid = f"kid-{os.getpid()}-{time.monotonic_ns()}"  # the script's plain background child
     started = tmp_path / "started"
-    cgroup = scripts.cgroup_root() is not None
+    cgroup = kernel.cgroup_root() is not None
     escape = f"setsid sh -c 'sleep 300; : {tag}' &\n" if cgroup else ""
     hc = write_setup(tmp_path, pre=f"#!/bin/sh\ntouch {started}\n{escape}sh -c 'sleep 300; : {kid}' &\nwait\n".encode(),
                      plugin_doc={"preScriptParams": [tag]})
@@ -448,7 +448,7 @@ def test_check_and_run_choose_mounts_alike(tmp_path, mounts):
 def test_timed_out_tree_dies_at_the_deadline(tmp_path):
     """A pre-script past its timeout goes with its whole tree, a setsid'd grandchild included (how
     soon after the deadline: benchmarks/test_bench_flow.py's test_timeout_*)."""
-    if scripts.cgroup_root() is None:
+    if kernel.cgroup_root() is None:
         pytest.skip("no cgroup at all (kernel profile nocgroup): a setsid'd grandchild escapes a process-group "
                     "kill, as the README says; nothing else can reach it")
     tag = f"late-{os.getpid()}-{time.monotonic_ns()}"

@@ -20,7 +20,7 @@ import signal
 import time
 from collections.abc import Iterator
 
-from pyexec import errors, limits, native, window
+from pyexec import errors, kernel, limits, window
 
 EXIT_THAWED, EXIT_FAILED = 0, 1
 USAGE = "Usage: safefreeze TimeoutInSeconds MountPoint1 [MountPoint2 [MountPoint3 [..]]]"
@@ -81,7 +81,7 @@ def _watch_parent(ppid: int) -> int:
     """The parent's pidfd; where the kernel has no pidfd_open (before 5.3), -1, and the kernel
     sends PARENT_DIED when the parent dies instead (PR_SET_PDEATHSIG; it fires when the thread
     that started us ends, which for the extension is its main thread)."""
-    if native.default().features()["pidfd_open"]:
+    if kernel.features()["pidfd_open"]:
         return os.pidfd_open(ppid)
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(1, PARENT_DIED, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
