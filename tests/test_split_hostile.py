@@ -18,7 +18,7 @@ import pytest
 
 from helpers import IS_ROOT
 from pyexec import errors
-from pyexec.demo import loopfs, run as demo_run, safeio, servers
+from pyexec.demo import loopfs, output, pgserver, safeio, servers
 from test_config_trust import make, write_setup
 from test_quiesce import sandbox, write_now
 
@@ -291,7 +291,7 @@ def test_postgresql_conf_and_recovery_files_are_not_written_through_symlinks(loc
     plant(local_user, data / "backup_label", victim[0])
     archive = area.root / "archive"
     archive.mkdir()
-    rec = servers._ArchiveRecovery("START WAL LOCATION: 0/2000028\n", None, str(archive), "immediate", False)
+    rec = pgserver._ArchiveRecovery("START WAL LOCATION: 0/2000028\n", None, str(archive), "immediate", False)
     with pytest.raises(OSError):
         srv._prepare_recovery(rec, local_user.uid, local_user.gid)
     assert sorted(os.listdir(victim[1])) == ["keep"]
@@ -314,7 +314,7 @@ def test_demo_report_is_0600_and_never_written_through_a_symlink(local_user, vic
     d = users_dir(local_user, area, "reports")
     report = d / "report.json"
     plant(local_user, report, victim[0])
-    demo_run._write_report(str(report), {"ok": True})
+    output.write_report(str(report), {"ok": True})
     st = os.lstat(report)
     assert stat.S_ISREG(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o600
     assert orjson.loads(report.read_bytes()) == {"ok": True}

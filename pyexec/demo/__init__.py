@@ -1,5 +1,12 @@
-"""The verified demo and its sandbox: loop-mounted filesystems made and removed here (loopfs.py), a
-live SQLite application (app.py), the run that snapshots and verifies it (run.py), private
-PostgreSQL and MariaDB servers for the database quiescers (servers.py), and the demo that snapshots
-one of them under load with its quiescer, restores it on a second server and verifies it
-(dbdemo.py).  The core never imports this package."""
+"""The verified demo and its sandbox.  The core never imports this package; inside it, arrows point
+down this list (a module imports only those below it):
+
+- `run`: `pyexec demo`: the SQLite demo (a live application snapshotted and verified), or `dbdemo`.
+- `dbdemo`: `pyexec demo --db`: a database server under load snapshotted with its quiescer, restored
+  on a second server and verified; `dbsite` (the sandbox, the server, one round), `dbrestore` (the
+  restores), `dbverify` (the engines' checks, the promises), `ledger` (the ledger writer and its
+  checks), `dbload` (pgbench, the transaction writers), `dbsummary` (the printed summary).
+- `servers`: the private PostgreSQL and MariaDB servers: `pgserver`, `mariadbserver`, what they
+  share (`dbserver`) and their processes (`processes`).
+- `app` (the SQLite application), `sandbox` (loop images, reflink), `loopfs` (a loop-mounted
+  filesystem), `output` (progress, the report), `safeio` (files in other accounts' directories)."""

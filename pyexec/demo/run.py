@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import os
 import shutil
 import signal
@@ -17,7 +16,6 @@ import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from typing import TypedDict
 
@@ -25,10 +23,11 @@ import orjson
 
 from pyexec import host, report
 from pyexec.demo import app as demo_app
-from pyexec.demo import loopfs, safeio
+from pyexec.demo import dbdemo, loopfs
+from pyexec.demo.output import emit, last_line, say, write_file, write_report, write_sandbox_report
+from pyexec.demo.sandbox import LoopSandbox, reflink
 from pyexec.window import Window
 
-FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
 Verification = dict[str, object]  # what verify() found: mounts, integrity_check, last row and record, verdict
 
 
@@ -39,46 +38,18 @@ class Round(TypedDict):
     verification: Verification
 
 
-def _say(msg: str) -> None:
-    """Progress: stderr, so that stdout holds only the results (with --json, the report alone)."""
-    print(f"demo: {msg}", file=sys.stderr, flush=True)
-
-
-def _write(path: str, data: str, mode: int) -> str:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(data)
-    os.chmod(path, mode)
-    return path
-
-
-def reflink(src: str, dst: str) -> None:
-    """A copy-on-write clone of src at dst (both on the outer btrfs)."""
-    s = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        d = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.ioctl(d, FICLONE, s)
-        finally:
-            os.close(d)
-    finally:
-        os.close(s)
-
-
-class Sandbox:
+class Sandbox(LoopSandbox):
     """The demo's filesystems, application, scripts and configs; `close` removes it all."""
 
     def __init__(self, base: str | None, quiesce: bool):
-        self.dir = tempfile.mkdtemp(prefix="pyexec-demo-", dir=base)
-        self.fs: list[loopfs.LoopFS] = []
+        super().__init__("pyexec-demo-", base)
         self.app: subprocess.Popen[bytes] | None = None
         self.sock = os.path.join(self.dir, "app.sock")
         self.quiesce = quiesce
 
     def build(self) -> None:
-        _say(f"sandbox in {self.dir}: outer btrfs image (the storage layer)")
-        self.outer = self._mount("outer.img", "outer", "btrfs", 1024)
-        _say("two data disks inside it: ext4 for the database, xfs for the log")
+        self.build_outer()
+        say("two data disks inside it: ext4 for the database, xfs for the log")
         self.db_fs = self._mount(os.path.join("outer", "disk-db.img"), "db", "ext4", 128)
         self.log_fs = self._mount(os.path.join("outer", "disk-log.img"), "log", "xfs", 320)
         etc = os.path.join(self.dir, "etc")
@@ -86,32 +57,27 @@ class Sandbox:
         self.state = os.path.join(self.dir, "state")
         os.mkdir(self.state, 0o700)
         py = sys.executable
-        pre = _write(os.path.join(etc, "pre.sh"),
-                     f"#!/bin/sh\n# quiesce: finish in-flight transactions, checkpoint the WAL, hold writes\n"
-                     f"exec {py} -m pyexec.demo.app ctl quiesce {self.sock} > {self.state}/pre.out\n", 0o700)
-        post = _write(os.path.join(etc, "post.sh"),
-                      f"#!/bin/sh\nexec {py} -m pyexec.demo.app ctl resume {self.sock} > {self.state}/post.out\n",
-                      0o700)
+        pre = write_file(os.path.join(etc, "pre.sh"),
+                         f"#!/bin/sh\n# quiesce: finish in-flight transactions, checkpoint the WAL, hold writes\n"
+                         f"exec {py} -m pyexec.demo.app ctl quiesce {self.sock} > {self.state}/pre.out\n", 0o700)
+        post = write_file(os.path.join(etc, "post.sh"),
+                          f"#!/bin/sh\nexec {py} -m pyexec.demo.app ctl resume {self.sock} > {self.state}/post.out\n",
+                          0o700)
         plugin = {"pluginName": "ScriptRunner", "appName": "demo-sqlite",
                   "preScriptLocation": pre, "postScriptLocation": post,
                   "preScriptParams": [], "postScriptParams": [], "preScriptNoOfRetries": 0,
                   "postScriptNoOfRetries": 0, "timeoutInSeconds": 30, "continueBackupOnFailure": True,
                   "fsFreezeEnabled": True}
-        pj = _write(os.path.join(etc, "VMSnapshotScriptPluginConfig.json"),
-                    orjson.dumps(plugin, option=orjson.OPT_INDENT_2).decode(), 0o600)
+        pj = write_file(os.path.join(etc, "VMSnapshotScriptPluginConfig.json"),
+                        orjson.dumps(plugin, option=orjson.OPT_INDENT_2).decode(), 0o600)
         # --no-quiesce: no plugin at all, so the run says what the snapshot is (file-system consistent).
         plugins = (f"numberOfPlugins = 1\npluginName0 = ScriptRunner\npluginPath0 = {etc}\n"
                    f"pluginConfigPath0 = {pj}\n") if self.quiesce else "numberOfPlugins = 0\n"
-        self.host_conf = _write(os.path.join(etc, "VMSnapshotPluginHost.conf"),
-                                f"[pre_post]\ntimeoutInSeconds = 60\n{plugins}", 0o600)
-
-    def _mount(self, image: str, mnt: str, fstype: str, size_mb: int) -> loopfs.LoopFS:
-        m = loopfs.LoopFS(os.path.join(self.dir, image), os.path.join(self.dir, mnt), fstype, size_mb)
-        self.fs.append(m)
-        return m
+        self.host_conf = write_file(os.path.join(etc, "VMSnapshotPluginHost.conf"),
+                                    f"[pre_post]\ntimeoutInSeconds = 60\n{plugins}", 0o600)
 
     def start_app(self) -> None:
-        _say("starting the application: 4 SQLite writer threads (WAL) + an append-only log")
+        say("starting the application: 4 SQLite writer threads (WAL) + an append-only log")
         self.db = os.path.join(self.db_fs.mountpoint, "app.db")
         self.log = os.path.join(self.log_fs.mountpoint, "app.log")
         self.app = subprocess.Popen([sys.executable, "-m", "pyexec.demo.app", "serve", self.db, self.log, self.sock],
@@ -124,14 +90,11 @@ class Sandbox:
         if self.app:
             self.app.kill()
             self.app.wait()
-        for m in self.fs:  # a frozen disk would hang the unmount: thaw first
-            m.thaw()
+        self.thaw()
         if keep:
-            _say(f"--keep: sandbox left in {self.dir} (mounted); remove with umount + losetup -d")
+            say(f"--keep: sandbox left in {self.dir} (mounted); remove with umount + losetup -d")
             return
-        for m in reversed(self.fs):
-            m.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.remove()
 
 
 def verify(sb: Sandbox, rnd: int, snaps: dict[str, str], pre_reply: str | None) -> Verification:
@@ -198,12 +161,11 @@ def main(args: argparse.Namespace) -> int:
     report is written into the sandbox (kept with --keep) and to --report PATH if given, never
     into the working directory."""
     if getattr(args, "db", "sqlite") != "sqlite":
-        from pyexec.demo import dbdemo
         return dbdemo.main(args)
     out = sys.stderr if args.json else sys.stdout
     if os.geteuid() != 0:
         print("pyexec demo: needs root (loop devices, mount, FIFREEZE)", file=sys.stderr)
-        _emit(args, {"rounds": [], "ok": False, "error": "needs root"})
+        emit(args.json, {"rounds": [], "ok": False, "error": "needs root"})
         return 2
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     sb = Sandbox(args.dir, quiesce=not args.no_quiesce)
@@ -220,15 +182,15 @@ def main(args: argparse.Namespace) -> int:
                 reflink(sb.db_fs.image, snaps["db"])
                 reflink(sb.log_fs.image, snaps["log"])
 
-            _say(f"round {rnd}: check → pre-script (quiesce) → freeze ext4+xfs → reflink both images → thaw → "
-                 "post-script (resume)")
+            say(f"round {rnd}: check → pre-script (quiesce) → freeze ext4+xfs → reflink both images → thaw → "
+                "post-script (resume)")
             rep = host.run(sb.host_conf, mount_points=[sb.db_fs.mountpoint, sb.log_fs.mountpoint], snapshot=take,
-                           freeze_timeout=30, progress=lambda m: _say("  " + m))
+                           freeze_timeout=30, progress=lambda m: say("  " + m))
             pre_reply = None
             if sb.quiesce:
                 with contextlib.suppress(OSError):
                     pre_reply = open(os.path.join(sb.state, "pre.out")).read().strip() or None
-            _say(f"round {rnd}: verifying the snapshot (read-only mounts, integrity_check, last row, last record)")
+            say(f"round {rnd}: verifying the snapshot (read-only mounts, integrity_check, last row, last record)")
             v: Verification = verify(sb, rnd, snaps, pre_reply) if rep.snapshot == "taken" else {"verified": False}
             before = demo_app.ctl("stats", sb.sock)
             time.sleep(0.3)
@@ -254,36 +216,16 @@ def main(args: argparse.Namespace) -> int:
         ok, error = False, f"failed: {e}"
     finally:
         doc = {"rounds": rounds, "ok": ok, **({"error": error} if error else {})}
-        where: list[str] = []
-        with contextlib.suppress(OSError):  # the sandbox's own copy: gone with it unless --keep
-            _write_report(os.path.join(sb.dir, REPORT), doc)
-            if args.keep:
-                where.append(os.path.join(sb.dir, REPORT))
+        where = write_sandbox_report(sb.dir, doc, args.keep)
         sb.close(keep=args.keep)
     if args.report:
-        _write_report(args.report, doc)
+        write_report(args.report, doc)
         where.append(args.report)
-    _emit(args, doc)
+    emit(args.json, doc)
     kind = "application-consistent" if sb.quiesce else "file-system-consistent (nothing quiesced: --no-quiesce)"
     result = f"{kind} snapshot verified" if ok else "NOT verified (see above)"
-    print(f"demo: {result}; " + (f"full report in {' and '.join(where)}" if where else
-                                 "--report PATH (or --json) keeps the full report"), file=out)
+    last_line(out, result, where)
     return 0 if ok else 1
-
-
-REPORT = "demo-report.json"
-
-
-def _write_report(path: str, doc: dict[str, object]) -> None:
-    # Mode 600, never through a symlink or a hard link at path (--report may name a shared directory).
-    safeio.write_private(path, orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
-
-
-def _emit(args: argparse.Namespace, doc: dict[str, object]) -> None:
-    """With --json, the report: the one document on stdout."""
-    if args.json:
-        sys.stdout.buffer.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
-        sys.stdout.flush()
 
 
 def _verdict(v: Verification) -> str:
