@@ -101,9 +101,9 @@ class Cancel:
         self.fd = self._w = -1
 
     def first(self) -> int | None:
-        """The first of the signals to arrive (CANCELLED for trigger()), read from the pipe (ordered by arrival, unlike the
-        handlers, which Python runs by signal number), without draining it: every later wait
-        must still wake."""
+        """The first of the signals to arrive (CANCELLED for trigger()), or None: read from the pipe
+        (ordered by arrival, unlike the handlers, which Python runs by signal number), without
+        draining it: every later wait must still wake."""
         if self.signum is not None or self.fd < 0:
             return self.signum
         try:

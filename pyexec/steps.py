@@ -48,7 +48,8 @@ class ScriptDict(TypedDict):
 
 @dataclasses.dataclass
 class ScriptResult:
-    """How one script ran: tries, status, duration, output and its table code."""
+    """How one step ran (a script, a quiescer's phase, the snapshot command): tries, status, duration,
+    output and its table code."""
 
     plugin: str
     phase: str
