@@ -73,8 +73,8 @@ int main(int argc, char **argv)
     px_set *s = mmap(NULL, sizeof(px_set), PROT_READ | PROT_WRITE, MAP_SHARED, PAGE_FD, 0);
     if (s == MAP_FAILED || s->magic != PX_SET_MAGIC)
         return 2;
-    int pidfd = px_watch_controller(ctl, atoi(argv[2]));
-    int dead = pidfd < 0 || getppid() != ctl;
+    int32_t pidfd;
+    int dead = px_watch_parent(ctl, atoi(argv[2]), 0, &pidfd) < 0;
     char path[64];
     for (int32_t i = 0; i < s->n; i++) {
         snprintf(path, sizeof(path), "/proc/%d/fd/%d", (int)ctl, (int)s->m[i].fd);

@@ -176,6 +176,18 @@ int px_wait(const px_proc *p, int64_t deadline_ns, int cancel_fd, px_capture *ou
  * cgroup.kill if cgroup_fd >= 0), then wait up to kill_wait_ns and reap. */
 int px_kill_tree(const px_proc *p, int cgroup_fd, int64_t grace_ns, int64_t kill_wait_ns,
                  px_capture *out, px_capture *err, px_status *st);
+/* How long a killed tree is awaited before giving up on it: px_kill_tree's kill_wait_ns for the
+ * scripts and the guardian, and the warden's wait for a dead controller's scripts. */
+#define PX_KILL_WAIT_NS 5000000000LL
+
+/* The one watch of the caller's parent (parent: the pid that started the caller), whoever
+ * watches: the guardian and the warden (their controller), safefreeze (the Azure extension).
+ * *fd becomes an fd that polls readable (or hung up) once parent is gone: its pidfd (pidfd_open,
+ * 5.3), or before 5.3, where life_fd >= 0, parent's life pipe (life_fd in its table: it holds the
+ * only write end, close-on-exec) reopened through /proc.  With neither and death_sig > 0, *fd is -1
+ * and the kernel sends death_sig when parent dies (px_parent_death_signal).  Returns 0, or -errno
+ * (-ESRCH: parent is gone already, the caller has been reparented; -ENOSYS: no way to watch). */
+int px_watch_parent(int32_t parent, int life_fd, int death_sig, int32_t *fd);
 
 /* ---- end of the bound API: what follows is shared by the C files only ---- */
 
@@ -197,10 +209,11 @@ int px_wait_exit(const px_proc *p, int64_t deadline_ns, int cancel_fd, px_captur
                  px_capture *err, int64_t *seen_ns);
 int px_reap(const px_proc *p, px_status *st);
 
-/* An fd that polls readable (or hung up) once the controller ctl is gone: its pidfd, or without
- * pidfd_open its life pipe's read end (life_fd, in ctl's table) reopened through /proc; -1 if
- * it is gone already.  For the guardian and the warden. */
-int px_watch_controller(pid_t ctl, int life_fd);
+/* Ask the kernel to send sig to the caller when its parent dies (PR_SET_PDEATHSIG; prctl(2): it
+ * fires when the thread that started the caller ends).  Returns 0, or -ESRCH if parent is gone
+ * already.  Async-signal-safe: px_spawn's child calls it between vfork and exec (a script with no
+ * cgroup dies with pyexec), as px_watch_parent does where there is no fd to watch. */
+int px_parent_death_signal(pid_t parent, int sig);
 
 /* Whether a cgroup directory fd is of a v1 hierarchy (the freezer's, on a v1-only machine). */
 int px_cgroup_is_v1(int cgroup_fd);

@@ -19,7 +19,6 @@
 #include <spawn.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -190,8 +189,13 @@ static int child_exec(void *arg)
     sigprocmask(SIG_SETMASK, &none, NULL);
     /* With no cgroup and no warden, the kernel kills the script if pyexec dies (its process group
      * and setsid'd descendants can escape: README).  The parent may have died already. */
-    if (a->die_with > 0 && (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0 || getppid() != a->die_with))
-        goto fail;
+    if (a->die_with > 0) {
+        int rc = px_parent_death_signal(a->die_with, SIGKILL);
+        if (rc < 0) {
+            errno = -rc;
+            goto fail;
+        }
+    }
     /* Join the cgroups first, before anything of the program runs (without CLONE_INTO_CGROUP). */
     for (int i = 0; i < a->n_cg_procs; i++)
         if (write(a->cg_procs[i], "0", 1) != 1)

@@ -1,5 +1,6 @@
 /* Wait for a spawned process while draining its output into bounded captures; reap it.
- * No polling: one ppoll over the exit fd, both pipes and a cancel fd, with the deadline as timeout. */
+ * No polling: one ppoll over the exit fd, both pipes and a cancel fd, with the deadline as timeout.
+ * And the one watch of a parent's death, for whoever must outlive or follow its parent. */
 #define _GNU_SOURCE
 #include "pyexec_core.h"
 
@@ -9,6 +10,7 @@
 #include <stdio.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -159,15 +161,36 @@ int px_wait(const px_proc *p, int64_t deadline_ns, int cancel_fd, px_capture *ou
 }
 
 
-int px_watch_controller(pid_t ctl, int life_fd)
+int px_parent_death_signal(pid_t parent, int sig)
 {
-    /* pidfd_open: kernel 5.3.  Before it, the controller's life pipe: it holds the only write
-     * end (close-on-exec), so the read end, reopened through /proc, hangs up when it dies. */
-    if (px_features_get()->pidfd_open)
-        return (int)syscall(SYS_pidfd_open, ctl, 0);
-    if (life_fd < 0)
-        return -1;
-    char path[64];
-    snprintf(path, sizeof(path), "/proc/%d/fd/%d", (int)ctl, life_fd);
-    return open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (prctl(PR_SET_PDEATHSIG, sig) < 0)
+        return -errno;
+    /* Armed after the parent may have died: then the signal never comes, and we are reparented. */
+    return getppid() == parent ? 0 : -ESRCH;
+}
+
+int px_watch_parent(int32_t parent, int life_fd, int death_sig, int32_t *fd)
+{
+    *fd = -1;
+    int w;
+    if (px_features_get()->pidfd_open) { /* kernel 5.3 */
+        w = (int)syscall(SYS_pidfd_open, parent, 0);
+    } else if (life_fd >= 0) {
+        /* Before 5.3: parent holds the only write end of its life pipe (close-on-exec), so the
+         * read end, reopened through /proc, hangs up when it dies. */
+        char path[64];
+        snprintf(path, sizeof(path), "/proc/%d/fd/%d", (int)parent, life_fd);
+        w = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    } else {
+        return death_sig > 0 ? px_parent_death_signal(parent, death_sig) : -ENOSYS;
+    }
+    if (w < 0)
+        return -errno;
+    /* Opened after the parent may have died (and its pid been reused): then we are reparented. */
+    if (getppid() != parent) {
+        close(w);
+        return -ESRCH;
+    }
+    *fd = w;
+    return 0;
 }

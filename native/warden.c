@@ -32,7 +32,6 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define KILL_WAIT_NS 5000000000LL
 /* A guardian whose controller died thaws at once and exits; past this the directory is left to
  * the next warden's sweep of dead controllers. */
 #define GUARDIANS_WAIT_NS 10000000000LL
@@ -53,7 +52,7 @@ static void sweep(int parent, const char *name)
             if (running) {
                 int cg = openat(dir, e->d_name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
                 if (cg >= 0) {
-                    px_cgroup_kill(cg, px_now_ns() + KILL_WAIT_NS);
+                    px_cgroup_kill(cg, px_now_ns() + PX_KILL_WAIT_NS);
                     close(cg);
                 }
             }
@@ -104,7 +103,8 @@ int main(int argc, char **argv)
     if (argc < 4 || argc - 3 > PX_MAX_CGROUPS)
         return 2;
     pid_t ctl = (pid_t)atoi(argv[1]);
-    int pidfd = px_watch_controller(ctl, atoi(argv[2]));
+    int32_t pidfd;
+    int watched = px_watch_parent(ctl, atoi(argv[2]), 0, &pidfd) == 0;
     for (int i = 3; i < argc; i++) {
         int fd = open(argv[i], O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         if (fd >= 0)
@@ -112,7 +112,7 @@ int main(int argc, char **argv)
     }
     for (int i = 0; i < n; i++)
         sweep_dead(parents[i], ctl);
-    if (pidfd >= 0 && getppid() == ctl) {
+    if (watched) {
         struct pollfd pf = {pidfd, POLLIN, 0};
         while (poll(&pf, 1, -1) < 0 && errno == EINTR)
             ;

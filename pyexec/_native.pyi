@@ -7,6 +7,7 @@ NAME: str
 SET_SIZE: int
 CAPTURE_SIZE: int
 MAX_MOUNTS: int
+KILL_WAIT_NS: int
 
 StatusTuple = tuple[int, int, int, int, int, int, int]  # code, signal, core, utime, stime, maxrss, exit_seen
 ProcTuple = tuple[int, int, int, int]  # pid, pidfd, out_fd, err_fd
@@ -25,3 +26,4 @@ def wait(proc: ProcTuple, deadline_ns: int, cancel_fd: int, cap_out: WriteableBu
          cap_err: WriteableBuffer | None) -> tuple[int, StatusTuple | None]: ...
 def kill_tree(proc: ProcTuple, cgroup_fd: int, grace_ns: int, kill_wait_ns: int, cap_out: WriteableBuffer | None,
               cap_err: WriteableBuffer | None) -> tuple[int, StatusTuple | None]: ...
+def watch_parent(parent: int, life_fd: int, death_sig: int) -> tuple[int, int]: ...

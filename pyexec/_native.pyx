@@ -50,11 +50,14 @@ cdef extern from "pyexec_core.h" nogil:
                 px_capture *err, px_status *st)
     int px_kill_tree(const px_proc *p, int cgroup_fd, int64_t grace_ns, int64_t kill_wait_ns,
                      px_capture *out, px_capture *err, px_status *st)
+    const long long PX_KILL_WAIT_NS
+    int px_watch_parent(int parent, int life_fd, int death_sig, int32_t *fd)
 
 NAME = "cython"
 SET_SIZE = sizeof(px_set)
 CAPTURE_SIZE = sizeof(px_capture)
 MAX_MOUNTS = PX_MAX_MOUNTS
+KILL_WAIT_NS = PX_KILL_WAIT_NS
 
 
 cdef px_set *_set(unsigned char[::1] buf) except NULL:
@@ -224,3 +227,10 @@ def kill_tree(tuple proc, int cgroup_fd, long long grace_ns, long long kill_wait
     with nogil:
         rc = px_kill_tree(&p, cgroup_fd, grace_ns, kill_wait_ns, co, ce, &st)
     return rc, (_status(&st) if rc == 0 else None)
+
+
+def watch_parent(int parent, int life_fd, int death_sig):
+    """Watch this process's parent for its death: (0, fd to poll, or -1 where death_sig will come), or (-errno, -1)."""
+    cdef int32_t fd = -1
+    cdef int rc = px_watch_parent(parent, life_fd, death_sig, &fd)
+    return rc, fd

@@ -45,6 +45,10 @@ class _Status(Protocol):
     exit_seen_ns: int
 
 
+class _Int32Ptr(Protocol):
+    def __getitem__(self, index: int) -> int: ...
+
+
 class _FFI(Protocol):
     NULL: _CData
 
@@ -57,6 +61,8 @@ class _FFI(Protocol):
     @overload
     def new(self, cdecl: Literal["px_status *"]) -> _Status: ...
     @overload
+    def new(self, cdecl: Literal["int32_t *"], init: int) -> _Int32Ptr: ...
+    @overload
     def new(self, cdecl: str, init: object) -> _CData: ...
     def from_buffer(self, buf: bytearray | mmap.mmap, require_writable: bool = ...) -> _CData: ...
     def cast(self, cdecl: str, value: _CData) -> _CData: ...
@@ -65,6 +71,7 @@ class _FFI(Protocol):
 class _Lib(Protocol):
     PX_MAX_MOUNTS: int
     PX_MAX_CGROUPS: int
+    PX_KILL_WAIT_NS: int
 
     def px_probe(self, f: _Features) -> int: ...
     def px_now_ns(self) -> int: ...
@@ -79,6 +86,7 @@ class _Lib(Protocol):
     def px_wait(self, p: _Proc, deadline_ns: int, cancel_fd: int, out: _CData, err: _CData, st: _Status) -> int: ...
     def px_kill_tree(self, p: _Proc, cgroup_fd: int, grace_ns: int, kill_wait_ns: int, out: _CData, err: _CData,
                      st: _Status) -> int: ...
+    def px_watch_parent(self, parent: int, life_fd: int, death_sig: int, fd: _Int32Ptr) -> int: ...
 
 
 ffi: _FFI = _ffi
@@ -90,6 +98,7 @@ NAME = "cffi"
 SET_SIZE = ffi.sizeof("px_set")
 CAPTURE_SIZE = ffi.sizeof("px_capture")
 MAX_MOUNTS = lib.PX_MAX_MOUNTS
+KILL_WAIT_NS = lib.PX_KILL_WAIT_NS
 
 
 def offsets(struct_name: str, fields: Iterable[str]) -> list[int]:
@@ -203,3 +212,10 @@ def kill_tree(proc: ProcTuple, cgroup_fd: int, grace_ns: int, kill_wait_ns: int,
     ce, _k2 = _ptr("px_capture *", cap_err, CAPTURE_SIZE)
     rc = lib.px_kill_tree(_proc(proc), cgroup_fd, grace_ns, kill_wait_ns, co, ce, st)
     return rc, (_status(st) if rc == 0 else None)
+
+
+def watch_parent(parent: int, life_fd: int, death_sig: int) -> tuple[int, int]:
+    """Watch this process's parent for its death: (0, fd to poll, or -1 where death_sig will come), or (-errno, -1)."""
+    fd = ffi.new("int32_t *", -1)
+    rc = lib.px_watch_parent(parent, life_fd, death_sig, fd)
+    return rc, fd[0]

@@ -13,6 +13,7 @@ freezer, and v1 name=systemd (a v1 or hybrid systemd finds a unit's processes th
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from pyexec import kernel, native
 
 WARDEN = os.path.join(os.path.dirname(__file__), "pyexec-warden")
 GUARD = "guard"  # the guardians' leaf (PX_GUARD_LEAF in native/pyexec_core.h, for the C programs)
+_cg_seq = itertools.count()  # N of the scripts' leaves run-N
 
 
 class Warden:
@@ -111,3 +113,49 @@ def helper_cgroups() -> Iterator[tuple[list[int], list[str]]]:
         return
     with warden.guard_fds() as fds:
         yield fds, warden.parents
+
+
+@contextlib.contextmanager
+def script_cgroup(enabled: bool = True) -> Iterator[int]:
+    """A fresh leaf cgroup (its fd) for one script, or -1 where cgroup v2 is unusable.
+
+    While the script runs the leaf is named run-N, which the warden kills if this process dies.
+    After it, whatever the script left running on purpose (a daemon a post-script started) moves
+    to the sibling "done", which the warden leaves alone (cgroup v2 refuses to rename a cgroup)."""
+    warden = Warden.get() if enabled else None
+    run = fd = None
+    if warden:
+        run = os.path.join(warden.path, f"run-{next(_cg_seq)}")
+        try:
+            os.mkdir(run)
+            fd = os.open(run, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            pass  # fall back to process-group kills
+    try:
+        yield fd if fd is not None else -1
+    finally:
+        if fd is not None:
+            os.close(fd)
+        if run and warden:  # run is only made inside warden's directory
+            _retire(run, os.path.join(warden.path, "done"))
+
+
+def _retire(leaf: str, done: str) -> None:
+    """Remove a finished script's leaf, moving the processes it left behind into done first."""
+    for _ in range(64):  # each pass moves what is there; a fork during one is caught by the next
+        try:
+            os.rmdir(leaf)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            pass
+        try:
+            with open(os.path.join(leaf, "cgroup.procs")) as f:
+                pids = f.read().split()
+            os.makedirs(done, exist_ok=True)
+            for pid in pids:
+                with contextlib.suppress(OSError), open(os.path.join(done, "cgroup.procs"), "w") as f:
+                    f.write(pid)
+        except OSError:
+            return

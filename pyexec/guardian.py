@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import threading
 
-from pyexec import cgroups, native
+from pyexec import cgroups, native, waits
 
 GUARDIAN = os.path.join(os.path.dirname(__file__), "pyexec-guardian")
 
@@ -28,25 +27,20 @@ class Guardian:
         self._thread.start()
 
     def _watch(self) -> None:
-        p = select.poll()
-        p.register(self.proc.pidfd, select.POLLIN)
-        p.register(self._stop_r, select.POLLIN)
-        for fd, _ in p.poll():
-            if fd == self.proc.pidfd:
-                self.lost = True
-                # px_freeze reads this after each FIFREEZE and undoes what it froze; the thaw
-                # here skips a mount whose FIFREEZE is in flight (it would wait behind it).
-                if native.read_set(self.page).guardian_state < native.G_FIRED_DEADLINE:
-                    native.set_header(self.page, guardian_state=native.G_LOST)
-                self.nat.thaw(self.page)
-            return
+        if self.proc.pidfd in waits.wait_readable([self.proc.pidfd, self._stop_r], None, nat=self.nat):
+            self.lost = True
+            # px_freeze reads this after each FIFREEZE and undoes what it froze; the thaw
+            # here skips a mount whose FIFREEZE is in flight (it would wait behind it).
+            if native.read_set(self.page).guardian_state < native.G_FIRED_DEADLINE:
+                native.set_header(self.page, guardian_state=native.G_LOST)
+            self.nat.thaw(self.page)
 
     def stop(self) -> None:
         """End the watch, then the guardian, and reap it."""
         os.write(self._stop_w, b"x")
         self._thread.join()
         with contextlib.suppress(OSError):
-            self.nat.kill_tree(self.proc, 0, 5_000_000_000)
+            self.nat.kill_tree(self.proc, 0, self.nat.kill_wait_ns)
         self.proc.close()
         os.close(self._stop_r)
         os.close(self._stop_w)
@@ -54,10 +48,6 @@ class Guardian:
 
 def wait_ready(page: native.SetBuffer, proc: native.Proc, timeout_s: float = 5.0) -> bool:
     """Wait for the guardian's ready byte on its stdout (or its death, or timeout_s)."""
-    p = select.poll()
-    p.register(proc.out_fd, select.POLLIN)
-    p.register(proc.pidfd, select.POLLIN)
-    for fd, _ in p.poll(int(timeout_s * 1000)):
-        if fd == proc.out_fd and os.read(proc.out_fd, 1) == b"R":
-            break
+    if proc.out_fd in waits.wait_readable([proc.out_fd, proc.pidfd], waits.deadline_after(timeout_s)):
+        os.read(proc.out_fd, 1)
     return native.read_set(page).guardian_state >= native.G_READY

@@ -7,15 +7,12 @@ import contextlib
 import ctypes
 import dataclasses
 import fcntl
-import math
 import os
-import select
 import struct
 import threading
-import time
 from collections.abc import Iterable, Iterator
 
-from pyexec import errors, identity, journal, limits, mounts
+from pyexec import errors, identity, journal, limits, mounts, waits
 
 # The Azure VM extension's freeze lock (its fsfreezer.py takes fcntl.lockf on this file): while it is
 # held, Azure Backup or Site Recovery is freezing.  Only taken where the directory exists.
@@ -44,15 +41,16 @@ def _inotify_close_watch(path: str) -> int:
     return fd
 
 
-def _lock(path: str, what: str, deadline: float, posix: bool = False, shared: bool = False,
+def _lock(path: str, what: str, deadline_ns: int, posix: bool = False, shared: bool = False,
           cancel_fd: int = -1) -> int:
     """Take a lock on path (flock, exclusive or shared; or an OFD record lock for the Azure lock), waiting until
-    deadline (time.monotonic) for its holder to let go: woken by the holder's close or by cancel_fd,
-    never by a timer tick.  Returns the fd that holds it; FreezeError 121 naming the holder after
-    the deadline, or when cancel_fd becomes readable (a signal)."""
+    deadline_ns (waits: the core's clock) for its holder to let go: woken by the holder's close or by
+    cancel_fd, never by a timer tick.  Returns the fd that holds it; FreezeError 121 naming the holder
+    after the deadline, or when cancel_fd becomes readable (a signal)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     watch = -1
     mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    expired = False
     try:
         while True:
             try:
@@ -70,21 +68,17 @@ def _lock(path: str, what: str, deadline: float, posix: bool = False, shared: bo
             if watch < 0:  # watch, then try once more: a release between the two is not missed
                 watch = _inotify_close_watch(path)
                 continue
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if expired:  # tried once more after the deadline
                 raise errors.FreezeError(121, f"{what} is held by pid {_holder(fd, posix)} "
                                          f"(lock {path}); gave up waiting")
-            p = select.poll()
-            p.register(watch, select.POLLIN)
-            if cancel_fd >= 0:
-                p.register(cancel_fd, select.POLLIN)
-            ready = dict(p.poll(math.ceil(left * 1000)))
+            ready = waits.wait_readable([watch], deadline_ns, cancel_fd)
             if cancel_fd in ready:
                 raise errors.FreezeError(121, f"interrupted while waiting for {what} (held by pid "
                                          f"{_holder(fd, posix)})")
             if ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(watch, 65536)
+            expired = not ready
         if not posix and not shared:
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
@@ -168,7 +162,7 @@ def hold(paths: Iterable[limits.Path] | None, lock_wait: float = limits.DEFAULT_
             fd, ident = identity.open_mount(m)
             held.fds.append(fd)
             held.ids.append(ident)
-        deadline = time.monotonic() + lock_wait
+        deadline = waits.deadline_after(lock_wait)
         if os.path.isdir(AZURE_LOCK_DIR):
             fds.append(_lock(os.path.join(AZURE_LOCK_DIR, AZURE_LOCK_FILE), "the Azure extension's freeze lock",
                              deadline, posix=True, cancel_fd=cancel_fd))

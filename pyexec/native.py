@@ -47,6 +47,7 @@ class Binding(Protocol):
     SET_SIZE: int
     CAPTURE_SIZE: int
     MAX_MOUNTS: int
+    KILL_WAIT_NS: int
 
     def probe(self) -> tuple[int, int, int, int, int, int, int, int, int]: ...
     def now_ns(self) -> int: ...
@@ -62,6 +63,7 @@ class Binding(Protocol):
              cap_err: bytearray | None) -> tuple[int, StatusTuple | None]: ...
     def kill_tree(self, proc: ProcTuple, cgroup_fd: int, grace_ns: int, kill_wait_ns: int,
                   cap_out: bytearray | None, cap_err: bytearray | None) -> tuple[int, StatusTuple | None]: ...
+    def watch_parent(self, parent: int, life_fd: int, death_sig: int) -> tuple[int, int]: ...
 
 
 if TYPE_CHECKING:  # mypy checks both bindings against Binding (load() can only cast)
@@ -222,6 +224,7 @@ class Native:
         self.set_size = mod.SET_SIZE
         self.capture_size = mod.CAPTURE_SIZE
         self.max_mounts = mod.MAX_MOUNTS
+        self.kill_wait_ns = mod.KILL_WAIT_NS  # PX_KILL_WAIT_NS: the warden's wait too
         if self.set_size != _SET_HEADER.size + self.max_mounts * _MOUNT.size:
             raise ImportError(f"{self.name}: px_set layout does not match pyexec.native")
         if self.capture_size != _CAP_HEADER.size + 2 * CAP_HALF:
@@ -301,6 +304,16 @@ class Native:
         """TERM the tree, wait grace_ns, KILL it, reap: Status, or None if it would not die."""
         rc, st = self.mod.kill_tree(proc.astuple(), cgroup_fd, grace_ns, kill_wait_ns, out, err)
         return self._status(rc, st, "kill_tree")
+
+    def watch_parent(self, parent: int, life_fd: int = -1, death_sig: int = 0) -> int:
+        """The one watch of this process's parent (px_watch_parent): an fd that polls readable once
+        parent is gone, or -1 where the kernel will send death_sig instead; OSError (ESRCH: it is
+        gone already) otherwise."""
+        rc, fd = self.mod.watch_parent(parent, life_fd, death_sig)
+        if rc < 0:
+            from pyexec import errors
+            raise errors.oserror(-rc, "watch_parent")
+        return fd
 
     @staticmethod
     def _status(rc: int, st: StatusTuple | None, what: str) -> Status | None:

@@ -3,151 +3,24 @@ documented environment, retries inside one deadline, the whole tree killed at th
 run is cancelled, output captured bounded in memory."""
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import itertools
 import os
 import pwd
 import shlex
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TypedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from pyexec import native, trust
-from pyexec.cgroups import Warden
-from pyexec.errors import TABLE, PyexecError
+from pyexec import native, trust, waits
+from pyexec.cgroups import script_cgroup
+from pyexec.errors import PyexecError
+# ScriptResult and ScriptDict re-exported: the runner's result, as its callers name it.
+from pyexec.steps import CODES, OK_STATUS, ScriptDict as ScriptDict, ScriptResult as ScriptResult
 from pyexec.trust import TrustedFile
 
 # systemd's PATH for services (systemd.exec(5), "Environment Variables in Spawned Processes"),
 # for a caller that has none.
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 KILL_GRACE_NS = 1_000_000_000  # TERM → KILL
-KILL_WAIT_NS = 5_000_000_000
-# Only 0 is success.  The reference's ScriptRunner keeps exit status 2 (PrePost_ScriptStatus_Warning)
-# as the plugin's errorCode, which its PluginHost counts as a failed script (anyScriptFailed).
-OK_STATUS = 0
-# "host_timeout": the host config's timeoutInSeconds was the limit that expired (the reference's
-# PluginHost reports FailedPrepostPluginhostPreTimeout/PostTimeout for a plugin still running then).
-CODES = {"pre": {"failed": 300, "timeout": 308, "host_timeout": 310},
-         "post": {"failed": 301, "timeout": 309, "host_timeout": 311}}
-_cg_seq = itertools.count()
 CommandArg = str | bytes | os.PathLike[str] | os.PathLike[bytes]  # an element of a snapshot argv
-
-
-class OutputDict(TypedDict):
-    """Captured output as report fields."""
-
-    text: str  # head and tail, undecodable bytes escaped
-    total: int
-    dropped: int
-
-
-class ScriptDict(TypedDict):
-    """A ScriptResult as report fields."""
-
-    plugin: str
-    phase: str
-    path: str
-    tries: int
-    exit_code: int | None
-    signal: int
-    timed_out: bool
-    duration_ns: int
-    stdout: OutputDict | None
-    stderr: OutputDict | None
-    error_code: int
-    error: str | None
-    continue_backup: bool
-    detail: str
-    cancelled: bool
-    facts: dict[str, str]
-
-
-@dataclasses.dataclass
-class ScriptResult:
-    """How one script ran: tries, status, duration, output and its table code."""
-
-    plugin: str
-    phase: str
-    path: str
-    tries: int = 0
-    exit_code: int | None = None
-    signal: int = 0
-    timed_out: bool = False
-    duration_ns: int = 0
-    stdout: native.Captured | None = None
-    stderr: native.Captured | None = None
-    error_code: int = 0  # a table code; -1: the snapshot command failed (it has no code of its own)
-    continue_backup: bool = True
-    detail: str = ""
-    cancelled: bool = False
-    # What a built-in quiescer recorded: binlog position, GTID, LSNs, the backup_label's path.
-    facts: dict[str, str] = dataclasses.field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.error_code == 0
-
-    def as_dict(self) -> ScriptDict:
-        """The result as report fields (output as text, undecodable bytes escaped)."""
-        def text(c: native.Captured | None) -> OutputDict | None:
-            if c is None:
-                return None
-            return {"text": c.data.decode("utf-8", "backslashreplace"), "total": c.total, "dropped": c.dropped}
-        return {
-            "plugin": self.plugin, "phase": self.phase, "path": self.path, "tries": self.tries,
-            "exit_code": self.exit_code, "signal": self.signal, "timed_out": self.timed_out,
-            "duration_ns": self.duration_ns, "stdout": text(self.stdout), "stderr": text(self.stderr),
-            "error_code": self.error_code, "error": TABLE[self.error_code].name if self.error_code > 0 else None,
-            "continue_backup": self.continue_backup, "detail": self.detail, "cancelled": self.cancelled,
-            "facts": dict(self.facts),
-        }
-
-
-@contextlib.contextmanager
-def script_cgroup(enabled: bool = True) -> Iterator[int]:
-    """A fresh leaf cgroup (its fd) for one script, or -1 where cgroup v2 is unusable.
-
-    While the script runs the leaf is named run-N, which the warden kills if this process dies.
-    After it, whatever the script left running on purpose (a daemon a post-script started) moves
-    to the sibling "done", which the warden leaves alone (cgroup v2 refuses to rename a cgroup)."""
-    warden = Warden.get() if enabled else None
-    run = fd = None
-    if warden:
-        run = os.path.join(warden.path, f"run-{next(_cg_seq)}")
-        try:
-            os.mkdir(run)
-            fd = os.open(run, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            pass  # fall back to process-group kills
-    try:
-        yield fd if fd is not None else -1
-    finally:
-        if fd is not None:
-            os.close(fd)
-        if run and warden:  # run is only made inside warden's directory
-            _retire(run, os.path.join(warden.path, "done"))
-
-
-def _retire(leaf: str, done: str) -> None:
-    """Remove a finished script's leaf, moving the processes it left behind into done first."""
-    for _ in range(64):  # each pass moves what is there; a fork during one is caught by the next
-        try:
-            os.rmdir(leaf)
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            pass
-        try:
-            with open(os.path.join(leaf, "cgroup.procs")) as f:
-                pids = f.read().split()
-            os.makedirs(done, exist_ok=True)
-            for pid in pids:
-                with contextlib.suppress(OSError), open(os.path.join(done, "cgroup.procs"), "w") as f:
-                    f.write(pid)
-        except OSError:
-            return
 
 
 def base_env() -> dict[str, str]:
@@ -192,7 +65,7 @@ def _attempt(nat: native.Native, argv: Sequence[str], path: str, exec_fd: int, e
             if st is None:
                 if on_stop is not None:
                     on_stop()
-                st = nat.kill_tree(proc, KILL_GRACE_NS, KILL_WAIT_NS, out, err, cgroup_fd=cgfd)
+                st = nat.kill_tree(proc, KILL_GRACE_NS, nat.kill_wait_ns, out, err, cgroup_fd=cgfd)
         finally:
             proc.close()
     return st, native.read_capture(out), native.read_capture(err), timed_out, cancelled
@@ -212,7 +85,7 @@ def run_script(script: TrustedFile, params: Sequence[str], phase: str, timeout_s
     env = {**(base if base is not None else base_env()), "PYEXEC_PHASE": phase, **(env_extra or {})}
     res = ScriptResult(plugin, phase, script.path)
     t0 = nat.now_ns()
-    deadline = t0 + int(timeout_s * 1e9)
+    deadline = t0 + waits.to_ns(timeout_s)
     # By path, not through the checked fd: an interpreter given /proc/self/fd/N sees that as $0, and
     # `. "$(dirname "$0")/common.sh"` then looks in /proc.
     if _runs_directly(script):
@@ -235,14 +108,9 @@ def run_script(script: TrustedFile, params: Sequence[str], phase: str, timeout_s
             continue
         res.exit_code = st.code if st else None
         res.signal = st.signal if st else 0
-        if res.cancelled:
-            res.error_code = CODES[phase]["failed"]
-            res.detail = f"interrupted (try {res.tries}): pyexec was signalled; its process tree was killed"
-            break
-        if res.timed_out:
-            res.error_code = CODES[phase]["host_timeout" if host_limit else "timeout"]
-            limit = "the plugin host's timeoutInSeconds" if host_limit else "timeoutInSeconds"
-            res.detail = f"timed out after {timeout_s:g}s ({limit}, try {res.tries}); its process tree was killed"
+        if res.cancelled or res.timed_out:
+            res.stopped("cancelled" if res.cancelled else "timeout", timeout_s, host_limit,
+                        "its process tree was killed", count_tries=True)
             break
         if res.exit_code == OK_STATUS:
             res.error_code, res.detail = 0, ""

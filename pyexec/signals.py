@@ -38,14 +38,18 @@ class Interrupted(Exception):
 
 
 class Cancel:
-    """A scope in which SIGNALS cancel the run instead of interrupting it.
+    """A scope in which SIGNALS (or the set given) cancel the run instead of interrupting it.
 
     Outside the main thread (where Python cannot install handlers) it is inert (fd is -1), unless
-    handle_signals is False: then it is a pipe that only trigger() cancels, in any thread."""
+    handle_signals is False: then it is a pipe that only trigger() cancels, in any thread.  unblock:
+    those of the set to unblock (default: all), for a set with a signal the caller's mask keeps."""
 
-    def __init__(self, handle_signals: bool = True):
+    def __init__(self, handle_signals: bool = True, signals: tuple[int, ...] = SIGNALS,
+                 unblock: tuple[int, ...] | None = None):
         self.fd = -1
         self.signum: int | None = None
+        self.signals = signals
+        self._unblock = signals if unblock is None else unblock
         self._handle = handle_signals
         self._w = -1
         self._old: dict[signal.Signals, Handler] = {}
@@ -62,7 +66,7 @@ class Cancel:
     @contextlib.contextmanager
     def raising(self) -> Iterator[None]:
         """Inside the block a signal raises Interrupted (at once if one came already)."""
-        first = self._first()
+        first = self.first()
         if first is not None:
             raise Interrupted(first)
         self._raising = 1
@@ -78,9 +82,9 @@ class Cancel:
         if threading.current_thread() is not threading.main_thread():
             return self
         self.fd, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._old = {s: signal.signal(s, self._handler) for s in SIGNALS}
+        self._old = {signal.Signals(s): signal.signal(s, self._handler) for s in self.signals}
         # A caller that blocked them (to sigwait) would otherwise never let them reach us.
-        self._old_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        self._old_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, self._unblock)
         self._old_wakeup = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
         return self
 
@@ -96,10 +100,10 @@ class Cancel:
         os.close(self._w)
         self.fd = self._w = -1
 
-    def _first(self) -> int | None:
-        """The first of SIGNALS to arrive, read from the pipe (ordered by arrival, unlike the
-        handlers, which Python runs by signal number), without draining it: every later wait
-        must still wake."""
+    def first(self) -> int | None:
+        """The first of the signals to arrive (CANCELLED for trigger()), or None: read from the pipe
+        (ordered by arrival, unlike the handlers, which Python runs by signal number), without
+        draining it: every later wait must still wake."""
         if self.signum is not None or self.fd < 0:
             return self.signum
         try:
@@ -107,7 +111,7 @@ class Cancel:
         except BlockingIOError:
             return None
         os.write(self._w, data)
-        self.signum = next((b for b in data if b in SIGNALS or b == CANCELLED), None)
+        self.signum = next((b for b in data if b in self.signals or b == CANCELLED), None)
         return self.signum
 
     def trigger(self) -> None:
@@ -118,12 +122,12 @@ class Cancel:
     @property
     def cancelled(self) -> bool:
         """Whether one of the signals has arrived, or trigger() was called."""
-        return self._first() is not None
+        return self.first() is not None
 
     @property
     def name(self) -> str | None:
         """The first signal's name (SIGINT, …, or "cancelled" for trigger()), once it has arrived."""
-        first = self._first()
+        first = self.first()
         if first is None:
             return None
         return "cancelled" if first == CANCELLED else signal.Signals(first).name

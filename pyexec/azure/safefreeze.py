@@ -10,17 +10,12 @@ The caller (the extension's fsfreezer.py) reads stdout only after the exit: a li
 sleep", so every failure here, a usage error included, is exit 1 with its reason on stdout."""
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
 import errno
 import os
-import select
 import signal
-import time
-from collections.abc import Iterator
 
-from pyexec import errors, kernel, limits, window
+from pyexec import errors, limits, native, signals, waits, window
 
 EXIT_THAWED, EXIT_FAILED = 0, 1
 USAGE = "Usage: safefreeze TimeoutInSeconds MountPoint1 [MountPoint2 [MountPoint3 [..]]]"
@@ -58,68 +53,43 @@ def _protocol_line(err: errors.PyexecError) -> list[str]:
     return []
 
 
-@contextlib.contextmanager
-def _signal_pipe() -> Iterator[int]:
-    # Handlers that do nothing plus a wake-up fd: each signal becomes a byte to poll for.
-    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    old = {s: signal.signal(s, lambda *_: None) for s in (*THAW_SIGNALS, PARENT_DIED)}
-    # A parent that blocked SIGUSR1 to sigwait for it passes the mask on through exec.
-    old_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, THAW_SIGNALS)
-    old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-    try:
-        yield r
-    finally:
-        signal.set_wakeup_fd(old_fd)
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        for s, h in old.items():
-            signal.signal(s, h)
-        os.close(r)
-        os.close(w)
+def _catch_signals() -> signals.Cancel:
+    """THAW_SIGNALS and PARENT_DIED, each a byte on the returned scope's fd (signals.Cancel); THAW_SIGNALS
+    unblocked, since a parent that blocked SIGUSR1 to sigwait for it passes the mask on through exec."""
+    return signals.Cancel(signals=(*THAW_SIGNALS, PARENT_DIED), unblock=THAW_SIGNALS)
 
 
 def _watch_parent(ppid: int) -> int:
     """The parent's pidfd; where the kernel has no pidfd_open (before 5.3), -1, and the kernel
     sends PARENT_DIED when the parent dies instead (PR_SET_PDEATHSIG; it fires when the thread
-    that started us ends, which for the extension is its main thread)."""
-    if kernel.features()["pidfd_open"]:
-        return os.pidfd_open(ppid)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(1, PARENT_DIED, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
-    return -1
+    that started us ends, which for the extension is its main thread).  OSError ESRCH if it is
+    gone already."""
+    return native.default().watch_parent(ppid, death_sig=PARENT_DIED)
 
 
-def _wait_for_thaw(sig_r: int, parent_fd: int, timeout_s: float) -> str:
+def _wait_for_thaw(sig: signals.Cancel, parent_fd: int, timeout_s: float) -> str:
     """Block until a thaw signal, the parent's exit or the timeout; say which."""
-    p = select.poll()
-    p.register(sig_r, select.POLLIN)
-    if parent_fd >= 0:
-        p.register(parent_fd, select.POLLIN)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left_ms = (deadline - time.monotonic()) * 1000
-        if left_ms <= 0:
-            return "timeout"
-        for fd, _ in p.poll(max(1, int(left_ms + 0.999))):
-            if fd == parent_fd:
-                return "parent-died"
-            data = os.read(sig_r, 64)
-            if data:
-                return "parent-died" if data[0] == PARENT_DIED else signal.Signals(data[0]).name
+    ready = waits.wait_readable([sig.fd, parent_fd], waits.deadline_after(timeout_s))
+    if not ready:
+        return "timeout"
+    first = sig.first()
+    if first is None or first == PARENT_DIED:
+        return "parent-died"
+    return signal.Signals(first).name
 
 
 def run(timeout_s: float, paths: list[str], expedite: bool = True) -> Result:
     """The whole protocol; never raises for a failed freeze (it becomes status 1 and a line)."""
     ppid = os.getppid()
     res = Result(EXIT_FAILED, "")
-    with _signal_pipe() as sig_r:
+    with _catch_signals() as sig:
         try:
             parent_fd = _watch_parent(ppid)
         except OSError as err:
+            if err.errno == errno.ESRCH:  # it died before the watch began
+                return Result(EXIT_FAILED, "the parent process exited before the freeze")
             return Result(EXIT_FAILED, f"cannot watch the parent process {ppid}: {err.strerror}")
         try:
-            if os.getppid() != ppid:  # it died before the watch began
-                return Result(EXIT_FAILED, "the parent process exited before the freeze")
             try:
                 with window.freeze(paths, timeout=min(timeout_s + GUARDIAN_SLACK_S, limits.MAX_TIMEOUT),
                                    expedite=expedite) as win:
@@ -128,7 +98,7 @@ def run(timeout_s: float, paths: list[str], expedite: bool = True) -> Result:
                     except OSError as err:
                         res.reason = f"failed to send SIGUSR1 to the parent {ppid}: {err.strerror}"
                     else:
-                        res.reason = _wait_for_thaw(sig_r, parent_fd, timeout_s)
+                        res.reason = _wait_for_thaw(sig, parent_fd, timeout_s)
             except errors.PyexecError as e:
                 res.reason = e.describe()
                 res.lines = _protocol_line(e)

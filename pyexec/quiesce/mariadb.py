@@ -11,7 +11,8 @@ from typing import Any
 
 from pyexec import config
 from pyexec.errors import ScriptError
-from pyexec.quiesce import ABORT_CONNECT_S, Failed, close_quietly, endpoint, shutdown_fd
+from pyexec.quiesce import endpoint
+from pyexec.quiesce.session import ABORT_CONNECT_S, Failed, close_quietly, shutdown_fd
 
 ER_LOCK_WAIT_TIMEOUT = 1205
 ER_ACCESS_DENIED = (1044, 1045, 1698)  # database, password, socket-auth user

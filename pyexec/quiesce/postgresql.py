@@ -17,7 +17,8 @@ from typing import Any
 
 from pyexec import config, trust
 from pyexec.errors import PyexecError, ScriptError
-from pyexec.quiesce import ABORT_CONNECT_S, Failed, close_quietly, endpoint, shutdown_fd
+from pyexec.quiesce import endpoint
+from pyexec.quiesce.session import ABORT_CONNECT_S, Failed, close_quietly, shutdown_fd
 
 PG15 = 150000  # pg_backup_start/pg_backup_stop replace pg_start_backup/pg_stop_backup (PostgreSQL 15)
 LIBPQ_REQUIRE_AUTH = 160000  # the require_auth connection parameter (libpq 16)
