@@ -195,11 +195,10 @@ def test_readlock_spans_the_window_and_the_restore_lacks_what_waited(any_site, t
         blocked["snapshot_done"] = time.monotonic()
 
     rep = host.run(hc, m.mount_points, snapshot=snapshot, freeze_timeout=20)
-    released = time.monotonic()
-    blocked["thread"].join(10)
+    blocked["thread"].join(30)  # a wait for the insert, which the release lets go (not a speed bound)
     assert rep.outcome == host.APP, (rep.pre, rep.post, rep.check_errors)
     assert not done.is_set() or blocked["finished_at"] >= blocked["snapshot_done"]
-    assert done.wait(10) and blocked["finished_at"] <= released + 10
+    assert done.is_set(), "the insert never completed after the release"
     facts = rep.pre[0].facts
     assert facts["locked"] == "FLUSH TABLES WITH READ LOCK" and facts["binlog_file"].startswith("binlog")
     assert int(facts["binlog_position"]) > 0 and facts["gtid"].startswith("0-1-")
