@@ -139,11 +139,15 @@ def test_run_directory_frozen_by_another_cannot_stall_the_guardian(mounts, tmp_p
         deadline = time.monotonic() + 20
         while not (is_frozen(a.mountpoint) and is_frozen(r.mountpoint)):
             assert time.monotonic() < deadline and ctl.poll() is None, "the window never began"
+        # The controller stopped, its own thaw at the bound (the snapshot command's deadline) cannot
+        # race the guardian's: a thaw now is the guardian's alone, whatever the load.
+        os.kill(ctl.pid, signal.SIGSTOP)
         # Past the bound, with R still frozen by the other tool: ours must be thawed by the guardian.
         assert writable_within(wa, 20) is not None, "the guardian was stalled by the frozen run directory"
         assert subprocess.run(["fsfreeze", "-f", r.mountpoint], capture_output=True).returncode != 0, \
             "R should still be frozen by the other tool (EBUSY)"
     finally:
+        os.kill(ctl.pid, signal.SIGCONT)
         loopfs.thaw_path(r.mountpoint)
         out, _ = ctl.communicate(timeout=60)
     doc = orjson.loads(out)

@@ -1,10 +1,14 @@
 """Kill storm: the full flow on two loop mounts, SIGKILLed at random instants, PYEXEC_KILL_TRIALS times
 (default 200).  Of every eight trials three SIGKILL the controller, one the guardian inside the window,
 one the guardian and the controller together, and one each sends SIGTERM, SIGINT, SIGHUP to the controller.
-After each: both mounts take writes again within the bound (time from the kill or signal measured), no
-script process is left, no guardian or warden outlives its controller, and every pre-script that
-started had its post-script run (except where SIGKILL took the controller itself).
-A summary (trials per phase, worst and median time-to-thaw) goes to results/kill-storm.json."""
+After each: both mounts take writes again, thawed by whoever the kill left to do it (the freeze bound is
+beyond every wait of a trial and the test's own watchdog must not have fired, so neither can be what
+thawed them): the guardian when the controller was SIGKILLed, the controller when it was signalled or
+lost its guardian (its report says so), `pyexec recover` when both were killed (it names what it
+thawed); no script process is left, no guardian or warden outlives its controller, and every
+pre-script that started had its post-script run (except where SIGKILL took the controller itself).
+How soon a mount took writes again is a speed, not asserted here: a summary (trials per phase and
+per thawer, worst and median time-to-writable) is printed and goes to results/kill-storm.json."""
 from __future__ import annotations
 
 import contextlib
@@ -28,13 +32,17 @@ from test_freeze_window import writable_within
 pytestmark = needs_root
 
 TRIALS = int(os.environ.get("PYEXEC_KILL_TRIALS", "200"))
-BOUND_S = 2.0  # the freeze timeout of every run: no mount may stay frozen longer after a kill
+# The freeze timeout of every run: beyond the test's watchdog (helpers.WATCHDOG_S, rearmed before each
+# wait), so a mount found writable in a trial was thawed by the reaction to the kill, not the bound.
+FREEZE_TIMEOUT_S = 60.0
+WAIT_S = 15.0  # waits for a thaw that takes milliseconds: only fails if it never comes
 HOLD_S = 0.04  # the snapshot action's time inside the window
 REPORT = pathlib.Path(__file__).resolve().parent.parent / "results" / "kill-storm.json"
 
 # Phase markers are written to the pipe before each phase (never inside the window).
 CONTROLLER = r"""
 import os, signal, sys, time
+import orjson
 from pyexec import host
 cfg, hold, *mps = sys.argv[1:]
 marks = {"check": b"c", "pre-scripts": b"p", "freeze": b"f", "post-scripts": b"s"}
@@ -43,9 +51,12 @@ def progress(msg):
 os.write(1, b"g")
 rep = host.run(cfg, mount_points=mps, snapshot=lambda w: time.sleep(float(hold)), freeze_timeout=%r,
                progress=progress)
-os.write(1, b"E" + rep.outcome.encode())
+win = rep.window
+os.write(1, b"E" + orjson.dumps({"outcome": rep.outcome, "interrupted": rep.interrupted,
+                                 "guardian": win.guardian if win else None,
+                                 "mounts": [[m.state, m.thaw_errno] for m in win.mounts] if win else []}))
 sys.exit(128 + signal.Signals[rep.interrupted] if rep.interrupted else 0)
-""" % BOUND_S
+""" % FREEZE_TIMEOUT_S
 
 
 def gone_within(pred, timeout: float) -> bool:
@@ -71,12 +82,33 @@ def guardian_of(ctl_pid: int, timeout: float) -> int | None:
     return None
 
 
-def read_marks(proc) -> bytes:
+def read_marks(proc) -> tuple[bytes, dict | None]:
+    """The phase marks the controller wrote, and its report (None if it did not get to write one)."""
     os.set_blocking(proc.stdout.fileno(), False)
     try:
-        return proc.stdout.read() or b""
+        out = proc.stdout.read() or b""
     finally:
         os.set_blocking(proc.stdout.fileno(), True)
+    marks, end, doc = out.partition(b"E")
+    return marks + end, orjson.loads(doc) if end else None
+
+
+def thawed_by_controller(doc: dict, sig: bool) -> bool:
+    """Check the controller's report: nothing it froze was left frozen, and say whether it thawed
+    something itself.  Signalled, its own FITHAW did (errno 0: nobody else had thawed it first) and
+    the guardian never fired; having lost its guardian, it says so and does not call the run
+    app-consistent when the loss came inside the window."""
+    states = [s for s, _ in doc["mounts"]]
+    assert not {"frozen", "freezing"} & set(states), doc
+    if "thawed" not in states:
+        return False
+    if sig:
+        assert doc["guardian"] == "idle" and all(e == 0 for _, e in doc["mounts"]), doc
+    else:
+        assert doc["guardian"] in ("lost", "idle"), doc
+        if doc["guardian"] == "lost":
+            assert doc["outcome"] != "app-consistent", doc
+    return True
 
 
 def phase_of(marks: bytes) -> str:
@@ -118,7 +150,7 @@ def test_kill_storm(tmp_path, mounts):
     tail = p.stdout.read()
     p.wait()
     span = time.monotonic() - t0
-    assert tail.endswith(b"Eapp-consistent"), tail
+    assert b"E" in tail and orjson.loads(tail.partition(b"E")[2])["outcome"] == "app-consistent", tail
 
     with open("/sys/kernel/rcu_expedited") as f:
         rcu_before = f.read()
@@ -144,10 +176,11 @@ def test_kill_storm(tmp_path, mounts):
                 if mode == "both":
                     p.kill()
             if mode != "both":
-                writable = all(writable_within(w, BOUND_S + 10) is not None for w in writers)
+                mounts.rearm()  # the watchdog (30 s) cannot fire during this wait
+                writable = all(writable_within(w, WAIT_S) is not None for w in writers)
                 took = time.monotonic() - t_kill
             p.wait(timeout=30)
-            marks = read_marks(p)
+            marks, doc = read_marks(p)
             recovered = False
             if mode == "both":
                 # Nobody is left to thaw: the next run (or `pyexec recover`) does, from the journal.
@@ -155,9 +188,27 @@ def test_kill_storm(tmp_path, mounts):
                                    capture_output=True, timeout=60)
                 assert r.returncode == 0, r.stderr
                 recovered = not r.stdout.rstrip().endswith(b"recover: 0 filesystem(s) thawed")
-                writable = all(writable_within(w, BOUND_S + 10) is not None for w in writers)
+                # recover thaws only this run's mounts, and names each.
+                named = [ln for ln in r.stdout.splitlines() if ln.startswith(b"thawed ")]
+                assert bool(named) == recovered, r.stdout
+                assert all(a.mountpoint.encode() in ln or b.mountpoint.encode() in ln for ln in named), r.stdout
+                mounts.rearm()
+                writable = all(writable_within(w, WAIT_S) is not None for w in writers)
                 took = time.monotonic() - t_kill
             assert writable, f"trial {i} ({mode}, {phase_of(marks)}): a mount stayed frozen"
+            # Neither the bound (FREEZE_TIMEOUT_S) nor the test's watchdog thawed it: the reaction to
+            # the kill did.  Who: the guardian (no one else is left when the controller is
+            # SIGKILLed and no recover runs), recover (it said so), or the controller (its report).
+            assert not mounts.fired, f"trial {i} ({mode}): the test's watchdog had to thaw a mount"
+            if mode == "controller":
+                thawer = "guardian" if phase_of(marks) == "window" else None
+            elif mode == "both":
+                thawer = "recover" if recovered else None
+            else:
+                if mode == "guardian":
+                    assert doc is not None, f"trial {i}: the controller lost its guardian and wrote no report"
+                ok = doc is not None and thawed_by_controller(doc, sig=mode != "guardian")
+                thawer = "controller" if ok else None
             assert gone_within(is_script, 5), f"trial {i} ({mode}): a script process outlived its controller"
             helper_of = lambda a_: (os.path.basename(a_[0]) in (b"pyexec-guardian", b"pyexec-warden")  # noqa: E731
                                     and a_[1:2] == [str(p.pid).encode()])
@@ -185,7 +236,7 @@ def test_kill_storm(tmp_path, mounts):
                 # the honest outcome when the kill landed in it.
                 assert b"E" in marks and b"s" in marks, marks
             results.append({"mode": mode, "phase": phase_of(marks), "took": took, "recovered": recovered,
-                            "status": p.returncode, "scripts": ran})
+                            "thawed_by": thawer, "status": p.returncode, "scripts": ran})
         finally:
             p.kill()
             p.wait()
@@ -195,8 +246,11 @@ def test_kill_storm(tmp_path, mounts):
     summary = summarize(results, span)
     REPORT.parent.mkdir(exist_ok=True)
     REPORT.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
-    worst = summary["worst_time_to_writable_s"]
-    assert worst < BOUND_S, f"a mount took {worst:.3f}s after a kill to take writes again (bound {BOUND_S}s)"
+    # The figures, printed (a loaded machine varies them): the promise is checked per trial above.
+    print(f"\nkill storm: {summary['trials']} trials, by phase {summary['by_phase']}, thawed by "
+          f"{summary['thawed_by']}; time to writable: worst {summary['worst_time_to_writable_s']:.3f}s, "
+          f"median {summary['median_time_to_writable_s'] * 1e3:.1f} ms, worst by mode "
+          + ", ".join(f"{m} {v:.3f}s" for m, v in summary["worst_by_mode_s"].items()))
     assert summary["by_phase"].get("window", 0) > 0, "no kill landed inside the window"
 
 
@@ -248,8 +302,10 @@ def summarize(results, span) -> dict:
         by_mode[r["mode"]] = by_mode.get(r["mode"], 0) + 1
     in_window = [r["took"] for r in results if r["phase"] == "window"]
     return {
-        "trials": len(results), "undisturbed_run_s": span, "bound_s": BOUND_S, "by_mode": by_mode,
-        "by_phase": by_phase, "worst_time_to_writable_s": max(took),
+        "trials": len(results), "undisturbed_run_s": span, "freeze_timeout_s": FREEZE_TIMEOUT_S,
+        "by_mode": by_mode, "by_phase": by_phase,
+        "thawed_by": {t: sum(1 for r in results if r["thawed_by"] == t) for t in ("guardian", "controller", "recover")},
+        "worst_time_to_writable_s": max(took),
         "median_time_to_writable_s": statistics.median(took),
         "worst_in_window_s": max(in_window) if in_window else None,
         "worst_by_mode_s": {m: max(r["took"] for r in results if r["mode"] == m) for m in by_mode},

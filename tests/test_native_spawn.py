@@ -198,10 +198,12 @@ def test_deadline_kills_script_and_grandchildren(nat, no_fd_leak):
         gone_after = nat.now_ns() - deadline
     finally:
         p.close()
-    assert st.signal == signal.SIGTERM
+    # Killed rather than waited out (the sleeps last 60 s): kill_tree returned a status (None would mean
+    # the tree outlived its 5 s kill wait), the script ended by the SIGTERM, and its children are gone.
+    # How soon after the deadline is a speed: printed here, measured in benchmarks/.
+    assert st is not None and st.signal == signal.SIGTERM
     assert not wait_gone(members), "a grandchild outlived the kill"
-    # Generous: proves the tree was killed rather than waited out (precision is in benchmarks/).
-    assert gone_after < 5 * S
+    print(f"tree gone {gone_after / 1e6:.1f} ms after the deadline")
 
 
 def test_term_ignoring_script_is_killed_after_grace(nat, no_fd_leak):
