@@ -197,6 +197,11 @@ def _snapshot(action: _Action, win: window.Window | None, cancel: signals.Cancel
     res = rep.snapshot_run = scripts.run_command(action, deadline, cancel.fd,
                                                  on_stop=win.thaw_now if win is not None else None, nat=nat)
     rep.snapshot, rep.snapshot_detail = ("taken", "") if res.ok else ("failed", res.detail)
+    if res.timed_out and win is not None:
+        # The command's deadline is the window's bound: whichever of its on_stop thaw and the guardian
+        # came first, the window outlived its bound (122), as when the guardian alone thaws it.
+        raise window.Timeout(f"the snapshot command was still running at the {win.timeout_s:g}s bound: it was "
+                             "killed and the filesystems thawed", win)
     return None
 
 
