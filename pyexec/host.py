@@ -9,7 +9,7 @@ import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
-from pyexec import config, errors, journal, limits, locks, mounts, native, quiesce, scripts, signals, trust, window
+from pyexec import config, dbconfig, errors, journal, limits, locks, mounts, native, quiesce, scripts, signals, trust, window
 
 APP = "app-consistent"
 FS = "file-system-consistent"
@@ -26,7 +26,7 @@ class PluginCheck:
     """One plugin as the check found it; scripts are open, checked files."""
 
     entry: config.PluginEntry
-    config: config.PluginConfig | config.DatabaseConfig | None = None
+    config: config.PluginConfig | dbconfig.DatabaseConfig | None = None
     pre: trust.TrustedFile | None = None
     post: trust.TrustedFile | None = None
     quiescer: quiesce.Quiescer | None = None  # a built-in plugin (entry.builtin) that passed the check
@@ -90,7 +90,7 @@ def check(host_path: str = config.HOST_CONFIG_PATH) -> CheckResult:
         engine = entry.builtin
         if engine is not None:
             db = pc.config = _load(entry.config_path, trust.PLUGIN,
-                                   lambda data, p: config.parse_database(data, p, engine, host.timeout), errs)
+                                   lambda data, p: dbconfig.parse_database(data, p, engine, host.timeout), errs)
             if db is not None:
                 res.warnings.extend(f"{entry.config_path}: {w}" for w in db.warnings)
                 pc.quiescer = quiesce.prepare(entry, db, errs)

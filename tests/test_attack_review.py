@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from helpers import IS_ROOT
-from pyexec import config, errors, host, scripts, trust
+from pyexec import config, dbconfig, errors, host, scripts, trust
 from pyexec.demo import loopfs, safeio
 from test_config_trust import make, write_setup
 from test_quiesce_auth import (ENGINES, PASSWORD, fake, free_port, hostconf, mp, not_app, pki, shared_dir,  # noqa: F401
@@ -28,7 +28,7 @@ from test_quiesce_auth import (ENGINES, PASSWORD, fake, free_port, hostconf, mp,
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="needs root: useradd, loop mounts")
 PYEXEC = [sys.executable, "-m", "pyexec.cli"]
-SERVER_ACCOUNT = {"postgresql": "postgres", "mariadb": "mysql"}  # config.DB_DEFAULTS' serverUser
+SERVER_ACCOUNT = {"postgresql": "postgres", "mariadb": "mysql"}  # dbconfig.DB_DEFAULTS' serverUser
 
 
 # ------------------------------------------------------------------ root's libpq environment
@@ -182,17 +182,17 @@ def test_a_pymysql_that_would_send_the_password_over_tcp_is_refused(tmp_path):
     import types
     import pymysql
     from pyexec.quiesce import mariadb
-    cfg = config.parse_database(orjson.dumps({"host": "127.0.0.1", "tls": "disable"}), "/x.json", "mariadb")
+    cfg = dbconfig.parse_database(orjson.dumps({"host": "127.0.0.1", "tls": "disable"}), "/x.json", "mariadb")
     mariadb.check_driver(cfg, pymysql)
     old = types.SimpleNamespace(VERSION=(1, 2, 0, "final"))
     with pytest.raises(errors.ScriptError) as e:
         mariadb.check_driver(cfg, old)
     assert e.value.code == 300 and "1.2.0" in e.value.detail
-    tls = config.parse_database(orjson.dumps({"host": "db", "tlsCAFile": "/etc/ssl/ca.pem"}), "/x.json", "mariadb")
+    tls = dbconfig.parse_database(orjson.dumps({"host": "db", "tlsCAFile": "/etc/ssl/ca.pem"}), "/x.json", "mariadb")
     with pytest.raises(errors.ScriptError) as e:
         mariadb.check_driver(tls, types.SimpleNamespace(VERSION=(1, 1, 2, "final")))
     assert e.value.code == 300 and "1.1.2" in e.value.detail
-    mariadb.check_driver(config.parse_database(orjson.dumps({"host": "/run/mysqld/mysqld.sock"}), "/x.json",
+    mariadb.check_driver(dbconfig.parse_database(orjson.dumps({"host": "/run/mysqld/mysqld.sock"}), "/x.json",
                                                "mariadb"), old)
 
 
@@ -243,7 +243,7 @@ def test_a_port_of_0_or_out_of_range_is_305():
     for port in (0, -1, 65536, "5432", True):
         for engine in ("mariadb", "postgresql"):
             with pytest.raises(config.Problems) as p:
-                config.parse_database(orjson.dumps({"host": "127.0.0.1", "port": port, "tls": "disable"}),
+                dbconfig.parse_database(orjson.dumps({"host": "127.0.0.1", "port": port, "tls": "disable"}),
                                       "/x.json", engine)
             assert [(e.code, e.key) for e in p.value.errors] == [(305, "port")], (port, p.value.errors)
 

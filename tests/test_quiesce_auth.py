@@ -18,7 +18,7 @@ import pymysql
 import pytest
 
 from helpers import IS_ROOT, db_sandbox
-from pyexec import config, host
+from pyexec import config, dbconfig, host
 from test_config_trust import make
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="needs root: useradd, servers")
@@ -413,7 +413,7 @@ def test_a_ca_file_without_a_certificate_is_305(tmp_path):
 def test_bad_server_authentication_keys_are_305(doc, key):
     for engine in ("mariadb", "postgresql"):
         with pytest.raises(config.Problems) as p:
-            config.parse_database(orjson.dumps(doc), "/x.json", engine)
+            dbconfig.parse_database(orjson.dumps(doc), "/x.json", engine)
         assert [(e.code, e.key) for e in p.value.errors] == [(305, key)], p.value.errors
 
 

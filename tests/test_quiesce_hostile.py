@@ -200,18 +200,18 @@ def test_a_short_mariadb_timeout_without_a_lock_wait_is_accepted():
     """timeoutInSeconds 5 and no lockWaitTimeoutInSeconds: the default lock wait (10) fits itself below
     the timeout instead of failing the check with 305 on a key the admin never wrote; a timeout too
     short for any lock wait is refused on timeoutInSeconds, the key that is wrong."""
-    from pyexec import config
+    from pyexec import config, dbconfig
 
-    c = config.parse_database(b'{"timeoutInSeconds": 5}', "/x.json", "mariadb", 60)
+    c = dbconfig.parse_database(b'{"timeoutInSeconds": 5}', "/x.json", "mariadb", 60)
     assert (c.timeout, c.lock_wait) == (5, 4)
-    assert config.parse_database(b"{}", "/x.json", "mariadb", 60).lock_wait == 10
-    c = config.parse_database(b"{}", "/x.json", "mariadb", 6)  # the host's timeout bounds it too
+    assert dbconfig.parse_database(b"{}", "/x.json", "mariadb", 60).lock_wait == 10
+    c = dbconfig.parse_database(b"{}", "/x.json", "mariadb", 6)  # the host's timeout bounds it too
     assert (c.timeout, c.lock_wait) == (6, 5)
     with pytest.raises(config.Problems) as p:
-        config.parse_database(b'{"timeoutInSeconds": 1}', "/x.json", "mariadb", 60)
+        dbconfig.parse_database(b'{"timeoutInSeconds": 1}', "/x.json", "mariadb", 60)
     assert [e.key for e in p.value.errors] == ["timeoutInSeconds"]
     with pytest.raises(config.Problems) as p:
-        config.parse_database(b'{"timeoutInSeconds": 9, "lockWaitTimeoutInSeconds": 9}', "/x.json", "mariadb", 60)
+        dbconfig.parse_database(b'{"timeoutInSeconds": 9, "lockWaitTimeoutInSeconds": 9}', "/x.json", "mariadb", 60)
     assert [e.key for e in p.value.errors] == ["lockWaitTimeoutInSeconds"]
 
 

@@ -29,7 +29,7 @@ import ssl
 import struct
 from typing import Any
 
-from pyexec import config, trust
+from pyexec import dbconfig, trust
 from pyexec.errors import ConfigError, PyexecError
 
 PG_SOCKET = ".s.PGSQL.{port}"  # libpq's socket name in its host directory
@@ -45,7 +45,7 @@ class Endpoint:
     """The checked facts of where a quiescer connects: the server's account (Unix sockets), the CA's
     certificates (TCP with TLS)."""
 
-    cfg: config.DatabaseConfig
+    cfg: dbconfig.DatabaseConfig
     account: str = ""
     uid: int = -1
     owners: trust.Owners = trust.ROOT
@@ -141,7 +141,7 @@ def _refusal(e: PyexecError) -> Exception:
     return Refused(f"refused: {e.detail}; the password was not sent")
 
 
-def check(cfg: config.DatabaseConfig) -> Endpoint:
+def check(cfg: dbconfig.DatabaseConfig) -> Endpoint:
     """The endpoint of cfg, checked now (the check phase): serverUser is an account (305), the socket's
     directory chain is trusted as far as it exists (306), tlsCAFile is root's and holds certificates
     (306).  What does not exist yet (a server down) is left to the connect."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from pyexec import config
+from pyexec import dbconfig
 from pyexec.errors import ScriptError
 from pyexec.quiesce import endpoint
 from pyexec.quiesce.session import ABORT_CONNECT_S, Failed, close_quietly, shutdown_fd
@@ -30,7 +30,7 @@ CLEAR_PLUGINS = ("mysql_clear_password", "dialog", "sha256_password", "caching_s
 PYMYSQL_TCP = (1, 2, 1)
 
 
-def check_driver(cfg: config.DatabaseConfig, driver: ModuleType) -> None:
+def check_driver(cfg: dbconfig.DatabaseConfig, driver: ModuleType) -> None:
     """ScriptError 300 if cfg is TCP and this PyMySQL would send the password to a server it did not
     authenticate (a Unix socket's peer is checked by pyexec itself)."""
     if cfg.socket:
@@ -46,7 +46,7 @@ def check_driver(cfg: config.DatabaseConfig, driver: ModuleType) -> None:
 class MariaDBSession:
     """One PyMySQL connection, autocommit; the read lock lives exactly as long as it."""
 
-    def __init__(self, cfg: config.DatabaseConfig, password: str, driver: ModuleType, ep: endpoint.Endpoint):
+    def __init__(self, cfg: dbconfig.DatabaseConfig, password: str, driver: ModuleType, ep: endpoint.Endpoint):
         self.cfg = cfg
         self._password = password
         self._my = driver

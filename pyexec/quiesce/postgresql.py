@@ -15,7 +15,7 @@ import re
 from types import ModuleType
 from typing import Any
 
-from pyexec import config, trust
+from pyexec import dbconfig, trust
 from pyexec.errors import PyexecError, ScriptError
 from pyexec.quiesce import endpoint
 from pyexec.quiesce.session import ABORT_CONNECT_S, Failed, close_quietly, shutdown_fd
@@ -24,7 +24,7 @@ PG15 = 150000  # pg_backup_start/pg_backup_stop replace pg_start_backup/pg_stop_
 LIBPQ_REQUIRE_AUTH = 160000  # the require_auth connection parameter (libpq 16)
 
 
-def check_driver(cfg: config.DatabaseConfig, driver: ModuleType) -> None:
+def check_driver(cfg: dbconfig.DatabaseConfig, driver: ModuleType) -> None:
     """ScriptError 300 if cfg needs what psycopg's libpq lacks (require_auth, for "tls": "disable")."""
     if cfg.socket or cfg.tls != "disable":
         return
@@ -35,7 +35,7 @@ def check_driver(cfg: config.DatabaseConfig, driver: ModuleType) -> None:
                                "psycopg[binary], or set tlsCAFile", cfg.path)
 
 
-def check_label_dir(cfg: config.DatabaseConfig) -> None:
+def check_label_dir(cfg: dbconfig.DatabaseConfig) -> None:
     """TrustError 307 if backupLabelDirectory, as far as it exists, is not root's alone: the check refuses
     it before the backup starts.  A missing or non-directory component is the release's to report."""
     if cfg.backup_mode == "never":
@@ -50,7 +50,7 @@ def check_label_dir(cfg: config.DatabaseConfig) -> None:
 class PostgresSession:
     """One psycopg connection, autocommit, every statement bounded by statement_timeout."""
 
-    def __init__(self, cfg: config.DatabaseConfig, password: str, driver: ModuleType, ep: endpoint.Endpoint):
+    def __init__(self, cfg: dbconfig.DatabaseConfig, password: str, driver: ModuleType, ep: endpoint.Endpoint):
         self.cfg = cfg
         self._password = password
         self._pg = driver

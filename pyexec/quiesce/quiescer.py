@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable
 from types import ModuleType
 
-from pyexec import config, native, trust, waits
+from pyexec import config, dbconfig, native, trust, waits
 from pyexec.errors import PyexecError, ScriptError
 from pyexec.quiesce import endpoint, mariadb, postgresql
 from pyexec.quiesce.session import Failed, Session
@@ -74,7 +74,7 @@ class Quiescer:
     """A built-in plugin: its config, password and driver (loaded by the check), and its session
     from the pre-phase to the post-phase."""
 
-    def __init__(self, entry: config.PluginEntry, cfg: config.DatabaseConfig):
+    def __init__(self, entry: config.PluginEntry, cfg: dbconfig.DatabaseConfig):
         """Load the driver, check where the password will go, read the credentials: ScriptError/TrustError/
         ConfigError now, before anything runs."""
         self.entry = entry
@@ -166,7 +166,7 @@ class Quiescer:
             self.session = None
 
 
-def prepare(entry: config.PluginEntry, cfg: config.DatabaseConfig, errs: list[PyexecError]) -> Quiescer | None:
+def prepare(entry: config.PluginEntry, cfg: dbconfig.DatabaseConfig, errs: list[PyexecError]) -> Quiescer | None:
     """The plugin's Quiescer, or None with the reason appended to errs (missing driver, credentials)."""
     try:
         return Quiescer(entry, cfg)
