@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
-import pyexec
 from helpers import needs_root
 from test_config_trust import write_setup
+
+import pyexec
 
 pytestmark = needs_root
 

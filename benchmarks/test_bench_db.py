@@ -26,11 +26,11 @@ import time
 import orjson
 import pymysql
 import pytest
-
 from helpers import Mounts, db_sandbox, needs_root
+from report import pct
+
 from pyexec import host
 from pyexec.demo.servers import MariaDBServer, PostgresServer
-from report import pct
 
 pytestmark = needs_root
 

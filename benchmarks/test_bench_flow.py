@@ -10,11 +10,11 @@ import os
 import time
 
 import pytest
-
 from baseline import PollingHost, StallProbe
 from helpers import Mounts, needs_root
-from pyexec import host, native, scripts, trust, window
 from test_config_trust import make, write_setup
+
+from pyexec import host, native, scripts, trust, window
 
 pytestmark = needs_root
 
@@ -162,8 +162,7 @@ def _dirty(paths):
     per = max(1, DIRTY_BYTES // len(paths) >> 20)
     for p in paths:
         with open(os.path.join(p, "dirty"), "wb") as f:
-            for _ in range(per):
-                f.write(chunk)
+            f.writelines(chunk for _ in range(per))
 
 
 @pytest.mark.benchmark(group="freeze window")

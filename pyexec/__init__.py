@@ -15,19 +15,44 @@ except _metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
 from pyexec.aio import freeze_async, run_async
-from pyexec.errors import (ConfigError, ForeignFreeze, FreezeDenied, FreezeError, FreezeNotSupported,
-                           FreezeTimeout, PyexecError, ScriptError, TrustError)
-from pyexec.host import CheckResult, check
+from pyexec.errors import (
+    ConfigError,
+    ForeignFreeze,
+    FreezeDenied,
+    FreezeError,
+    FreezeNotSupported,
+    FreezeTimeout,
+    PyexecError,
+    ScriptError,
+    TrustError,
+)
+from pyexec.host import CheckResult, check, run
 from pyexec.host import RunReport as Report
-from pyexec.host import run
 from pyexec.journal import recover, status
-from pyexec.scripts import ScriptResult
+from pyexec.steps import ScriptResult
 from pyexec.window import MountResult, Window, freeze
 
 __all__ = [
+    "CheckResult",
+    "ConfigError",
+    "ForeignFreeze",
+    "FreezeDenied",
+    "FreezeError",
+    "FreezeNotSupported",
+    "FreezeTimeout",
+    "MountResult",
+    "PyexecError",
+    "Report",
+    "ScriptError",
+    "ScriptResult",
+    "TrustError",
+    "Window",
     "__version__",
-    "freeze", "freeze_async", "run", "run_async", "check", "recover", "status",
-    "Window", "MountResult", "Report", "ScriptResult", "CheckResult",
-    "PyexecError", "ConfigError", "TrustError", "ScriptError", "FreezeError", "FreezeTimeout",
-    "FreezeNotSupported", "ForeignFreeze", "FreezeDenied",
+    "check",
+    "freeze",
+    "freeze_async",
+    "recover",
+    "run",
+    "run_async",
+    "status",
 ]

@@ -82,8 +82,10 @@ async def run_async(host_path: str = config.HOST_CONFIG_PATH, mount_points: Iter
 
 
 @contextlib.asynccontextmanager
-async def freeze_async(paths: Iterable[limits.Path] | locks.Held, timeout: float = limits.DEFAULT_TIMEOUT,
-                       **kw: Unpack[FreezeOptions]) -> AsyncIterator[window.Window]:
+async def freeze_async(
+        paths: Iterable[limits.Path] | locks.Held,
+        timeout: float = limits.DEFAULT_TIMEOUT,  # noqa: ASYNC109 - the freeze bound, not a wait's
+        **kw: Unpack[FreezeOptions]) -> AsyncIterator[window.Window]:
     """freeze() for asyncio: the freeze and the thaw run off the loop; the guardian bounds the window
     as always.  A cancellation inside the block thaws, then goes on up."""
     loop = asyncio.get_running_loop()

@@ -31,7 +31,7 @@ class Warden:
     hierarchy, the guardians in this process's "guard" leaves."""
 
     _lock = threading.Lock()
-    _current: "Warden | None" = None
+    _current: Warden | None = None
 
     def __init__(self, roots: list[str]):
         self.pid = os.getpid()
@@ -89,7 +89,7 @@ class Warden:
                 os.close(fd)
 
     @classmethod
-    def get(cls) -> "Warden | None":
+    def get(cls) -> Warden | None:
         """The warden of this process (started on first use), or None without a usable cgroup."""
         with cls._lock:
             cur = cls._current

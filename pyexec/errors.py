@@ -207,7 +207,7 @@ _FREEZE_KINDS = {
 def oserror(err: int, syscall: str, path: str | bytes | None = None) -> OSError:
     """OSError for a negative-errno return of the native core, naming the failing syscall."""
     exc = OSError(err, f"{os.strerror(err)} [{syscall}]", os.fsdecode(path) if path is not None else None)
-    setattr(exc, "syscall", syscall)  # OSError has no such field: psutil's hint, for a caller to read
+    setattr(exc, "syscall", syscall)  # noqa: B010 - OSError has no such field: psutil's hint, for a caller to read
     return exc
 
 

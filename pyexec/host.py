@@ -9,7 +9,22 @@ import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
-from pyexec import config, dbconfig, errors, journal, limits, locks, mounts, native, quiesce, scripts, signals, trust, window
+from pyexec import (
+    config,
+    dbconfig,
+    errors,
+    journal,
+    limits,
+    locks,
+    mounts,
+    native,
+    quiesce,
+    scripts,
+    signals,
+    steps,
+    trust,
+    window,
+)
 
 APP = "app-consistent"
 FS = "file-system-consistent"
@@ -90,7 +105,7 @@ def check(host_path: str = config.HOST_CONFIG_PATH) -> CheckResult:
         engine = entry.builtin
         if engine is not None:
             db = pc.config = _load(entry.config_path, trust.PLUGIN,
-                                   lambda data, p: dbconfig.parse_database(data, p, engine, host.timeout), errs)
+                                   functools.partial(dbconfig.parse_database, engine=engine, host_timeout=host.timeout), errs)
             if db is not None:
                 res.warnings.extend(f"{entry.config_path}: {w}" for w in db.warnings)
                 pc.quiescer = quiesce.prepare(entry, db, errs)
@@ -116,12 +131,12 @@ class RunReport:
     code: int = 0
     check_errors: list[errors.PyexecError] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
-    pre: list[scripts.ScriptResult] = dataclasses.field(default_factory=list)
-    post: list[scripts.ScriptResult] = dataclasses.field(default_factory=list)
+    pre: list[steps.ScriptResult] = dataclasses.field(default_factory=list)
+    post: list[steps.ScriptResult] = dataclasses.field(default_factory=list)
     window: window.Window | None = None
     snapshot: str = "skipped"  # taken | skipped | failed
     snapshot_detail: str = ""
-    snapshot_run: scripts.ScriptResult | None = None  # the snapshot command's result, if one ran
+    snapshot_run: steps.ScriptResult | None = None  # the snapshot command's result, if one ran
     mounts: list[str] = dataclasses.field(default_factory=list)
     phases_ns: dict[str, int] = dataclasses.field(default_factory=dict)
     interrupted: str | None = None  # what cut the run short: a signal's name (SIGINT, …) or "cancelled"
@@ -129,14 +144,14 @@ class RunReport:
 
 def run_phase(checked: CheckResult, phase: str, nat: native.Native | None = None,
               env_extra: Mapping[str, str] | None = None, cancel_fd: int = -1,
-              filesystems: int = 1) -> list[scripts.ScriptResult]:
+              filesystems: int = 1) -> list[steps.ScriptResult]:
     """Run every plugin's pre- or post-script (a built-in's quiesce or release) in parallel; one result
     per plugin, in config order.  filesystems: how many the window freezes (PostgreSQL's backup mode).
     For a check without problems only: ValueError, before anything runs, for a plugin that failed it."""
     nat = nat or native.default()
     base = scripts.base_env()
     snapshot = (env_extra or {}).get("PYEXEC_SNAPSHOT", "unknown")
-    jobs: list[Callable[[], scripts.ScriptResult]] = []
+    jobs: list[Callable[[], steps.ScriptResult]] = []
     for pc in checked.plugins:
         c = pc.config
         if pc.quiescer is not None:
@@ -185,9 +200,9 @@ def _snapshot(action: _Action, win: window.Window | None, cancel: signals.Cancel
         except KeyboardInterrupt:
             rep.snapshot, rep.snapshot_detail = "failed", "interrupted: KeyboardInterrupt in the snapshot action"
             rep.interrupted = rep.interrupted or "SIGINT"
-        except Exception as e:  # the caller's action failing is an outcome, not a crash
+        except Exception as e:  # noqa: BLE001 - the caller's action failing is an outcome, not a crash
             rep.snapshot, rep.snapshot_detail = "failed", f"{type(e).__name__}: {e}"
-        except BaseException as e:  # SystemExit, CancelledError…: resume the application first
+        except BaseException as e:  # noqa: BLE001 - SystemExit, CancelledError…: resume the application first
             rep.snapshot, rep.snapshot_detail = "failed", f"{type(e).__name__} in the snapshot action"
             return e
         else:
@@ -300,7 +315,7 @@ def _quiet(progress: Callable[[str], object]) -> Callable[[str], None]:
     def say(msg: str) -> None:
         try:
             progress(msg)
-        except Exception:  # noqa: BLE001 - progress is best effort, the post-scripts are not
+        except Exception:  # noqa: BLE001, S110 - progress is best effort, the post-scripts are not
             pass
     return say
 

@@ -6,7 +6,7 @@ from typing import TypedDict
 
 import orjson
 
-from pyexec import kernel, scripts
+from pyexec import kernel, steps
 from pyexec.errors import TABLE, ErrorDict
 from pyexec.host import RunReport
 from pyexec.window import WindowDict
@@ -15,7 +15,7 @@ from pyexec.window import WindowDict
 class SnapshotDict(TypedDict):
     state: str  # taken | skipped | failed
     detail: str
-    command: scripts.ScriptDict | None
+    command: steps.ScriptDict | None
 
 
 class ReportDict(TypedDict):
@@ -30,8 +30,8 @@ class ReportDict(TypedDict):
     snapshot: SnapshotDict
     mounts: list[str]
     phases_ns: dict[str, int]
-    pre: list[scripts.ScriptDict]
-    post: list[scripts.ScriptDict]
+    pre: list[steps.ScriptDict]
+    post: list[steps.ScriptDict]
     window: WindowDict | None
     pid: int
     kernel: dict[str, str]

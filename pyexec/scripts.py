@@ -12,8 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pyexec import native, trust, waits
 from pyexec.cgroups import script_cgroup
 from pyexec.errors import PyexecError
-# ScriptResult and ScriptDict re-exported: the runner's result, as its callers name it.
-from pyexec.steps import CODES, OK_STATUS, ScriptDict as ScriptDict, ScriptResult as ScriptResult
+from pyexec.steps import CODES, OK_STATUS, ScriptResult
 from pyexec.trust import TrustedFile
 
 # systemd's PATH for services (systemd.exec(5), "Environment Variables in Spawned Processes"),

@@ -14,7 +14,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import Any
+from typing import Any, Self
 
 # What signal.signal returns: the previous handler.
 Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
@@ -75,7 +75,7 @@ class Cancel:
         finally:
             self._raising = 0
 
-    def __enter__(self) -> "Cancel":
+    def __enter__(self) -> Self:
         if not self._handle:  # a pipe only: cancelled by trigger() (asyncio cancellation)
             self.fd, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             return self

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
+from typing import Self
 
 from pyexec.config import MAX_CONFIG_BYTES
 from pyexec.errors import ConfigError, PyexecError, ScriptError, TrustError
@@ -80,7 +81,7 @@ class TrustedFile:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> TrustedFile:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

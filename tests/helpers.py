@@ -61,7 +61,7 @@ class Mounts:
         self.items.append(m)
         return m
 
-    def writer(self, path: str) -> "Writer":
+    def writer(self, path: str) -> Writer:
         """A process writing to path in a tight loop, counting its completed writes."""
         w = Writer(path, self.tmp / f"counter{len(self.writers)}")
         self.writers.append(w.proc)

@@ -8,12 +8,12 @@ import random
 import time
 
 import pytest
-
-import pyexec
 from helpers import needs_root, procs_matching
-from pyexec.demo import loopfs
 from test_config_trust import write_setup
 from test_freeze_window import writable_within
+
+import pyexec
+from pyexec.demo import loopfs
 
 pytestmark = needs_root
 

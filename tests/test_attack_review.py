@@ -18,13 +18,24 @@ import tempfile
 
 import orjson
 import pytest
-
 from helpers import IS_ROOT
+from test_config_trust import make, write_setup
+from test_quiesce_auth import (  # noqa: F401
+    ENGINES,
+    PASSWORD,
+    fake,
+    free_port,
+    hostconf,
+    mp,
+    not_app,
+    pki,
+    shared_dir,
+    socket_host,
+    work,
+)
+
 from pyexec import config, dbconfig, errors, host, scripts, trust
 from pyexec.demo import loopfs, safeio
-from test_config_trust import make, write_setup
-from test_quiesce_auth import (ENGINES, PASSWORD, fake, free_port, hostconf, mp, not_app, pki, shared_dir,  # noqa: F401
-                               socket_host, work)
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="needs root: useradd, loop mounts")
 PYEXEC = [sys.executable, "-m", "pyexec.cli"]
@@ -180,7 +191,9 @@ def test_a_pymysql_that_would_send_the_password_over_tcp_is_refused(tmp_path):
     verified TLS alike (before 1.2.0 it logged in in clear to a server that offered no TLS: shown
     with 1.1.2 against the fake of test_quiesce_auth), and fine over a Unix socket."""
     import types
+
     import pymysql
+
     from pyexec.quiesce import mariadb
     cfg = dbconfig.parse_database(orjson.dumps({"host": "127.0.0.1", "tls": "disable"}), "/x.json", "mariadb")
     mariadb.check_driver(cfg, pymysql)

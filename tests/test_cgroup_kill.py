@@ -23,12 +23,12 @@ import uuid
 
 import orjson
 import pytest
-
 from helpers import needs_root, procs_matching
-from pyexec import kernel, native
 from test_config_trust import make, write_setup
 from test_freeze_window import writable_within
 from test_kill_storm import gone_within, guardian_of
+
+from pyexec import kernel, native
 
 pytestmark = needs_root
 

@@ -9,13 +9,13 @@ import tomllib
 
 import orjson
 import pytest
+from helpers import needs_root
+from test_config_trust import write_setup
 
 import pyexec
-from helpers import needs_root
 from pyexec import errors
 from pyexec.azure import pluginhost
 from pyexec.demo import loopfs
-from test_config_trust import write_setup
 
 pytestmark = needs_root
 

@@ -10,9 +10,10 @@ import sys
 
 import orjson
 import pytest
-from hypothesis import given, settings, strategies as st
-
 from helpers import needs_root
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from pyexec import config, errors, trust
 
 GOOD_PLUGIN = {"pluginName": "ScriptRunner", "preScriptLocation": "/x/pre.sh", "postScriptLocation": "/x/post.sh",

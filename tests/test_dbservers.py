@@ -10,11 +10,10 @@ import subprocess
 import tempfile
 
 import pytest
-
 from helpers import IS_ROOT, db_procs_under, needs_xfs
+
 from pyexec.demo import servers
 from pyexec.demo.loopfs import LoopFS
-
 
 # `make test` installs both servers (scripts/setup.sh): a missing one fails its tests, never skips them.
 pytestmark = [pytest.mark.skipif(not IS_ROOT, reason="needs root: loop devices, mount, server users"),

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import orjson
-
 from helpers import needs_btrfs, needs_root, needs_xfs
+
 from pyexec import errors
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"

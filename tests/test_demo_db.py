@@ -14,9 +14,7 @@ import time
 
 import orjson
 import pytest
-
 from helpers import db_procs_under, needs_btrfs, needs_root, needs_xfs
-
 
 # `make test` installs both servers (scripts/setup.sh): a missing one fails its tests, never skips them.
 ENGINES = ["postgresql", "mariadb"]

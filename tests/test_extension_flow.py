@@ -15,11 +15,11 @@ import uuid
 
 import orjson
 import pytest
-
 from helpers import kill_with_descendants, needs_root, procs_matching
+from test_config_trust import make
+
 from pyexec import scripts, window
 from pyexec.azure import pluginhost
-from test_config_trust import make
 
 pytestmark = needs_root
 
@@ -377,6 +377,7 @@ def test_daemon_restarted_by_pluginhost_post_outlives_the_host(tmp_path):
     background is still running seconds after the host process has exited."""
     import subprocess
     import sys
+
     from test_config_trust import write_setup
     mark = f"app-{uuid.uuid4().hex[:8]}"
     hc = write_setup(tmp_path, post=f"#!/bin/sh\nnohup sh -c 'sleep 300; :' {mark} >/dev/null 2>&1 &\n".encode())

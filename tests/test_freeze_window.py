@@ -11,11 +11,11 @@ import time
 
 import orjson
 import pytest
-
 from helpers import needs_root, procs_matching
+from test_config_trust import write_setup
+
 from pyexec import errors, journal, window
 from pyexec.demo import loopfs
-from test_config_trust import write_setup
 
 pytestmark = needs_root
 
@@ -108,7 +108,7 @@ def test_sigkill_of_controller_inside_window_thaws(nat, mounts, tmp_path):
         ctl.wait()
     assert took is not None, "killing the controller left the mount frozen"
     # The guardian removed the journal after thawing: nothing is left for `recover`.
-    journals = lambda: list((tmp_path / "run").glob("window-*.journal"))  # noqa: E731
+    journals = lambda: list((tmp_path / "run").glob("window-*.journal"))
     deadline = time.monotonic() + 5
     while journals() and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -4,11 +4,11 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from helpers import needs_root
+from test_config_trust import write_setup
+
 from pyexec import host
 from pyexec.demo import loopfs
-from test_config_trust import write_setup
 
 pytestmark = needs_root
 

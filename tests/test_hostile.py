@@ -18,12 +18,13 @@ import uuid
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-
 from helpers import needs_root, procs_matching
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_config_trust import GOOD_PLUGIN, make, write_setup
+
 from pyexec import errors, host, report
 from pyexec.demo import loopfs
-from test_config_trust import GOOD_PLUGIN, make, write_setup
 
 pytestmark = needs_root
 

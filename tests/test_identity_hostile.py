@@ -14,13 +14,13 @@ import time
 
 import orjson
 import pytest
-
 from helpers import needs_root
-from pyexec import errors, host, journal, kernel, native, window
-from pyexec.demo import loopfs
 from test_config_trust import write_setup
 from test_freeze_window import writable_within
 from test_promises import is_frozen
+
+from pyexec import errors, host, journal, kernel, native, window
+from pyexec.demo import loopfs
 
 pytestmark = needs_root
 

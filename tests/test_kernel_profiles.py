@@ -18,11 +18,10 @@ import sys
 import uuid
 import xml.etree.ElementTree as ET
 
+import kernel_profile
 import orjson
 import pytest
-
 from helpers import needs_root
-import kernel_profile
 
 pytestmark = needs_root
 

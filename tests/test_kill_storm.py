@@ -23,11 +23,11 @@ import time
 import uuid
 
 import orjson
-
 from helpers import needs_root, procs_matching
-from pyexec import kernel
 from test_config_trust import write_setup
 from test_freeze_window import writable_within
+
+from pyexec import kernel
 
 pytestmark = needs_root
 
@@ -131,7 +131,7 @@ def test_kill_storm(tmp_path, mounts):
                       plugin_doc={"preScriptParams": [marker], "postScriptParams": [marker]})
     env = {**os.environ, "PYEXEC_RUN_DIR": str(tmp_path / "run")}
     argv = [sys.executable, "-c", CONTROLLER, cfg, str(HOLD_S), a.mountpoint, b.mountpoint]
-    is_script = lambda argv_: marker.encode() in argv_  # noqa: E731
+    is_script = lambda argv_: marker.encode() in argv_
     found = kernel.cgroup_root()
     cg_root = found[0] if found else None
     # cgroup v2 says when a leaf is empty (cgroup.events), so the warden removes it at once.  v1 has no
@@ -210,7 +210,7 @@ def test_kill_storm(tmp_path, mounts):
                 ok = doc is not None and thawed_by_controller(doc, sig=mode != "guardian")
                 thawer = "controller" if ok else None
             assert gone_within(is_script, 5), f"trial {i} ({mode}): a script process outlived its controller"
-            helper_of = lambda a_: (os.path.basename(a_[0]) in (b"pyexec-guardian", b"pyexec-warden")  # noqa: E731
+            helper_of = lambda a_: (os.path.basename(a_[0]) in (b"pyexec-guardian", b"pyexec-warden")
                                     and a_[1:2] == [str(p.pid).encode()])
             # The warden's own bounds (native/warden.c): up to KILL_WAIT_NS (5 s) for the scripts' trees,
             # then GUARDIANS_WAIT_NS (10 s) for the guardians to leave their leaf; a helper past both is a leak.

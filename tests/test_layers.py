@@ -68,9 +68,7 @@ def row_of(name: str, rows: list[list[str]]) -> list[int]:
     hits = []
     for i, patterns in enumerate(rows):
         for pat in patterns:
-            if pat.endswith("/") and (rel == pat[:-1] or rel.startswith(pat)):
-                hits.append(i)
-            elif rel in (pat.removesuffix(".py"), pat.removesuffix(".pyx")) or (rel == "" and pat == "__init__.py"):
+            if pat.endswith("/") and (rel == pat[:-1] or rel.startswith(pat)) or rel in (pat.removesuffix(".py"), pat.removesuffix(".pyx")) or (rel == "" and pat == "__init__.py"):
                 hits.append(i)
     return hits
 

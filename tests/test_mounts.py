@@ -6,8 +6,8 @@ from __future__ import annotations
 import pathlib
 
 import pytest
-
 from helpers import needs_btrfs
+
 from pyexec import mounts as discovery
 
 RECORDED = pathlib.Path(__file__).parent / "mountinfo"

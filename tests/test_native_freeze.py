@@ -7,10 +7,10 @@ import subprocess
 import time
 
 import pytest
+from helpers import needs_btrfs, needs_root, needs_xfs
 
 from pyexec import native
 from pyexec.demo import loopfs
-from helpers import needs_btrfs, needs_root, needs_xfs
 
 pytestmark = needs_root
 

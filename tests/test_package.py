@@ -23,7 +23,6 @@ import tomllib
 import zipfile
 
 import pytest
-
 from helpers import Writer, needs_root
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -37,12 +37,12 @@ import time
 import orjson
 import psycopg
 import pytest
-
 from helpers import IS_ROOT, Mounts
+from test_config_trust import make
+
 from pyexec import host, window
 from pyexec.demo import loopfs
 from pyexec.demo.servers import PostgresServer, ServerError
-from test_config_trust import make
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="needs root: loop devices, mount, FIFREEZE, servers")
 ARCHIVE_WAIT_S = 20.0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-
 import os
 import signal
 import subprocess
@@ -15,14 +14,13 @@ import time
 
 import orjson
 import pytest
-
-import pyexec
-
 from helpers import kill_with_descendants, needs_btrfs, needs_root, procs_matching
-from pyexec import errors, host, kernel, locks, native, window
-from pyexec.demo import loopfs
 from test_config_trust import write_setup
 from test_freeze_window import writable_within
+
+import pyexec
+from pyexec import errors, host, kernel, locks, native, window
+from pyexec.demo import loopfs
 
 pytestmark = needs_root
 

@@ -11,15 +11,15 @@ import threading
 import time
 
 import orjson
-import pymysql
 import psycopg
+import pymysql
 import pytest
-
 from helpers import IS_ROOT, Mounts, db_sandbox, kill_with_descendants, procs_matching
+from test_config_trust import make
+
 from pyexec import host, window
 from pyexec.demo import loopfs
 from pyexec.demo.servers import MariaDBServer, PostgresServer
-from test_config_trust import make
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="needs root: loop devices, mount, FIFREEZE, servers")
 PYEXEC = [sys.executable, "-m", "pyexec.cli"]
@@ -408,8 +408,9 @@ def test_a_bad_database_config_is_305_with_every_key(any_site, tmp_path):
 def test_the_extension_holds_the_readlock_from_pre_script_to_post_script(any_site):
     """The Azure extension's own sequence (handle.py → PluginHost.pre_script, its snapshot with the
     filesystems frozen, post_script): the read lock is held in between and gone after."""
-    from pyexec.azure import pluginhost
     from test_extension_flow import extension_backup
+
+    from pyexec.azure import pluginhost
 
     m = any_site
     ph = pluginhost.PluginHost(None)

@@ -16,10 +16,10 @@ import orjson
 import psycopg
 import pymysql
 import pytest
-
 from helpers import IS_ROOT, db_sandbox
-from pyexec import config, dbconfig, host
 from test_config_trust import make
+
+from pyexec import config, dbconfig, host
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="needs root: useradd, servers")
 ENGINES = pytest.mark.parametrize("engine", ["mariadb", "postgresql"])
@@ -519,8 +519,9 @@ class TlsSite:
     need TLS (PostgreSQL: hostssl only; MariaDB: the quiescer's user REQUIRE SSL)."""
 
     def __init__(self, engine, tmp, mounts, pki):
-        from pyexec.demo.servers import MariaDBServer, PostgresServer
         import pwd
+
+        from pyexec.demo.servers import MariaDBServer, PostgresServer
         self.engine, self.tmp, self.port = engine, tmp, free_port()
         account = pwd.getpwnam("postgres" if engine == "postgresql" else "mysql")
         tls = tmp / "tls"

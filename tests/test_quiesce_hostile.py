@@ -9,10 +9,10 @@ import threading
 import time
 
 import pytest
-
 from helpers import IS_ROOT
-from pyexec import host
 from test_quiesce import sandbox
+
+from pyexec import host
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="needs root: loop devices, mount, servers")
 

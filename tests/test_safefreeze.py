@@ -11,11 +11,11 @@ import sys
 import time
 
 import pytest
-
 from helpers import needs_root
-from pyexec.demo import loopfs
-from pyexec.azure import safefreeze
 from test_freeze_window import writable_within
+
+from pyexec.azure import safefreeze
+from pyexec.demo import loopfs
 
 pytestmark = needs_root
 

@@ -15,12 +15,12 @@ import tempfile
 
 import orjson
 import pytest
-
 from helpers import IS_ROOT
-from pyexec import errors
-from pyexec.demo import loopfs, output, pgserver, safeio, servers
 from test_config_trust import make, write_setup
 from test_quiesce import sandbox, write_now
+
+from pyexec import errors
+from pyexec.demo import loopfs, output, pgserver, safeio, servers
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="needs root: servers, loop mounts, useradd")
 PYEXEC = [sys.executable, "-m", "pyexec.cli"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-from pyexec import config, errors, host, scripts
+from pyexec import config, errors, host, steps
 
 
 class Logger(Protocol):
@@ -17,7 +17,7 @@ class Logger(Protocol):
 class PluginHostError:
     """One plugin's code in a phase (0 when its script succeeded)."""
 
-    def __init__(self, errorCode: int, pluginName: str):  # noqa: N803 - the reference's names
+    def __init__(self, errorCode: int, pluginName: str):
         self.errorCode = errorCode
         self.pluginName = pluginName
 
@@ -35,7 +35,7 @@ class PluginHostResult:
         self.errorCode = 0
         self.fileCode: list[int] = []  # the reference's fields, which its host leaves empty too
         self.filePath: list[str] = []
-        self.scripts: list[scripts.ScriptResult] = []  # pyexec's detail: tries, exit, output, duration
+        self.scripts: list[steps.ScriptResult] = []  # pyexec's detail: tries, exit, output, duration
 
     def __str__(self) -> str:
         lines = [str(e) for e in self.errors]

@@ -15,8 +15,15 @@ from typing import Any
 import orjson
 
 from pyexec import host, report
-from pyexec.demo.dbload import (MARIADB_ACCOUNTS, MARIADB_WRITERS, PGBENCH_CLIENTS, PGBENCH_SCALE,
-                                PGBENCH_SECONDS, PgBench, TxnLoad)
+from pyexec.demo.dbload import (
+    MARIADB_ACCOUNTS,
+    MARIADB_WRITERS,
+    PGBENCH_CLIENTS,
+    PGBENCH_SCALE,
+    PGBENCH_SECONDS,
+    PgBench,
+    TxnLoad,
+)
 from pyexec.demo.dbrestore import Restores
 from pyexec.demo.dbverify import PROMISES
 from pyexec.demo.ledger import Ledger, Stamps

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-
+from typing import Self
 
 # Smallest sizes the mkfs tools accept, with room for a test's data.
 MIN_SIZE_MB = {"ext4": 64, "ext3": 64, "xfs": 320, "btrfs": 128}
@@ -90,7 +90,7 @@ class LoopFS:
         with contextlib.suppress(OSError):
             os.rmdir(self.mountpoint)
 
-    def __enter__(self) -> "LoopFS":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -14,8 +14,16 @@ import subprocess
 import time
 
 from pyexec.demo import safeio
-from pyexec.demo.dbserver import (START_TIMEOUT_S, STOP_TIMEOUT_S, Server, ServerError, Startup, file_size,
-                                  find_tools, owner)
+from pyexec.demo.dbserver import (
+    START_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+    Server,
+    ServerError,
+    Startup,
+    file_size,
+    find_tools,
+    owner,
+)
 from pyexec.demo.processes import KILL_WAIT_S, Proc, kill_tree
 
 MARIADB_TOOLS = ("mariadbd", "mariadb-install-db", "mariadb", "mariadb-admin")

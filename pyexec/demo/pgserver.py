@@ -13,8 +13,19 @@ import subprocess
 import time
 
 from pyexec.demo import safeio
-from pyexec.demo.dbserver import (START_TIMEOUT_S, STOP_TIMEOUT_S, Server, ServerError, Startup, check_reachable,
-                                  file_size, find_tools, owner, read_from, recovery_lines)
+from pyexec.demo.dbserver import (
+    START_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+    Server,
+    ServerError,
+    Startup,
+    check_reachable,
+    file_size,
+    find_tools,
+    owner,
+    read_from,
+    recovery_lines,
+)
 from pyexec.demo.processes import Proc, kill_tree, works_in
 
 PG_VERSION = "15"

@@ -121,7 +121,7 @@ class PostgresSession:
         facts["checkpoint_lsn"] = str(self._one("SELECT checkpoint_lsn FROM pg_control_checkpoint()"))
         mode = self.cfg.backup_mode
         if mode == "always" or (mode == "auto" and filesystems > 1):
-            self.label = "pyexec " + datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            self.label = "pyexec " + datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
             start = "pg_backup_start(%s, true)" if self.conn.info.server_version >= PG15 \
                 else "pg_start_backup(%s, true, false)"
             facts["backup_start_lsn"] = str(self._one(f"SELECT {start}", self.label))

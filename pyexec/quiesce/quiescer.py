@@ -8,6 +8,7 @@ import os
 import threading
 from collections.abc import Callable
 from types import ModuleType
+from typing import Self
 
 from pyexec import config, dbconfig, native, trust, waits
 from pyexec.errors import PyexecError, ScriptError
@@ -56,7 +57,7 @@ class _Watchdog:
         with contextlib.suppress(Exception):  # the session is being torn down either way
             self.abort()
 
-    def __enter__(self) -> "_Watchdog":
+    def __enter__(self) -> Self:
         self._r, self._w = os.pipe2(os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._watch, name="pyexec-quiesce-watchdog", daemon=True)
         self._thread.start()

@@ -40,5 +40,5 @@ def close_quietly(conn: Any) -> None:
     if conn is not None:
         try:
             conn.close()
-        except Exception:  # noqa: BLE001 - whatever the driver raises, the session is over
+        except Exception:  # noqa: BLE001, S110 - whatever the driver raises, the session is over
             pass
