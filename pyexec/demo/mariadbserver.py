@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 
+from pyexec import waits
 from pyexec.demo import safeio
 from pyexec.demo.dbserver import (
     START_TIMEOUT_S,
@@ -214,9 +215,9 @@ class MariaDBServer(Server):
 
     def _wait_ready(self, notify: socket.socket | None, deadline: float) -> None:
         assert self.proc is not None
-        poll = select.poll()
-        poll.register(self.proc.fd, select.POLLIN)
         if notify is None:
+            poll = select.poll()
+            poll.register(self.proc.fd, select.POLLIN)
             while not self._ping():
                 if not self.proc.alive():
                     raise self._fail("mariadbd exited during startup")
@@ -224,12 +225,11 @@ class MariaDBServer(Server):
                     raise self._fail(f"not ready within {START_TIMEOUT_S:.0f}s")
                 poll.poll(50)  # only without sd_notify: nothing else tells us it is ready
             return
-        poll.register(notify.fileno(), select.POLLIN)
+        deadline_ns = waits.to_ns(deadline)  # time.monotonic() is CLOCK_MONOTONIC, the core's clock
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            ready = waits.wait_readable([notify.fileno(), self.proc.fd], deadline_ns)
+            if not ready:
                 raise self._fail(f"not ready within {START_TIMEOUT_S:.0f}s")
-            ready = dict(poll.poll(int(left * 1000) + 1))
             if notify.fileno() in ready:
                 msg = notify.recv(4096).decode(errors="replace")
                 if "READY=1" in msg.split("\n"):
