@@ -71,7 +71,7 @@ int main(int argc, char **argv)
         return 2;
     pid_t ctl = (pid_t)atoi(argv[1]);
     px_set *s = mmap(NULL, sizeof(px_set), PROT_READ | PROT_WRITE, MAP_SHARED, PAGE_FD, 0);
-    if (s == MAP_FAILED || s->magic != PX_SET_MAGIC)
+    if (s == MAP_FAILED || s->magic != PX_SET_MAGIC || s->version != PX_SET_VERSION)
         return 2;
     int pidfd = px_watch_controller(ctl, atoi(argv[2]));
     int dead = pidfd < 0 || getppid() != ctl;
