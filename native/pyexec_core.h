@@ -18,7 +18,7 @@
 
 #define PX_MAX_MOUNTS 128
 #define PX_SET_MAGIC 0x50584653u /* "PXFS" */
-#define PX_SET_VERSION 1u
+#define PX_SET_VERSION 1u /* px_set's layout: a page of another version is not read (recover, guardian) */
 
 /* Per-mount state, read by the guardian through shared memory. */
 #define PX_M_IDLE 0

@@ -62,9 +62,10 @@ _STATUS, _PROC, _FEATURES = _View(_api.PX_STATUS), _View(_api.PX_PROC), _View(_a
 _MOUNTS_AT = _SET.fields["m"].offset
 
 
-def _record(cls: type[_R], values: dict[str, Any]) -> _R:
+def _record(cls: type[_R], values: dict[str, Any], **extra: Any) -> _R:
     """A dataclass of the fields it names (a field Python does not read needs no Python change)."""
-    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in extra]  # type: ignore[arg-type]
+    return cls(**{n: values[n] for n in names}, **extra)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,15 +138,16 @@ class Proc:
     pidfd: int
     out_fd: int
     err_fd: int
+    raw: bytes = dataclasses.field(default=b"", repr=False, compare=False)  # the px_proc as the core filled it
 
     @classmethod
     def decode(cls, raw: bytes) -> Proc:
         """The px_proc a binding returned."""
-        return _record(cls, _PROC.unpack(raw))
+        return _record(cls, _PROC.unpack(raw), raw=raw)
 
     def encode(self) -> bytes:
-        """The px_proc to hand back to a binding."""
-        return _PROC.pack(dataclasses.asdict(self))
+        """The px_proc to hand back to a binding: as the core filled it, every field kept."""
+        return self.raw or _PROC.pack({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
     def close(self) -> None:
         """Close the pidfd and pipes (after the child is reaped)."""
@@ -160,7 +162,7 @@ class SetVersionError(ValueError):
 
 # Each record's fields must be the header's: a field removed from a struct fails the import, not a run.
 for _cls, _view in ((MountRecord, _MOUNT), (SetRecord, _SET), (Status, _STATUS), (Proc, _PROC)):
-    _missing = {f.name for f in dataclasses.fields(_cls)} - set(_view.fields) - {"mounts"}
+    _missing = {f.name for f in dataclasses.fields(_cls)} - set(_view.fields) - {"mounts", "raw"}
     if _missing:
         raise ImportError(f"{_cls.__name__}: {sorted(_missing)} not in the header's struct")
 
