@@ -32,7 +32,8 @@ CAP_HALF = _api.PX_CAP_HALF
 
 
 class _View:
-    """The scalar fields of a C struct (those before its first array), as one struct.Struct."""
+    """The scalar fields of a C struct (those before its first array), as one struct.Struct (the
+    whole struct, tail padding included, where it has no array)."""
 
     def __init__(self, layout: _api.Layout):
         fmt, pos, names = "=", 0, []
@@ -42,6 +43,8 @@ class _View:
             fmt += "x" * (f.offset - pos) + f.code
             pos = f.offset + struct.calcsize("=" + f.code)
             names.append(f.name)
+        else:
+            fmt += "x" * (layout.size - pos)
         self.struct = struct.Struct(fmt)
         self.names = tuple(names)
         self.fields = {f.name: f for f in layout.fields}
