@@ -19,4 +19,4 @@ bench: setup
 	$(VENV)/bin/python benchmarks/report.py results/bench.json results
 
 clean:
-	rm -rf build *.egg-info pyexec/*.so pyexec/_native.c pyexec/_pxcffi.c
+	rm -rf build *.egg-info pyexec/*.so pyexec/_native.c pyexec/_pxcffi.c pyexec/_core.pxd pyexec/native/_api.py

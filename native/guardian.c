@@ -71,7 +71,7 @@ int main(int argc, char **argv)
         return 2;
     pid_t ctl = (pid_t)atoi(argv[1]);
     px_set *s = mmap(NULL, sizeof(px_set), PROT_READ | PROT_WRITE, MAP_SHARED, PAGE_FD, 0);
-    if (s == MAP_FAILED || s->magic != PX_SET_MAGIC)
+    if (s == MAP_FAILED || s->magic != PX_SET_MAGIC || s->version != PX_SET_VERSION)
         return 2;
     int32_t pidfd;
     int dead = px_watch_parent(ctl, atoi(argv[2]), 0, &pidfd) < 0;

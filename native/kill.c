@@ -37,17 +37,19 @@ static void signal_tree(const px_proc *p, int sig)
 static int cgroup_events_wait(int cgroup_fd, const char *want, int64_t deadline_ns)
 {
     char buf[256];
-    int found = 0;
+    int rc = -ETIMEDOUT;
     int fd = openat(cgroup_fd, "cgroup.events", O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return -errno;
     for (;;) {
         ssize_t got = pread(fd, buf, sizeof(buf) - 1, 0);
-        if (got <= 0)
+        if (got <= 0) {
+            rc = got < 0 ? -errno : -EIO;
             break;
+        }
         buf[got] = 0;
         if (strstr(buf, want)) {
-            found = 1;
+            rc = 0;
             break;
         }
         int64_t now = px_now_ns();
@@ -56,11 +58,13 @@ static int cgroup_events_wait(int cgroup_fd, const char *want, int64_t deadline_
         struct timespec ts;
         px_left_ts(deadline_ns, now, &ts);
         struct pollfd pf = {fd, POLLPRI, 0};
-        if (ppoll(&pf, 1, &ts, NULL) < 0 && errno != EINTR)
+        if (ppoll(&pf, 1, &ts, NULL) < 0 && errno != EINTR) {
+            rc = -errno;
             break;
+        }
     }
     close(fd);
-    return found ? 0 : -ETIMEDOUT;
+    return rc;
 }
 
 static int write_file(int dir_fd, const char *name, const char *val)
@@ -150,37 +154,41 @@ static int v1_kill_all(int cgroup_fd, int64_t deadline_ns)
 }
 
 /* SIGKILL everything in the cgroup: cgroup.kill (5.14) in one step; else freeze it (5.2) so that
- * nothing forks while its pids are listed and killed, then thaw it; else one listing pass. */
-static void cgroup_kill_all(int cgroup_fd, int64_t deadline_ns)
+ * nothing forks while its pids are listed and killed, then thaw it; else one listing pass.  Each
+ * step that fails falls back to the next.  On v2, 0 once the kill is sent (the cgroup may not be
+ * empty yet) or the listing's -errno; on v1, v1_kill_all's answer (0: empty). */
+static int cgroup_kill_all(int cgroup_fd, int64_t deadline_ns)
 {
     const px_features *f = px_features_get();
-    if (px_cgroup_is_v1(cgroup_fd)) {
-        v1_kill_all(cgroup_fd, deadline_ns);
-        return;
-    }
+    if (px_cgroup_is_v1(cgroup_fd))
+        return v1_kill_all(cgroup_fd, deadline_ns);
     if (f->cgroup_kill && write_file(cgroup_fd, "cgroup.kill", "1") == 0)
-        return;
+        return 0;
+    int n;
     if (f->cgroup_freeze && write_file(cgroup_fd, "cgroup.freeze", "1") == 0) {
         cgroup_events_wait(cgroup_fd, "frozen 1", deadline_ns);
-        signal_listed(cgroup_fd, SIGKILL, NULL, 0);
+        n = signal_listed(cgroup_fd, SIGKILL, NULL, 0);
         write_file(cgroup_fd, "cgroup.freeze", "0"); /* SIGKILL takes effect on the thaw */
-        return;
+    } else {
+        n = signal_listed(cgroup_fd, SIGKILL, NULL, 0);
     }
-    signal_listed(cgroup_fd, SIGKILL, NULL, 0);
+    return n < 0 ? n : 0;
 }
 
-/* Wait until the cgroup is empty: an event on v2; on v1 the kill passes have waited already. */
-static void cgroup_wait_empty(int cgroup_fd, int64_t deadline_ns)
+/* Wait until the cgroup is empty (0, else -ETIMEDOUT or -errno): an event on v2; on v1 the kill
+ * passes have waited already (and said so). */
+static int cgroup_wait_empty(int cgroup_fd, int64_t deadline_ns)
 {
-    if (!px_cgroup_is_v1(cgroup_fd))
-        cgroup_events_wait(cgroup_fd, "populated 0", deadline_ns);
+    if (px_cgroup_is_v1(cgroup_fd))
+        return 0;
+    return cgroup_events_wait(cgroup_fd, "populated 0", deadline_ns);
 }
 
 int px_cgroup_kill(int cgroup_fd, int64_t deadline_ns)
 {
-    cgroup_kill_all(cgroup_fd, deadline_ns);
-    cgroup_wait_empty(cgroup_fd, deadline_ns);
-    return 0;
+    int rc = cgroup_kill_all(cgroup_fd, deadline_ns);
+    int empty = cgroup_wait_empty(cgroup_fd, deadline_ns);
+    return rc < 0 ? rc : empty;
 }
 
 int px_cgroup_wait_empty(int cgroup_fd, int64_t deadline_ns)
@@ -224,8 +232,8 @@ int px_kill_tree(const px_proc *p, int cgroup_fd, int64_t grace_ns, int64_t kill
     /* KILL the tree even if the leader went on TERM, and even if that wait failed: descendants
      * that ignore TERM must not outlive it.  The leader is unreaped, so its pgid is still ours. */
     signal_tree(p, SIGKILL);
-    if (cgroup_fd >= 0)
-        cgroup_kill_all(cgroup_fd, px_now_ns() + kill_wait_ns);
+    if (cgroup_fd >= 0) /* what it cannot reach, the group's SIGKILL above may have */
+        (void)cgroup_kill_all(cgroup_fd, px_now_ns() + kill_wait_ns);
     if (rc < 0) {
         /* A process blocked on a frozen filesystem ignores SIGKILL until the thaw:
          * bounded, and the caller thaws before it kills inside a freeze window. */
@@ -235,7 +243,7 @@ int px_kill_tree(const px_proc *p, int cgroup_fd, int64_t grace_ns, int64_t kill
     }
     st->exit_seen_ns = seen;
     rc = px_reap(p, st);
-    if (cgroup_fd >= 0) /* a setsid'd grandchild may still be dying */
-        cgroup_wait_empty(cgroup_fd, px_now_ns() + kill_wait_ns);
+    if (cgroup_fd >= 0) /* a setsid'd grandchild may still be dying; the leader's status stands */
+        (void)cgroup_wait_empty(cgroup_fd, px_now_ns() + kill_wait_ns);
     return rc;
 }

@@ -4,9 +4,11 @@
  * fixed-width fields only, so the Python side can lay them out in memory it owns
  * (a bytearray, or a journal page shared with the thaw guardian) and read them back.
  *
- * This header is the one declaration of the API: the cffi binding's cdef is read from it (the part
- * before "end of the bound API"), and both bindings check the struct layout (sizes and offsets)
- * against pyexec/native.py's struct formats when they load. */
+ * This header is the one declaration of the API.  Its bound part (before "end of the bound API")
+ * is read at build time by native/api_gen.py, which derives cffi's cdef, the Cython declarations
+ * (pyexec/_core.pxd) and the Python constants and struct layouts (pyexec/native/_api.py); both
+ * bindings compare the compiler's sizes and offsets with those layouts when they load.  Adding a
+ * field to a struct touches this header and the C that fills it, nothing else. */
 #ifndef PYEXEC_CORE_H
 #define PYEXEC_CORE_H
 
@@ -16,7 +18,7 @@
 
 #define PX_MAX_MOUNTS 128
 #define PX_SET_MAGIC 0x50584653u /* "PXFS" */
-#define PX_SET_VERSION 1u
+#define PX_SET_VERSION 1u /* px_set's layout: a page of another version is not read (recover, guardian) */
 
 /* Per-mount state, read by the guardian through shared memory. */
 #define PX_M_IDLE 0
@@ -113,11 +115,6 @@ typedef struct px_proc {
 typedef struct px_status {
     int32_t code;   /* exit status, or -1 when killed by a signal */
     int32_t signal; /* terminating signal, or 0 */
-    int32_t core;
-    int32_t pad;
-    int64_t utime_ns;
-    int64_t stime_ns;
-    int64_t maxrss_kb;
     int64_t exit_seen_ns; /* CLOCK_MONOTONIC when the pidfd reported the exit */
 } px_status;
 
@@ -218,8 +215,10 @@ int px_parent_death_signal(pid_t parent, int sig);
 /* Whether a cgroup directory fd is of a v1 hierarchy (the freezer's, on a v1-only machine). */
 int px_cgroup_is_v1(int cgroup_fd);
 
-/* SIGKILL every process in a cgroup and its descendants (cgroup.kill), then wait until it
- * is empty or the deadline passes.  For the warden; scripts are killed by px_kill_tree. */
+/* SIGKILL every process in a cgroup and its descendants (cgroup.kill, else its fallbacks: see
+ * kill.c), then wait until it is empty or the deadline passes: 0 once it is empty, -ETIMEDOUT if
+ * it is still populated at the deadline, -ENOSYS where that cannot be awaited (v1 without
+ * pidfd_open), or the -errno of the kill.  For the warden; scripts are killed by px_kill_tree. */
 int px_cgroup_kill(int cgroup_fd, int64_t deadline_ns);
 
 /* A guardian's last act once its controller is gone: move into each of parents (<mount>/pyexec,

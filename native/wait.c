@@ -11,7 +11,6 @@
 #include <signal.h>
 #include <string.h>
 #include <sys/prctl.h>
-#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -128,24 +127,18 @@ int px_wait_exit(const px_proc *p, int64_t deadline_ns, int cancel_fd, px_captur
 int px_reap(const px_proc *p, px_status *st)
 {
     siginfo_t si;
-    struct rusage ru;
     memset(&si, 0, sizeof(si));
-    memset(&ru, 0, sizeof(ru));
-    /* The raw waitid takes a rusage pointer that glibc's wrapper does not expose.  Without
-     * P_PIDFD (kernel < 5.4) the pid itself: it is ours and unreaped, so it cannot be reused. */
+    /* Without P_PIDFD (kernel < 5.4) the pid itself: it is ours and unreaped, so it cannot be
+     * reused. */
     int by_pidfd = px_features_get()->waitid_pidfd;
     long r;
     do {
-        r = syscall(SYS_waitid, by_pidfd ? P_PIDFD : P_PID, by_pidfd ? p->pidfd : p->pid, &si, WEXITED, &ru);
+        r = syscall(SYS_waitid, by_pidfd ? P_PIDFD : P_PID, by_pidfd ? p->pidfd : p->pid, &si, WEXITED, NULL);
     } while (r < 0 && errno == EINTR);
     if (r < 0)
         return -errno;
     st->code = si.si_code == CLD_EXITED ? si.si_status : -1;
     st->signal = si.si_code == CLD_EXITED ? 0 : si.si_status;
-    st->core = si.si_code == CLD_DUMPED;
-    st->utime_ns = (int64_t)ru.ru_utime.tv_sec * 1000000000LL + ru.ru_utime.tv_usec * 1000LL;
-    st->stime_ns = (int64_t)ru.ru_stime.tv_sec * 1000000000LL + ru.ru_stime.tv_usec * 1000LL;
-    st->maxrss_kb = ru.ru_maxrss;
     return 0;
 }
 

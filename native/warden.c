@@ -51,10 +51,15 @@ static void sweep(int parent, const char *name)
                 continue;
             if (running) {
                 int cg = openat(dir, e->d_name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+                int rc = 0;
                 if (cg >= 0) {
-                    px_cgroup_kill(cg, px_now_ns() + PX_KILL_WAIT_NS);
+                    rc = px_cgroup_kill(cg, px_now_ns() + PX_KILL_WAIT_NS);
                     close(cg);
                 }
+                /* Still populated at the deadline: its rmdir would fail (EBUSY).  It is left to
+                 * the sweep after the guardians' wait, or to the next warden's sweep. */
+                if (rc == -ETIMEDOUT)
+                    continue;
             }
             /* fails, harmlessly, while a daemon lives in "done" or a guardian in "guard" */
             unlinkat(dir, e->d_name, AT_REMOVEDIR);

@@ -1,63 +1,20 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """Cython binding of the native core: argument conversion only, GIL released around
-every call that can block.  Policy lives in pyexec/; errors are built in pyexec/errors."""
-from libc.stdint cimport int32_t, int64_t
+every call that can block.  The declarations are pyexec/_core.pxd, generated from the header;
+structs come and go as their bytes.  Policy lives in pyexec/; errors are built in pyexec/errors."""
+from libc.stdint cimport int32_t
 from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy, memset
 
+from pyexec._core cimport *
 from pyexec import errors
 
-cdef extern from "pyexec_core.h" nogil:
-    ctypedef struct px_set:
-        pass
-    ctypedef struct px_capture:
-        pass
-    ctypedef struct px_proc:
-        int32_t pid
-        int32_t pidfd
-        int32_t out_fd
-        int32_t err_fd
-    ctypedef struct px_status:
-        int32_t code
-        int32_t signal
-        int32_t core
-        int64_t utime_ns
-        int64_t stime_ns
-        int64_t maxrss_kb
-        int64_t exit_seen_ns
-    ctypedef struct px_features:
-        int32_t pidfd_open
-        int32_t waitid_pidfd
-        int32_t clone3_cgroup
-        int32_t close_range_cloexec
-        int32_t cgroup_kill
-        int32_t cgroup_freeze
-        int32_t openat2
-        int32_t cgroup2
-        int32_t cgroup_v1
-    int PX_MAX_MOUNTS
-    int px_probe(px_features *f)
-    int64_t px_now_ns()
-    int px_set_init(px_set *s, const int32_t *fds, int32_t n)
-    int px_freeze(px_set *s, int32_t flags)
-    int px_thaw(px_set *s, int32_t flags)
-    int px_rcu_restore(px_set *s)
-    int px_spawn(const char *path, int exec_fd, char *const *argv, char *const *envp,
-                 int cgroup_fd, px_proc *p)
-    enum: PX_MAX_CGROUPS
-    int px_spawn_helper(const char *path, int exec_fd, char *const *argv, char *const *envp,
-                        const int32_t *cgroup_fds, int32_t n, px_proc *p)
-    int px_wait(const px_proc *p, int64_t deadline_ns, int cancel_fd, px_capture *out,
-                px_capture *err, px_status *st)
-    int px_kill_tree(const px_proc *p, int cgroup_fd, int64_t grace_ns, int64_t kill_wait_ns,
-                     px_capture *out, px_capture *err, px_status *st)
-    const long long PX_KILL_WAIT_NS
-    int px_watch_parent(int parent, int life_fd, int death_sig, int32_t *fd)
-
 NAME = "cython"
-SET_SIZE = sizeof(px_set)
-CAPTURE_SIZE = sizeof(px_capture)
-MAX_MOUNTS = PX_MAX_MOUNTS
-KILL_WAIT_NS = PX_KILL_WAIT_NS
+
+
+def layout():
+    """Each struct's sizeof and its fields' offsetof, as the compiler laid them out (for the check at load)."""
+    return px_layout()
 
 
 cdef px_set *_set(unsigned char[::1] buf) except NULL:
@@ -86,16 +43,12 @@ cdef char **_strv(list items) except NULL:
     return v
 
 
-cdef tuple _status(px_status *st):
-    return (st.code, st.signal, st.core, st.utime_ns, st.stime_ns, st.maxrss_kb, st.exit_seen_ns)
-
-
 def probe():
-    """The kernel features in use (1) or replaced by a fallback (0), in px_features order."""
+    """The px_features of the kernel features in use (1) or replaced by a fallback (0)."""
     cdef px_features f
+    memset(&f, 0, sizeof(f))
     px_probe(&f)
-    return (f.pidfd_open, f.waitid_pidfd, f.clone3_cgroup, f.close_range_cloexec, f.cgroup_kill,
-            f.cgroup_freeze, f.openat2, f.cgroup2, f.cgroup_v1)
+    return (<char *>&f)[:sizeof(f)]
 
 
 def now_ns():
@@ -146,7 +99,7 @@ def rcu_restore(buf):
 
 
 def spawn(path, int exec_fd, list argv, list env, int cgroup_fd=-1):
-    """Spawn argv; returns (pid, pidfd, out_fd, err_fd) or raises OSError."""
+    """Spawn argv; returns its px_proc or raises OSError."""
     cdef px_proc p
     cdef char **cargv = NULL
     cdef char **cenv = NULL
@@ -166,11 +119,11 @@ def spawn(path, int exec_fd, list argv, list env, int cgroup_fd=-1):
         free(cenv)
     if rc < 0:
         raise errors.oserror(-rc, "spawn", path if path is not None else argv[0])
-    return (p.pid, p.pidfd, p.out_fd, p.err_fd)
+    return (<char *>&p)[:sizeof(p)]
 
 
 def spawn_helper(path, int exec_fd, list argv, list env, list cgroup_fds):
-    """Spawn a helper into cgroup_fds; returns (pid, pidfd, out_fd, err_fd) or raises OSError."""
+    """Spawn a helper into cgroup_fds; returns its px_proc or raises OSError."""
     cdef px_proc p
     cdef char **cargv = NULL
     cdef char **cenv = NULL
@@ -196,37 +149,42 @@ def spawn_helper(path, int exec_fd, list argv, list env, list cgroup_fds):
         free(cenv)
     if rc < 0:
         raise errors.oserror(-rc, "spawn", path if path is not None else argv[0])
-    return (p.pid, p.pidfd, p.out_fd, p.err_fd)
+    return (<char *>&p)[:sizeof(p)]
 
 
-cdef void _proc(tuple proc, px_proc *p):
-    p.pid, p.pidfd, p.out_fd, p.err_fd = proc
+cdef int _proc(bytes proc, px_proc *p) except -1:
+    if len(proc) != sizeof(px_proc):
+        raise ValueError(f"px_proc: {len(proc)} bytes, not {sizeof(px_proc)}")
+    memcpy(p, <const char *>proc, sizeof(px_proc))
+    return 0
 
 
-def wait(tuple proc, long long deadline_ns, int cancel_fd, cap_out, cap_err):
-    """Wait for exit, deadline or cancel_fd; returns (rc, status tuple or None)."""
+def wait(bytes proc, long long deadline_ns, int cancel_fd, cap_out, cap_err):
+    """Wait for exit, deadline or cancel_fd; returns (rc, px_status: zeros unless rc is 0)."""
     cdef px_proc p
     cdef px_status st
     cdef px_capture *co = _cap(cap_out)
     cdef px_capture *ce = _cap(cap_err)
     cdef int rc
     _proc(proc, &p)
+    memset(&st, 0, sizeof(st))
     with nogil:
         rc = px_wait(&p, deadline_ns, cancel_fd, co, ce, &st)
-    return rc, (_status(&st) if rc == 0 else None)
+    return rc, (<char *>&st)[:sizeof(st)]
 
 
-def kill_tree(tuple proc, int cgroup_fd, long long grace_ns, long long kill_wait_ns, cap_out, cap_err):
-    """TERM, grace, KILL the script's tree and reap it; returns (rc, status tuple or None)."""
+def kill_tree(bytes proc, int cgroup_fd, long long grace_ns, long long kill_wait_ns, cap_out, cap_err):
+    """TERM, grace, KILL the script's tree and reap it; returns (rc, px_status: zeros unless rc is 0)."""
     cdef px_proc p
     cdef px_status st
     cdef px_capture *co = _cap(cap_out)
     cdef px_capture *ce = _cap(cap_err)
     cdef int rc
     _proc(proc, &p)
+    memset(&st, 0, sizeof(st))
     with nogil:
         rc = px_kill_tree(&p, cgroup_fd, grace_ns, kill_wait_ns, co, ce, &st)
-    return rc, (_status(&st) if rc == 0 else None)
+    return rc, (<char *>&st)[:sizeof(st)]
 
 
 def watch_parent(int parent, int life_fd, int death_sig):

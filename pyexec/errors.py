@@ -211,6 +211,23 @@ def oserror(err: int, syscall: str, path: str | bytes | None = None) -> OSError:
     return exc
 
 
+class Cancelled(Exception):
+    """A wait was cut short by its cancel fd (a signal arrived): the process still runs."""
+
+
+def wait_outcome(rc: int, syscall: str) -> bool:
+    """A native wait's return (px_wait, px_kill_tree): True once the process exited and was reaped
+    (0), False at the deadline (ETIMEDOUT, not reaped); Cancelled when its cancel fd woke it
+    (ECANCELED, not reaped); OSError for any other -errno."""
+    if rc == 0:
+        return True
+    if rc == -_errno.ETIMEDOUT:
+        return False
+    if rc == -_errno.ECANCELED:
+        raise Cancelled()
+    raise oserror(-rc, syscall)
+
+
 def freeze_error(err: int, path: str | None, what: str = "FIFREEZE") -> FreezeError:
     """The freeze exception of the right kind for an errno of a freeze ioctl."""
     cls = _FREEZE_KINDS.get(err, FreezeError)

@@ -208,7 +208,7 @@ def _snapshot(action: _Action, win: window.Window | None, cancel: signals.Cancel
         else:
             rep.snapshot = "taken"
         return None
-    deadline = win.deadline_ns if win is not None else nat.now_ns() + int(timeout_s * 1e9)
+    deadline = win.deadline_ns if win is not None else nat.now_ns() + native.ns_from_s(timeout_s)
     res = rep.snapshot_run = scripts.run_command(action, deadline, cancel.fd,
                                                  on_stop=win.thaw_now if win is not None else None, nat=nat)
     rep.snapshot, rep.snapshot_detail = ("taken", "") if res.ok else ("failed", res.detail)

@@ -122,6 +122,8 @@ def _unwritten(path: str, page: bytes) -> tuple[str, JournalMeta, bool] | None:
     try:
         native.read_set(page)
         return None  # a freeze set is there: not one that was never written
+    except native.SetVersionError:
+        return None  # another pyexec's freeze set: written, but not for this one to read
     except (ValueError, struct.error):  # no magic, or shorter than a header
         pass
     try:

@@ -13,6 +13,7 @@ import stat
 from collections.abc import Callable, Collection, Iterable, Sequence
 
 from pyexec import errors
+from pyexec.native._api import PX_MAX_MOUNTS
 
 FREEZABLE = ("ext3", "ext4", "xfs", "btrfs")
 # Filesystems FIFREEZE refuses (no block device, or no freeze support): refused before any script.
@@ -21,7 +22,7 @@ NOT_FREEZABLE = {"tmpfs", "ramfs", "proc", "sysfs", "devtmpfs", "devpts", "cgrou
                  "bpf", "mqueue", "hugetlbfs", "configfs", "binfmt_misc", "efivarfs", "nsfs", "rpc_pipefs"}
 # Where a block device's data lives: loop_backing_file, or a test's stand-in (a path, paths or None).
 Backing = Callable[[str], str | Sequence[str] | None]
-MAX_MOUNTS = 128  # PX_MAX_MOUNTS of native/pyexec_core.h (tests/test_mounts.py keeps the two equal)
+MAX_MOUNTS = PX_MAX_MOUNTS  # the most one freeze set holds
 
 
 @dataclasses.dataclass(frozen=True)

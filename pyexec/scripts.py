@@ -9,7 +9,7 @@ import shlex
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from pyexec import native, trust, waits
+from pyexec import native, trust
 from pyexec.cgroups import script_cgroup
 from pyexec.errors import PyexecError
 from pyexec.steps import CODES, OK_STATUS, ScriptResult
@@ -18,7 +18,7 @@ from pyexec.trust import TrustedFile
 # systemd's PATH for services (systemd.exec(5), "Environment Variables in Spawned Processes"),
 # for a caller that has none.
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-KILL_GRACE_NS = 1_000_000_000  # TERM → KILL
+KILL_GRACE_NS = native.ns_from_s(1)  # TERM → KILL
 CommandArg = str | bytes | os.PathLike[str] | os.PathLike[bytes]  # an element of a snapshot argv
 
 
@@ -84,7 +84,7 @@ def run_script(script: TrustedFile, params: Sequence[str], phase: str, timeout_s
     env = {**(base if base is not None else base_env()), "PYEXEC_PHASE": phase, **(env_extra or {})}
     res = ScriptResult(plugin, phase, script.path)
     t0 = nat.now_ns()
-    deadline = t0 + waits.to_ns(timeout_s)
+    deadline = t0 + native.ns_from_s(timeout_s)
     # By path, not through the checked fd: an interpreter given /proc/self/fd/N sees that as $0, and
     # `. "$(dirname "$0")/common.sh"` then looks in /proc.
     if _runs_directly(script):

@@ -9,18 +9,12 @@ from collections.abc import Sequence
 
 from pyexec import native
 
-NS_PER_S = 1_000_000_000
 _NS_PER_MS = 1_000_000
-
-
-def to_ns(seconds: float) -> int:
-    """seconds as whole nanoseconds (a timeout as the core's clock counts it)."""
-    return int(seconds * NS_PER_S)
 
 
 def deadline_after(seconds: float, nat: native.Native | None = None) -> int:
     """The deadline seconds from now on the core's monotonic clock, in ns."""
-    return (nat or native.default()).now_ns() + to_ns(seconds)
+    return (nat or native.default()).now_ns() + native.ns_from_s(seconds)
 
 
 def wait_readable(fds: Sequence[int], deadline_ns: int | None, cancel_fd: int = -1,

@@ -186,7 +186,7 @@ def window(paths: list[str] | locks.Held, timeout: float, expedite: bool = True,
         nat.set_init(page, fds)
         jr.publish()
         # The bound runs from before the guardian's start: it sleeps on the deadline it reads first.
-        win.deadline_ns = nat.now_ns() + int(timeout * 1e9)
+        win.deadline_ns = nat.now_ns() + native.ns_from_s(timeout)
         native.set_header(page, controller_pid=os.getpid(), deadline_ns=win.deadline_ns)
         g = None
         if guardian:

@@ -84,4 +84,4 @@ fi
 rm -rf build
 "$VENV/bin/pip" install -q --disable-pip-version-check --no-build-isolation --no-deps .
 case $VENV in /*) PY=$VENV/bin/python ;; *) PY=$PWD/$VENV/bin/python ;; esac
-echo "setup: pyexec built ($(cd / && "$PY" -c 'from pyexec import native; print(", ".join(native.available()))') backends)"
+echo "setup: pyexec built ($(cd / && "$PY" -c 'from pyexec import native; print(", ".join(native.load(n).name for n in ("cython", "cffi")))') backends)"

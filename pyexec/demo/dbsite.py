@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from pyexec import host, report
+from pyexec import host, native, report
 from pyexec.demo.dbload import (
     MARIADB_ACCOUNTS,
     MARIADB_WRITERS,
@@ -202,7 +202,7 @@ class Site(LoopSandbox):
                     stamps.log_freeze_start, stamps.log_freeze_end = m.freeze_start_ns, m.freeze_end_ns
         if isinstance(load, PgBench):
             load_doc = load.finish(PGBENCH_SECONDS + 30)
-            if load.proc.returncode == 0 and time.monotonic_ns() < stamps.thaw_end + int(AFTER_S * 1e9):
+            if load.proc.returncode == 0 and time.monotonic_ns() < stamps.thaw_end + native.ns_from_s(AFTER_S):
                 time.sleep(AFTER_S)
             spans = load.spans()
         else:

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import time
 
-from pyexec import waits
+from pyexec import native, waits
 from pyexec.demo import safeio
 from pyexec.demo.dbserver import (
     START_TIMEOUT_S,
@@ -225,7 +225,7 @@ class MariaDBServer(Server):
                     raise self._fail(f"not ready within {START_TIMEOUT_S:.0f}s")
                 poll.poll(50)  # only without sd_notify: nothing else tells us it is ready
             return
-        deadline_ns = waits.to_ns(deadline)  # time.monotonic() is CLOCK_MONOTONIC, the core's clock
+        deadline_ns = native.ns_from_s(deadline)  # time.monotonic() is CLOCK_MONOTONIC, the core's clock
         while True:
             ready = waits.wait_readable([notify.fileno(), self.proc.fd], deadline_ns)
             if not ready:

@@ -126,7 +126,7 @@ class Quiescer:
         nat = nat or native.default()
         res = self._result("pre")
         t0 = nat.now_ns()
-        deadline = t0 + waits.to_ns(self.cfg.timeout)
+        deadline = t0 + native.ns_from_s(self.cfg.timeout)
         self.close()  # a second pre-phase starts afresh
         session = self._make()
 
@@ -152,7 +152,7 @@ class Quiescer:
         if session is None:
             res.exit_code, res.detail = 0, "nothing held: the quiesce did not complete"
         elif self._step(res, session, lambda: session.release(snapshot),
-                        t0 + waits.to_ns(self.cfg.timeout), -1, nat):
+                        t0 + native.ns_from_s(self.cfg.timeout), -1, nat):
             res.exit_code = 0
             session.close()
         else:
