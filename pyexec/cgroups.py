@@ -117,7 +117,9 @@ def helper_cgroups() -> Iterator[tuple[list[int], list[str]]]:
 
 @contextlib.contextmanager
 def script_cgroup(enabled: bool = True) -> Iterator[int]:
-    """A fresh leaf cgroup (its fd) for one script, or -1 where cgroup v2 is unusable.
+    """A fresh leaf cgroup (its fd) for one script, in the first hierarchy pyexec has its own directory
+    in (cgroup v2, else the v1 freezer), or -1 where it has none (the script is then killed by its
+    process group).
 
     While the script runs the leaf is named run-N, which the warden kills if this process dies.
     After it, whatever the script left running on purpose (a daemon a post-script started) moves

@@ -220,9 +220,6 @@ def _snapshot(action: _Action, win: window.Window | None, cancel: signals.Cancel
     return None
 
 
-SHELL_OPERATORS = {"&&", "||", ";", "|", ">", ">>", "<", "&", "2>&1"}
-
-
 def run(host_path: str = config.HOST_CONFIG_PATH, mount_points: Iterable[limits.Path] | None = None,
         snapshot: Snapshot = None, freeze_timeout: float = limits.DEFAULT_RUN_FREEZE_TIMEOUT, expedite: bool = True, presync: bool = True,
         nat: native.Native | None = None, progress: Callable[[str], object] = lambda msg: None,
@@ -241,7 +238,7 @@ def run(host_path: str = config.HOST_CONFIG_PATH, mount_points: Iterable[limits.
         mount_points = limits.check_paths(mount_points)
     action: _Action = snapshot if snapshot is None or callable(snapshot) else scripts.resolve_command(snapshot)
     say = _quiet(progress)
-    operators = sorted(SHELL_OPERATORS & set(action[1:])) if isinstance(action, list) else []
+    operators = scripts.shell_operators(action) if isinstance(action, list) else []
     reraise: BaseException | None = None
     with contextlib.ExitStack() as stack:
         if cancel is None:

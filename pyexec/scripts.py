@@ -124,6 +124,15 @@ def run_script(script: TrustedFile, params: Sequence[str], phase: str, timeout_s
     return res
 
 
+SHELL_OPERATORS = {"&&", "||", ";", "|", ">", ">>", "<", "&", "2>&1"}
+
+
+def shell_operators(argv: Sequence[str]) -> list[str]:
+    """The shell operators among a resolved command's arguments: they reach the program as words,
+    since no shell runs the command (a caller that meant a shell command line is told so)."""
+    return sorted(SHELL_OPERATORS & set(argv[1:]))
+
+
 def resolve_command(command: str | bytes | Iterable[CommandArg]) -> list[str]:
     """A snapshot command (a string split with shell rules, or an argv list) as an argv whose first
     element is an absolute path to an executable file; ValueError saying what is wrong.

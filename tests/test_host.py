@@ -84,3 +84,14 @@ def test_no_plugin_is_file_system_consistent_not_app(tmp_path, mounts):
     assert (rep.outcome, rep.code, rep.snapshot, rep.pre) == (host.FS, 0, "taken", [])
     assert any("nothing was quiesced" in w for w in rep.warnings)
     assert not loopfs.thaw_path(m.mountpoint)
+
+
+def test_shell_operators_in_a_snapshot_command_are_words_and_warned(tmp_path, mounts):
+    """No shell runs the snapshot command: `&&` reaches the program as an argument, and the report says
+    so (the program here prints its arguments, so the second command never runs)."""
+    m = mounts.make("ext4")
+    rep = run(tmp_path, m, snapshot=["/bin/echo", "taken", "&&", "touch", str(tmp_path / "second")])
+    assert rep.snapshot == "taken" and not (tmp_path / "second").exists()
+    assert rep.snapshot_run is not None and rep.snapshot_run.stdout is not None
+    assert b"taken && touch" in rep.snapshot_run.stdout.data
+    assert any("has && as arguments: no shell runs it" in w for w in rep.warnings), rep.warnings
