@@ -17,7 +17,7 @@ def cdef_from_header(text: str) -> str:
     """The bound part of the header as a cffi cdef: comments, includes and guards dropped, every
     #define left for the compiler to fill in (`...`), array lengths likewise."""
     text = text[:text.rindex("/*", 0, text.index(END_OF_API))]
-    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.DOTALL)
     out = []
     for line in text.splitlines():
         m = re.match(r"\s*#\s*define\s+(\w+)\s+\S", line)
