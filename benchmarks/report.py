@@ -13,7 +13,7 @@ import orjson
 def pct(xs, q: float) -> float:
     """The q-quantile (nearest rank) of xs."""
     s = sorted(xs)
-    return s[min(len(s) - 1, max(0, int(round(q * (len(s) - 1)))))]
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
 def us(ns: float) -> str:
@@ -77,8 +77,8 @@ def main(path: str = "results/bench.json", out_dir: str = "results") -> int:
                         f"{us(max(v))} |")
         floor = pct(g["expedited ioctls (floor)"], 0.99)
         ours = pct(g["pyexec run"], 0.99)
-        rows += ["", f"Target: `pyexec run`'s p99 within 1.5× the expedited floor's p99. Reached: "
-                     f"{ours / floor:.2f}× ({us(ours)} against {us(floor)}).", ""]
+        rows += ["", (f"Target: `pyexec run`'s p99 within 1.5× the expedited floor's p99. Reached: "
+                      f"{ours / floor:.2f}× ({us(ours)} against {us(floor)})."), ""]
 
     win = get("test_window")
     per_fs: dict[str, list[float]] = {}
@@ -87,7 +87,7 @@ def main(path: str = "results/bench.json", out_dir: str = "results") -> int:
                  "| fs | mounts | load | snapshot | window median | ioctl median | overhead median | overhead p99 |",
                  "|---|---|---|---|---|---|---|---|"]
         worst = {"callback": 0, "command": 0}
-        for n, b in sorted(win.items(), key=lambda kv: (kv[1]["extra_info"]["fstype"], kv[1]["extra_info"]["mounts"],
+        for _n, b in sorted(win.items(), key=lambda kv: (kv[1]["extra_info"]["fstype"], kv[1]["extra_info"]["mounts"],
                                                          kv[1]["extra_info"]["load"], kv[1]["extra_info"]["snapshot"])):
             e = b["extra_info"]
             ov = e["overhead_ns"]
@@ -97,10 +97,10 @@ def main(path: str = "results/bench.json", out_dir: str = "results") -> int:
             rows.append(f"| {e['fstype']} | {e['mounts']} | {e['load']} | {e['snapshot']} | "
                         f"{us(statistics.median(e['length_ns']))} | {us(statistics.median(e['ioctl_ns']))} | "
                         f"{us(statistics.median(ov))} | {us(pct(ov, 0.99))} |")
-        rows += ["", "Overhead = window − time inside FIFREEZE/FITHAW − the snapshot's own time (for a command, "
-                 "its spawn and wait count as snapshot time). p99 of 30 rounds (8 when dirty) is close to the max.",
-                 f"Targets: overhead p99 ≤ 100 µs with a callback, reached {us(worst['callback'])} at worst; "
-                 f"≤ 1 ms with a command, reached {us(worst['command'])} at worst.", ""]
+        rows += ["", ("Overhead = window − time inside FIFREEZE/FITHAW − the snapshot's own time (for a command, "
+                      "its spawn and wait count as snapshot time). p99 of 30 rounds (8 when dirty) is close to the max."),
+                 (f"Targets: overhead p99 ≤ 100 µs with a callback, reached {us(worst['callback'])} at worst; "
+                  f"≤ 1 ms with a command, reached {us(worst['command'])} at worst."), ""]
 
     tmo = get("test_timeout")
     if tmo:
@@ -160,10 +160,10 @@ def databases(phases: dict, load: dict, med: dict) -> list[str]:
     rows: list[str] = []
     if phases:
         base = {b["extra_info"]["engine"]: med[n] for n, b in phases.items() if b["extra_info"]["way"] == "none"}
-        rows += ["### Database quiescers: pre-phase, window, post-phase (idle server, 2,000 new rows per run; "
-                 "data and WAL/binlog on 2 ext4)", "",
-                 "| engine | quiesced by | run median | ratio to freeze only | pre median | window median | "
-                 "post median | read lock held in the window |", "|---|---|---|---|---|---|---|---|"]
+        rows += [("### Database quiescers: pre-phase, window, post-phase (idle server, 2,000 new rows per run; "
+                  "data and WAL/binlog on 2 ext4)"), "",
+                 ("| engine | quiesced by | run median | ratio to freeze only | pre median | window median | "
+                  "post median | read lock held in the window |"), "|---|---|---|---|---|---|---|---|"]
         order = list(DB_WAYS)
         for n, b in sorted(phases.items(), key=lambda kv: (kv[1]["extra_info"]["engine"],
                                                             order.index(kv[1]["extra_info"]["way"]))):
@@ -174,21 +174,22 @@ def databases(phases: dict, load: dict, med: dict) -> list[str]:
             post = us(statistics.median(e["post_ns"])) if e["way"] != "none" else "–"
             rows.append(f"| {e['engine']} | {db_way(e['engine'], e['way'])} | {us(med[n])} | {ratio} | {pre} | "
                         f"{us(statistics.median(e['window_ns']))} | {post} | {lock} |")
-        rows += ["", "Read lock held: a write from another session (a MEMORY table, binlog off: nothing on the "
-                 "frozen disks) waits for the global read lock inside the window.", ""]
-    for n, b in sorted(load.items(), key=lambda kv: kv[1]["extra_info"]["engine"]):
+        rows += ["", ("Read lock held: a write from another session (a MEMORY table, binlog off: nothing on the "
+                      "frozen disks) waits for the global read lock inside the window."), ""]
+    for _n, b in sorted(load.items(), key=lambda kv: kv[1]["extra_info"]["engine"]):
         e = b["extra_info"]
         cases = e["cases"]
         some = next(iter(cases.values()))
         calm = cases["no snapshot"]
         tool = (f"pgbench -c {e['clients']} (TPC-B)" if e["engine"] == "postgresql"
                 else f"{e['clients']} Python client threads (INSERT + UPDATE per transaction)")
-        rows += [f"### {e['engine']} under load: {tool}, {some['seconds']} s, a snapshot 1 s in; "
-                 f"{len(some['txns'])} interleaved round(s)", "",
-                 "| snapshot by | transactions | p50 | p99 | p99 ratio | longest stall | stall ratio | window median | "
-                 "pre median | post median |", "|---|---|---|---|---|---|---|---|---|---|"]
+        rows += [(f"### {e['engine']} under load: {tool}, {some['seconds']} s, a snapshot 1 s in; "
+                  f"{len(some['txns'])} interleaved round(s)"), "",
+                 ("| snapshot by | transactions | p50 | p99 | p99 ratio | longest stall | stall ratio | window median | "
+                  "pre median | post median |"), "|---|---|---|---|---|---|---|---|---|---|"]
         for case, c in cases.items():
-            def m(key):
+            # c and case bound as defaults: m is only called in this iteration, and says so.
+            def m(key, c=c, case=case):
                 return us(statistics.median(c[key])) if c[key] and (case != "none" or key == "window_ns") else "–"
             rows.append(f"| {db_way(e['engine'], case)} | {sum(c['txns']):,} | {us(c['p50_us'] * 1e3)} | "
                         f"{us(c['p99_us'] * 1e3)} | {c['p99_us'] / calm['p99_us']:.2f}× | {us(c['max_stall_us'] * 1e3)} | "

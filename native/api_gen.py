@@ -70,7 +70,7 @@ def bound_part(text: str) -> str:
 
 
 def _strip_comments(text: str) -> str:
-    return re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    return re.sub(r"/\*.*?\*/", "", text, flags=re.DOTALL)
 
 
 def _int(literal: str) -> int:
@@ -81,7 +81,7 @@ def parse(text: str) -> Api:
     """The defines, structs and prototypes of the header's bound part."""
     text = _strip_comments(bound_part(text))
     defines: dict[str, int | str] = {}
-    for name, value in re.findall(r"^\s*#\s*define\s+(\w+)\s+(.+?)\s*$", text, flags=re.M):
+    for name, value in re.findall(r"^\s*#\s*define\s+(\w+)\s+(.+?)\s*$", text, flags=re.MULTILINE):
         if value.startswith('"'):
             defines[name] = value.strip('"')
         elif re.fullmatch(r"\(?-?(0x[0-9a-fA-F]+|\d+)[uUlL]*\)?", value):
@@ -89,11 +89,11 @@ def parse(text: str) -> Api:
         # (an expression, e.g. a guard's empty define, is left to the compiler)
     text = "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#"))
     structs: dict[str, Struct] = {}
-    for tag, body, name in re.findall(r"typedef\s+struct\s+(\w+)\s*\{(.*?)\}\s*(\w+)\s*;", text, flags=re.S):
+    for tag, body, name in re.findall(r"typedef\s+struct\s+(\w+)\s*\{(.*?)\}\s*(\w+)\s*;", text, flags=re.DOTALL):
         if tag != name:
             raise ValueError(f"typedef struct {tag} ... {name}: the tag and the name must agree")
         structs[name] = _layout(name, body, defines, structs)
-    rest = re.sub(r"typedef\s+struct\s+\w+\s*\{.*?\}\s*\w+\s*;", "", text, flags=re.S)
+    rest = re.sub(r"typedef\s+struct\s+\w+\s*\{.*?\}\s*\w+\s*;", "", text, flags=re.DOTALL)
     functions = []
     for ret, fname, params in re.findall(r"([A-Za-z_][\w\s\*]*?)\s*\b(\w+)\s*\(([^)]*)\)\s*;", rest):
         functions.append(Function(" ".join(ret.split()), fname, _params(params)))
@@ -110,7 +110,7 @@ def _layout(name: str, body: str, defines: dict[str, int | str], known: dict[str
         ctype, fname, length = m.groups()
         count = 1 if length is None else (int(length) if length.isdigit() else defines[length])
         if not isinstance(count, int):
-            raise ValueError(f"{name}.{fname}: array length {length} is not an integer")
+            raise ValueError(f"{name}.{fname}: array length {length} is not an integer")  # noqa: TRY004 - a bad header, not a bad argument
         if ctype in SCALARS:
             size = falign = SCALARS[ctype][1]
         elif ctype in known:

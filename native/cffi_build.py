@@ -10,7 +10,7 @@ import cffi
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # setuptools runs this file by path, not as a module of a package
-import api_gen  # noqa: E402
+import api_gen
 
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(api_gen.cdef(api_gen.HEADER.read_text()))

@@ -67,7 +67,7 @@ def allows(profile: str, inherited: str = "") -> dict[str, bool]:
     """For each feature, whether the profile leaves it to the kernel (True) or takes it away; inherited:
     a PYEXEC_DISABLE the profile adds to (main() keeps the caller's)."""
     rules, disable = PROFILES[profile]
-    names = set(",".join([inherited, disable]).split(","))
+    names = set(f"{inherited},{disable}".split(","))
     return {f: not (syscalls & rules.keys() or switches & names) for f, (syscalls, switches) in TAKEN_BY.items()}
 
 

@@ -107,16 +107,17 @@ def test_freeze_async_thaws_on_cancellation(mounts):
     m = mounts.make("ext4")
     w = mounts.writer(os.path.join(m.mountpoint, "w"))
     held = {}
+    entered = asyncio.Event()
 
     async def body():
         async with pyexec.freeze_async([m.mountpoint], timeout=10) as win:
             held["win"] = win
+            entered.set()
             await asyncio.sleep(30)
 
     async def main():
         task = asyncio.create_task(body())
-        while "win" not in held:
-            await asyncio.sleep(0.001)
+        await entered.wait()
         c0 = w.count()
         await asyncio.sleep(0.1)
         assert w.count() - c0 <= 1, "not frozen"

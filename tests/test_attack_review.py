@@ -399,8 +399,8 @@ def test_the_demo_does_not_chown_a_hard_link_its_account_planted_in_its_tree(loc
     victim.write_text("root's\n")
     os.chmod(victim, 0o666)
     tree = area / "user" / "data"
-    res = local_user.run(["sh", "-c", f"mkdir -p '{tree}/sub' && echo x > '{tree}/sub/own' && "
-                                      f"ln '{victim}' '{tree}/sub/link' && ln -s '{victim}' '{tree}/sym'"])
+    res = local_user.run(["sh", "-c", (f"mkdir -p '{tree}/sub' && echo x > '{tree}/sub/own' && "
+                                       f"ln '{victim}' '{tree}/sub/link' && ln -s '{victim}' '{tree}/sym'")])
     assert res.returncode == 0, res.stderr
     for p in (tree, tree / "sub", tree / "sub" / "own"):
         os.chown(p, 0, 0)  # as a restore by root leaves them

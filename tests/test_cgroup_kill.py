@@ -276,7 +276,7 @@ def test_freeze_of_the_callers_cgroup_does_not_stop_the_guardian(tmp_path, mount
         finally:
             caller.freeze(False)
         run.release()
-        out, err = run.proc.communicate(timeout=60)
+        out, _err = run.proc.communicate(timeout=60)
         doc = orjson.loads(out)
         assert doc["window"]["guardian"] == "fired:deadline", doc["window"]
         assert run.proc.returncode != 0 and doc["outcome"] != "app-consistent", doc["outcome"]

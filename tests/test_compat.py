@@ -76,7 +76,7 @@ def test_seed_error_rows_give_the_reference_codes(tmp_path, name, setup, where):
     ph = host_for(tmp_path, **setup)
     for fname, m in mode.items():
         os.chmod(tmp_path / "etc" / fname, m)
-    code, dobackup, fs_on = ph.pre_check()
+    code, dobackup, _fs_on = ph.pre_check()
     try:
         if where == "check":
             assert code == CODE_OF[name] and dobackup is True

@@ -155,9 +155,9 @@ def test_suite_under_kernel_profile(profile, tmp_path):
     has = kernel_has()
     assert set(used) == set(allowed) == set(has), "a feature the profiles do not know"
     want = {f: allowed[f] and has[f] for f in allowed}
-    for f in want:
+    for f, wanted in want.items():
         why = "the profile takes it away" if not allowed[f] else "this kernel has it" if has[f] else "this kernel lacks it"
-        assert feats["cython"][f] == feats["cffi"][f] == used[f] == want[f], f"{f}: {why}, the probe says {used[f]}"
+        assert feats["cython"][f] == feats["cffi"][f] == used[f] == wanted, f"{f}: {why}, the probe says {used[f]}"
     # Each job's path follows from those features: a feature taken away is reported by its fallback.
     guard = paths.pop("guardian and warden")
     assert paths == expected_paths(want)

@@ -56,7 +56,7 @@ os.write(1, b"E" + orjson.dumps({"outcome": rep.outcome, "interrupted": rep.inte
                                  "guardian": win.guardian if win else None,
                                  "mounts": [[m.state, m.thaw_errno] for m in win.mounts] if win else []}))
 sys.exit(128 + signal.Signals[rep.interrupted] if rep.interrupted else 0)
-""" % FREEZE_TIMEOUT_S
+""" % FREEZE_TIMEOUT_S  # noqa: UP031 - the template is Python source full of braces; %r fills its one hole
 
 
 def gone_within(pred, timeout: float) -> bool:
@@ -210,7 +210,7 @@ def test_kill_storm(tmp_path, mounts):
                 ok = doc is not None and thawed_by_controller(doc, sig=mode != "guardian")
                 thawer = "controller" if ok else None
             assert gone_within(is_script, 5), f"trial {i} ({mode}): a script process outlived its controller"
-            helper_of = lambda a_: (os.path.basename(a_[0]) in (b"pyexec-guardian", b"pyexec-warden")
+            helper_of = lambda a_, p=p: (os.path.basename(a_[0]) in (b"pyexec-guardian", b"pyexec-warden")
                                     and a_[1:2] == [str(p.pid).encode()])
             # The warden's own bounds (native/warden.c): up to KILL_WAIT_NS (5 s) for the scripts' trees,
             # then GUARDIANS_WAIT_NS (10 s) for the guardians to leave their leaf; a helper past both is a leak.

@@ -73,7 +73,7 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("code", [0, 3, 255])
 def test_exit_codes(nat, no_fd_leak, code):
-    st, out, _ = run(nat, ["/bin/sh", "-c", f"exit {code}"])
+    st, _out, _ = run(nat, ["/bin/sh", "-c", f"exit {code}"])
     assert (st.code, st.signal) == (code, 0)
     assert st.exit_seen_ns > 0
 
@@ -181,7 +181,7 @@ def test_huge_output_is_bounded_without_deadlock(nat, no_fd_leak):
 
 
 def test_non_utf8_bytes_preserved(nat, no_fd_leak):
-    st, out, err = run(nat, ["/bin/sh", "-c", r"printf '\377\376\000abc\200'; printf '\351' >&2"])
+    _st, out, err = run(nat, ["/bin/sh", "-c", r"printf '\377\376\000abc\200'; printf '\351' >&2"])
     assert out.data == b"\xff\xfe\x00abc\x80" and err.data == b"\xe9"
 
 

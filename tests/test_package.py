@@ -73,8 +73,8 @@ def venv(dist, tmp_path_factory) -> pathlib.Path:
 
 
 def installed_dir(venv: pathlib.Path) -> pathlib.Path:
-    return pathlib.Path(run([venv / "bin" / "python", "-c", "import os, pyexec; print(os.path.dirname("
-                                                            "pyexec.__file__))"]).stdout.strip())
+    return pathlib.Path(run([venv / "bin" / "python", "-c", ("import os, pyexec; print(os.path.dirname("
+                                                             "pyexec.__file__))")]).stdout.strip())
 
 
 def sdist_members(sdist: pathlib.Path) -> dict[str, tarfile.TarInfo]:

@@ -333,7 +333,7 @@ def test_second_signal_does_not_stop_the_post_scripts(tmp_path, mounts):
     p.send_signal(signal.SIGTERM)
     time.sleep(0.1)
     p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=30)
+    _out, err = p.communicate(timeout=30)
     assert p.returncode == 128 + signal.SIGTERM and b"Traceback" not in err
     assert log.read_text().splitlines() == ["pre", "post taken", "done"]
 
@@ -658,9 +658,10 @@ def test_the_azure_freeze_lock_is_held_per_run_not_per_process(tmp_path, mounts,
     lockdir = tmp_path / "azlock"
     lockdir.mkdir(mode=0o700)
     monkeypatch.setattr(locks, "AZURE_LOCK_DIR", str(lockdir))
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys\n"
-                               f"f = open({str(lockdir / locks.AZURE_LOCK_FILE)!r}, 'a+')\n"
-                               "fcntl.lockf(f, fcntl.LOCK_EX)\nprint('held', flush=True)\nsys.stdin.read()"],
+    holder = subprocess.Popen([sys.executable, "-c", ("import fcntl, sys\n"
+                                                      f"f = open({str(lockdir / locks.AZURE_LOCK_FILE)!r}, 'a+')\n"
+                                                      "fcntl.lockf(f, fcntl.LOCK_EX)\nprint('held', flush=True)\n"
+                                                      "sys.stdin.read()")],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"

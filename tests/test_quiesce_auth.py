@@ -207,7 +207,7 @@ def test_control_an_unchecking_client_sends_the_fake_the_password(local_user, wo
     os.chmod(shared_dir, 0o1777)
     where, cfg_host, port = socket_host(engine, shared_dir)
     with fake(local_user, work, engine, where) as f:
-        with pytest.raises(Exception):
+        with pytest.raises((psycopg.Error, pymysql.MySQLError)):
             if engine == "postgresql":
                 psycopg.connect(host=cfg_host, port=port["port"], user="bk", password=PASSWORD, connect_timeout=3)
             else:

@@ -131,8 +131,8 @@ def area(local_user):
 def _users_program(user, directory: pathlib.Path, name: str, marker: pathlib.Path) -> pathlib.Path:
     """The user's own program at directory/name (made by the user's processes), leaving marker if run."""
     prog = directory / name
-    res = user.run(["sh", "-c", f"mkdir -p '{directory}' && printf '#!/bin/sh\\nid -u > {marker}\\n' > '{prog}' "
-                                f"&& chmod 755 '{prog}'"])
+    res = user.run(["sh", "-c", (f"mkdir -p '{directory}' && printf '#!/bin/sh\\nid -u > {marker}\\n' > '{prog}' "
+                                 f"&& chmod 755 '{prog}'")])
     assert res.returncode == 0, res.stderr
     return prog
 
@@ -255,8 +255,8 @@ def test_mariadb_files_in_the_service_accounts_directories_are_not_written_throu
 def test_mariadb_binlog_index_is_rewritten_in_place(local_user, area):
     """The restored copy's index, rewritten through the log directory's fd, points at the copy."""
     log = users_dir(local_user, area, "log")
-    res = local_user.run(["sh", "-c", f"printf '/old/place/binlog.000001\\n/old/place/binlog.000002\\n' "
-                                      f"> '{log}/binlog.index'"])
+    res = local_user.run(["sh", "-c", (f"printf '/old/place/binlog.000001\\n/old/place/binlog.000002\\n' "
+                                       f"> '{log}/binlog.index'")])
     assert res.returncode == 0, res.stderr
     srv = servers.MariaDBServer(str(users_dir(local_user, area, "db")), logdir=str(log), os_user=local_user.name)
     srv._fix_binlog_index()
