@@ -30,7 +30,6 @@ import glob
 import itertools
 import mmap
 import os
-import struct
 import time
 from collections.abc import Collection, Sequence
 from typing import TypedDict
@@ -124,7 +123,7 @@ def _unwritten(path: str, page: bytes) -> tuple[str, JournalMeta, bool] | None:
         return None  # a freeze set is there: not one that was never written
     except native.SetVersionError:
         return None  # another pyexec's freeze set: written, but not for this one to read
-    except (ValueError, struct.error):  # no magic, or shorter than a header
+    except ValueError:  # no magic, or shorter than a freeze set
         pass
     try:
         pid = int(os.path.basename(path).split("-")[1])

@@ -11,6 +11,7 @@ import types
 
 import pytest
 
+from pyexec import native
 from pyexec.native import _api, binding
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -64,3 +65,12 @@ def test_the_generator_refuses_what_the_header_promises_never_to_hold():
     bad = re.sub(r"int32_t pid;", "long pid;", HEADER, count=1)
     with pytest.raises(ValueError, match="not a fixed-width type"):
         api_gen().parse(bad)
+
+
+def test_a_short_or_foreign_page_is_no_freeze_set():
+    """A journal file made but not yet written (empty, or cut short) is not a freeze set: ValueError,
+    which status and recover treat as such, never a struct.error from the decoder."""
+    size = native.default().set_size
+    for buf in (b"", b"\0" * 16, b"\0" * (size - 1), b"\0" * size):
+        with pytest.raises(ValueError):
+            native.read_set(buf)

@@ -172,6 +172,9 @@ for _cls, _view in ((MountRecord, _MOUNT), (SetRecord, _SET), (Status, _STATUS),
 
 def read_set(buf: ReadableBuffer) -> SetRecord:
     """Decode a px_set from buf; ValueError if it is not one (SetVersionError: not of this layout)."""
+    size = memoryview(buf).nbytes
+    if size < _api.PX_SET.size:  # a journal file made, its page not written yet
+        raise ValueError(f"{size} bytes: shorter than a freeze set")
     h: dict[str, Any] = _SET.unpack(buf)
     if h["magic"] != _api.PX_SET_MAGIC:
         raise ValueError("not a pyexec freeze set")
