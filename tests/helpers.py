@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import mmap
 import os
 import pathlib
@@ -68,14 +69,22 @@ class Mounts:
         return w
 
     def close(self):
+        """Thaw, stop the writers, unmount and detach every mount: each step is tried whatever the one
+        before it raised (a writer that would not die must not leave the mounts attached), and the
+        first error is raised at the end."""
         self.timer.cancel()
-        for m in self.items:  # thaw first: a writer blocked on a frozen fs ignores SIGKILL
-            m.thaw()
+        steps = [m.thaw for m in self.items]  # thaw first: a writer blocked on a frozen fs ignores SIGKILL
         for p in self.writers:
-            p.kill()
-            p.wait(timeout=10)
-        for m in reversed(self.items):
-            m.close()
+            steps += [p.kill, functools.partial(p.wait, timeout=10)]
+        steps += [m.close for m in reversed(self.items)]
+        first: BaseException | None = None
+        for step in steps:
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 - kept and raised once every mount is detached
+                first = first or e
+        if first is not None:
+            raise first
 
 
 WRITER_CODE = r"""

@@ -3,10 +3,12 @@ machine's real mountinfo with loop images the test made: which filesystems, once
 Nothing here freezes anything."""
 from __future__ import annotations
 
+import os
 import pathlib
+import subprocess
 
 import pytest
-from helpers import needs_btrfs
+from helpers import Mounts, needs_btrfs, needs_root
 
 from pyexec import mounts as discovery
 
@@ -120,3 +122,26 @@ def test_plan_refuses_what_cannot_be_frozen_before_anything_runs(tmp_path):
     with pytest.raises(errors.FreezeError) as ei:
         discovery.plan([str(tmp_path / "missing")])
     assert ei.value.code == 123
+
+
+@needs_root
+def test_the_mounts_fixture_detaches_whatever_its_teardown_meets(tmp_path):
+    """The fixture every freezing test relies on: a writer that cannot be stopped (here, one whose kill
+    fails) must not leave its loop mounts mounted and attached; the error still surfaces."""
+    box = Mounts(tmp_path)
+    fs = box.make("ext4")
+    device, mountpoint = fs.device, fs.mountpoint
+
+    class Unkillable:
+        def kill(self):
+            raise ProcessLookupError("no such process")
+
+        def wait(self, timeout=None):
+            return 0
+
+    box.writers.append(Unkillable())
+    with pytest.raises(ProcessLookupError):
+        box.close()
+    assert not os.path.ismount(mountpoint)
+    attached = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=True).stdout
+    assert f"{device}:" not in attached, attached

@@ -35,6 +35,8 @@ def _run(argv: list[str]) -> str:
         res = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
     except FileNotFoundError as err:
         raise LoopFSError(f"{argv[0]} is not installed") from err
+    except subprocess.TimeoutExpired as err:  # a hung umount: close() goes on to umount -l and the detach
+        raise LoopFSError(f"{' '.join(argv)} did not end within {err.timeout:g}s") from err
     if res.returncode != 0:
         raise LoopFSError(f"{' '.join(argv)} failed: {res.stderr.strip() or res.stdout.strip()}")
     return res.stdout
@@ -72,7 +74,8 @@ class LoopFS:
     def close(self, remove_image: bool = True) -> None:
         """Thaw, unmount, detach and (by default) delete the image, whatever state it is in."""
         if self.mounted:
-            self.thaw()
+            with contextlib.suppress(subprocess.TimeoutExpired):  # a hung fsfreeze must not keep it attached
+                self.thaw()
             with contextlib.suppress(LoopFSError):
                 _run(["umount", self.mountpoint])
                 self.mounted = False
