@@ -215,13 +215,18 @@ class Cancelled(Exception):
     """A wait was cut short by its cancel fd (a signal arrived): the process still runs."""
 
 
+def timed_out(rc: int) -> bool:
+    """Whether a native wait or freeze's negative-errno return means its deadline passed."""
+    return rc == -_errno.ETIMEDOUT
+
+
 def wait_outcome(rc: int, syscall: str) -> bool:
     """A native wait's return (px_wait, px_kill_tree): True once the process exited and was reaped
     (0), False at the deadline (ETIMEDOUT, not reaped); Cancelled when its cancel fd woke it
     (ECANCELED, not reaped); OSError for any other -errno."""
     if rc == 0:
         return True
-    if rc == -_errno.ETIMEDOUT:
+    if timed_out(rc):
         return False
     if rc == -_errno.ECANCELED:
         raise Cancelled()
@@ -232,11 +237,6 @@ def freeze_error(err: int, path: str | None, what: str = "FIFREEZE") -> FreezeEr
     """The freeze exception of the right kind for an errno of a freeze ioctl."""
     cls = _FREEZE_KINDS.get(err, FreezeError)
     return cls(121, f"{what} failed: {os.strerror(err)} (errno {err})", path, errno=err)
-
-
-def timed_out(rc: int) -> bool:
-    """Whether a native wait or freeze's negative-errno return means its deadline passed."""
-    return rc == -_errno.ETIMEDOUT
 
 
 def not_frozen(err: int) -> bool:
