@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from fleetfixtures import DATA_DIR, etcd1, etcd3, etcd_tls, lab, new_tag  # noqa: F401
 
-from pyexec.demo.etcdserver import EtcdCluster
+from pyexec.demo.etcdserver import EtcdCluster, EtcdError
 from pyexec.demo.netlab import Lab, netns_list
 
 
@@ -82,16 +83,9 @@ def test_leader_killed_another_elected_and_killed_member_rejoins(etcd3):
     old = c.leader()
     c.kill(old)
     t0 = time.monotonic()
-    new = None
-    while time.monotonic() - t0 < 10:
-        st = c.status()
-        leaders = {s["leader"] for s in st.values()}
-        ids = {s["header"]["member_id"]: i for i, s in st.items()}
-        if len(leaders) == 1 and (lid := leaders.pop()) in ids:
-            new = ids[lid]
-            break
-        time.sleep(0.05)
-    assert new is not None and new != old, c.status()
+    new = c.leader(timeout=10)  # the one the survivors agree on, and a survivor
+    assert time.monotonic() - t0 < 10
+    assert new != old and new in c.alive(), c.status()
     alive = [c.endpoints[i] for i in c.alive()]
     put_ok(c, h1, "/during", "2", endpoints=alive)
     c.start(old)
@@ -220,3 +214,15 @@ def test_close_leaves_nothing_behind():
     assert sleeper.returncode is not None
     assert not root_links() - links_before
     assert not [n for n in root_ns_nets() if n.overlaps(lb.subnet) and n.prefixlen > 0]
+
+
+def test_member_that_cannot_start_is_named_with_its_log(etcd1):
+    c = etcd1
+    c.kill(0)
+    data = c.root / "m0"
+    shutil.rmtree(data)
+    data.write_text("not a directory")  # etcd refuses it and exits
+    t0 = time.monotonic()
+    with pytest.raises(EtcdError, match=r"(?s)etcd0 .*exited.*log tail:\n.*failed to list data directory"):
+        c.start(0)
+    assert time.monotonic() - t0 < 30

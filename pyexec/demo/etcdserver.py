@@ -103,6 +103,10 @@ class EtcdCluster:
         _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
                  "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", f"/CN=pyexec-lab-{self.lab.tag}-ca",
                  cwd=pki)
+        # Gateway tokens are JWTs signed with this key: valid on every member and across a member's
+        # restart (etcd's default "simple" tokens live in each member's memory and die with it).
+        _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-out", "jwt.key", cwd=pki)
+        _openssl("pkey", "-in", "jwt.key", "-pubout", "-out", "jwt.pub", cwd=pki)
 
     def _sign(self, name: str, subject: str, ext: str) -> tuple[Path, Path]:
         pki = self.root / "pki"
@@ -160,7 +164,8 @@ class EtcdCluster:
         if self.tls:
             pki = self.root / "pki"
             argv += ["--client-cert-auth", "--trusted-ca-file", str(pki / "ca.crt"),
-                     "--cert-file", str(pki / f"member{i}.crt"), "--key-file", str(pki / f"member{i}.key")]
+                     "--cert-file", str(pki / f"member{i}.crt"), "--key-file", str(pki / f"member{i}.key"),
+                     "--auth-token", f"jwt,pub-key={pki / 'jwt.pub'},priv-key={pki / 'jwt.key'},sign-method=ES256,ttl=1h"]
         return argv
 
     def log_path(self, i: int) -> Path:
@@ -180,6 +185,8 @@ class EtcdCluster:
         if p is not None and p.poll() is None:
             raise EtcdError(f"member etcd{i} is running")
         log = open(self.log_path(i), "ab")
+        log.write(f"--- pyexec: starting etcd{i} at {time.strftime('%H:%M:%S')}\n".encode())
+        log.flush()
         old = self._logs[i]
         if old is not None:
             old.close()
