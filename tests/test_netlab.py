@@ -2,6 +2,7 @@
 RBAC.  Each test can fail: reachability, partitions, elections, refusals and teardown are observed."""
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 import os
@@ -165,6 +166,31 @@ def test_gateway_client_is_held_to_its_role_by_password(etcd_tls):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["/pyexec/h/h1/x"] is True and out["/pyexec/h/h2/x"] is not True, out
+
+
+def test_gateway_token_survives_a_member_restart(etcd_tls):
+    """A gateway client's token, issued before its member restarts, still authenticates after."""
+    c = etcd_tls
+    passwords = c.fleet_roles(["h1"])
+    h1 = c.lab.add_node("h1")
+    cert, key = c.gateway_cert()
+
+    def post(path: str, body: dict, token: str | None = None) -> dict:
+        argv = ["curl", "-sS", "--max-time", "5", "--cacert", str(c.ca), "--cert", str(cert), "--key", str(key),
+                "-X", "POST", c.endpoints[0] + path, "-d", json.dumps(body)]
+        if token:
+            argv += ["-H", f"Authorization: {token}"]
+        r = c.lab.run(h1, argv, capture_output=True, text=True)
+        assert r.returncode == 0, r
+        return json.loads(r.stdout)
+
+    key_h1 = base64.b64encode(b"/pyexec/h/h1/t").decode()
+    token = post("/v3/auth/authenticate", {"name": "h1", "password": passwords["h1"]})["token"]
+    assert "error" in post("/v3/kv/put", {"key": key_h1, "value": "dg=="})  # no token: no user
+    c.kill(0)
+    c.start(0)
+    out = post("/v3/kv/put", {"key": key_h1, "value": "dg=="}, token)
+    assert "error" not in out and "header" in out, out
 
 
 def test_twenty_nodes_two_labs_distinct_ranges():

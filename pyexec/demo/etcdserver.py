@@ -103,8 +103,9 @@ class EtcdCluster:
         _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
                  "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", f"/CN=pyexec-lab-{self.lab.tag}-ca",
                  cwd=pki)
-        # Gateway tokens are JWTs signed with this key: valid on every member and across a member's
-        # restart (etcd's default "simple" tokens live in each member's memory and die with it).
+        # Auth tokens are JWTs signed with this key: any member checks one by the signature alone,
+        # where etcd's default "simple" token is known only to members that have applied its login,
+        # and dies after 5 idle minutes.  A JWT expires 1 h after issue: re-authenticate then.
         _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-out", "jwt.key", cwd=pki)
         _openssl("pkey", "-in", "jwt.key", "-pubout", "-out", "jwt.pub", cwd=pki)
 
