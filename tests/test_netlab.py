@@ -16,7 +16,7 @@ import pytest
 from fleetfixtures import DATA_DIR, etcd1, etcd3, etcd_tls, lab, new_tag  # noqa: F401
 
 from pyexec.demo.etcdserver import EtcdCluster, EtcdError
-from pyexec.demo.netlab import Lab, netns_list
+from pyexec.demo.netlab import Lab, NetLabError, netns_list
 
 
 def root_ns_nets() -> list[ipaddress.IPv4Network]:
@@ -207,6 +207,12 @@ def test_twenty_nodes_two_labs_distinct_ranges():
             out = subprocess.run(["ip", "-n", n.ns, "-o", "-4", "addr"], capture_output=True, text=True).stdout
             assert f"{n.addr}/24" in out and "127.0.0.1" in out
         names = {n.ns for n in nodes} | {a.bridge_ns}
+        assert names <= set(netns_list())
+        with pytest.raises(ValueError):
+            a.add_node("n0")
+        # A second lab of the same tag fails and deletes nothing of the first.
+        with pytest.raises(NetLabError, match="already exists"):
+            Lab(a.tag)
         assert names <= set(netns_list())
     assert not names & set(netns_list())
 
