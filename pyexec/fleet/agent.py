@@ -114,8 +114,12 @@ class Agent:
             if self.answered(plan.run):
                 continue  # an earlier worker of this host (before this agent restarted) has it
             if self.job is not None:
+                why = f"{self.cfg.host} is busy with group run {self.job.run}"
                 self.say(f"run {plan.run}: busy with run {self.job.run}, aborting it for this host")
-                self.host_abort(plan.run, f"{self.cfg.host} is busy with group run {self.job.run}")
+                aborted = self.host_abort(plan.run, why)
+                self.report(plan.run, {"host": self.cfg.host, "run": plan.run, "outcome": "not run", "code": 0,
+                                       "decision": "aborted" if aborted else "none", "group_decision": "aborted"
+                                       if aborted else "unknown", "detail": why, "snapshot_id": ""})
                 continue
             self.start(plan, kv.create_revision)
 
@@ -188,15 +192,20 @@ class Agent:
                                                                 {"PYEXEC_SNAPSHOT": "failed"})]
             finally:
                 checked.close()
-        doc = {"host": self.cfg.host, "run": job.run, "outcome": "failed", "code": 0,
-               "decision": "worker died", "ended_on_own_deadline": False, "snapshot_id": "",
+        doc: dict[str, object] = {"host": self.cfg.host, "run": job.run, "outcome": "failed", "code": 0,
+               "decision": "worker died", "group_decision": "committed" if committed else "aborted" if aborted else "unknown", "ended_on_own_deadline": False, "snapshot_id": "",
                "detail": f"the worker died ({job.proc.returncode}); the agent aborted={aborted}, "
                          f"thawed {thawed or 'nothing'}, ran {len(post)} post-script(s)",
                "post": post, "phases_seen": job.phases}
+        self.report(job.run, doc)
+
+    def report(self, run: str, doc: dict[str, object]) -> None:
+        """This host's report of a run it did not (or could not) finish itself."""
         try:
-            self.client.put(protocol.host_key(p, self.cfg.host, job.run, protocol.REPORT), orjson.dumps(doc))
+            self.client.put(protocol.host_key(self.cfg.prefix, self.cfg.host, run, protocol.REPORT), orjson.dumps(doc),
+                            deadline=time.monotonic() + 3 * self.client.request_s)
         except (etcd.Unreachable, RuntimeError) as e:
-            self.say(f"run {job.run}: could not write the report: {e}")
+            self.say(f"run {run}: could not write the report: {e}")
 
 
 def main(config_path: str, say: Callable[[str], None]) -> int:

@@ -33,7 +33,7 @@ class GroupOptions:
     cut_cmd: list[str] | None = None
     quiesce_s: float = protocol.DEFAULT_QUIESCE_S
     freeze_s: float = protocol.DEFAULT_FREEZE_S
-    tls: etcd.TLS = dataclasses.field(default_factory=etcd.TLS)
+    tls: etcd.Access = dataclasses.field(default_factory=etcd.Access)
     prefix: str = protocol.PREFIX
     run_id: str = ""
     report_wait_s: float = REPORT_WAIT_S
@@ -43,7 +43,8 @@ def options(endpoints: str | Sequence[str], hosts: str | Sequence[str], cut_cmd:
             quiesce_timeout: float = protocol.DEFAULT_QUIESCE_S, freeze_timeout: float = protocol.DEFAULT_FREEZE_S,
             cacert: str | None = None, cert: str | None = None, key: str | None = None,
             prefix: str = protocol.PREFIX, run_id: str | None = None,
-            report_wait: float = REPORT_WAIT_S) -> GroupOptions:
+            report_wait: float = REPORT_WAIT_S, user: str | None = None,
+            password_file: str | None = None) -> GroupOptions:
     """The arguments checked; ValueError saying which is wrong (nothing has been sent)."""
     eps = [e.strip() for e in (endpoints.split(",") if isinstance(endpoints, str) else endpoints) if e.strip()]
     if not eps or not all(e.startswith(("http://", "https://")) for e in eps):
@@ -62,12 +63,21 @@ def options(endpoints: str | Sequence[str], hosts: str | Sequence[str], cut_cmd:
             raise ValueError(f"{f}: no such file")
     if not prefix.startswith("/") or not prefix.endswith("/"):
         raise ValueError(f"the key prefix must start and end with '/', not {prefix!r}")
+    if (user is None) != (password_file is None):
+        raise ValueError("--user and --password-file go together")
+    password = None
+    if password_file is not None:
+        try:
+            with open(password_file, "rb") as pf:
+                password = pf.read(4096).decode("utf-8", "replace").strip()
+        except OSError as e:
+            raise ValueError(f"--password-file {password_file}: {e.strerror}") from None
     rid = protocol.check_name(run_id, "the run id") if run_id else \
         time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
     return GroupOptions(
         eps, names, scripts.resolve_command(cut_cmd) if cut_cmd else None,
         limits.check_timeout(quiesce_timeout, "quiesce timeout"), limits.check_timeout(freeze_timeout, "freeze timeout"),
-        etcd.TLS(cacert, cert, key), prefix, rid, limits.check_timeout(report_wait, "report wait", zero_ok=True))
+        etcd.Access(cacert, cert, key, user, password), prefix, rid, limits.check_timeout(report_wait, "report wait", zero_ok=True))
 
 
 class _Run:
