@@ -133,7 +133,7 @@ def test_a_plan_cannot_name_a_command_or_lengthen_a_bound(fleet3):
     plan = {"run": run, "hosts": ["h0"], "quiesce_s": 86400, "freeze_s": 86400,
             "snapshotCommand": ["/bin/touch", str(marker)], "hostConfig": "/nonexistent",
             "mounts": ["/"], "command": f"touch {marker}"}
-    fleet3.etcdctl("put", f"/pyexec/runs/{run}/plan", json.dumps(plan))
+    fleet3.etcdctl("put", f"/pyexec/plans/{run}", json.dumps(plan))
     h0 = fleet3.hosts[0]
     fleet3.wait_for(lambda: h0.count("pre-end") == 1, "h0 to take the plan")
     fleet3.etcdctl("put", f"/pyexec/runs/{run}/go", "{}")
@@ -187,7 +187,7 @@ def test_tls_member_with_each_agent_held_to_its_own_keys(etcd_tls, tmp_path):
                 "    try:\n        c.put(k, b'x'); out[k] = 'written'\n"
                 "    except RuntimeError as e:\n        out[k] = 'refused' if 'permission denied' in str(e) else str(e)\n"
                 "print(orjson.dumps(out).decode())\n")
-        keys = ["/pyexec/h/h0/x", "/pyexec/h/h1/x", f"/pyexec/runs/{rec['run']}/committed", "/pyexec/runs/r2/plan"]
+        keys = ["/pyexec/h/h0/x", "/pyexec/h/h1/x", f"/pyexec/runs/{rec['run']}/committed", "/pyexec/plans/r2"]
         p = f.lab.run(f.hosts[0].node, [PY, "-c", code, str(f.hosts[0].agent_conf), *keys], timeout=30, cwd="/",
                       capture_output=True)
         assert orjson.loads(p.stdout) == {keys[0]: "written", keys[1]: "refused", keys[2]: "refused",
@@ -295,6 +295,8 @@ def _fault_scenario(f: Fleet, fault: str, phase: str) -> None:
             f.cluster.start(i)
     if fault == "agent":
         h0.start_agent()
+    # A report etcd could not take (partitioned, or etcd down) is sent again by the host's agent.
+    f.wait_for(lambda: all(_has_report(f, h.name) for h in f.hosts), "every host's report", 20)
     kept = f.show(json.loads(json.dumps(rec))["run"] if rec else _run_id(f))
     rec = rec or kept
     hosts = kept["hosts"]
@@ -323,6 +325,11 @@ def _fault_scenario(f: Fleet, fault: str, phase: str) -> None:
     assert len(set(committed.values())) <= 1, row
     if rec["outcome"] == "consistent":
         assert all(committed.values()), row
+
+
+def _has_report(f: Fleet, host: str) -> bool:
+    keys = f.etcdctl("get", "--prefix", "--keys-only", f"/pyexec/h/{host}/runs/").stdout.split()
+    return any(k.endswith("/report") for k in keys)
 
 
 def _run_id(f: Fleet) -> str:

@@ -24,6 +24,7 @@ except ImportError:  # the fleet extra is not installed: Client() says so with 3
     HAVE_CLIENT = False
 
 REQUEST_S = 1.0  # one request's bound (per endpoint tried)
+RETRY_S = 0.05  # the pause between two rounds over the endpoints, when a deadline leaves time for another
 
 
 def _b64(s: str | bytes) -> str:
@@ -126,11 +127,15 @@ class Client:
         self._lock = threading.Lock()
 
     def call(self, path: str, body: dict[str, Any], deadline: float | None = None) -> dict[str, Any]:
-        """POST body to /v3/<path> on the first endpoint that answers (time.monotonic() deadline, else
-        one request_s per endpoint); Unreachable if none did; RuntimeError for an error answer."""
+        """POST body to /v3/<path> on the first endpoint that answers: each endpoint once, and with a
+        (time.monotonic()) deadline again and again until it (a pooled connection a partition left
+        dead fails once, a leader election a few times); Unreachable if none did; RuntimeError for an
+        error answer."""
         tried = 0
         last = ""
-        while tried < len(self._clients):
+        while tried < len(self._clients) or (deadline is not None and deadline - time.monotonic() > RETRY_S):
+            if tried and tried % len(self._clients) == 0:
+                time.sleep(RETRY_S)
             with self._lock:
                 i = self._cur
             c = self._clients[i]
