@@ -164,6 +164,8 @@ def cmd_group_run(args: argparse.Namespace) -> int:
             pass
     if rec["outcome"] == coordinator.CONSISTENT:
         return 0
+    if rec.get("interrupted") not in (None, "cancelled"):  # as `pyexec run`: every host thawed and resumed first
+        return 128 + signal.Signals[rec["interrupted"]].value
     return errors.TABLE[rec["code"]].exit_status if rec.get("code") else errors.TABLE[324].exit_status
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 
@@ -228,6 +229,48 @@ def test_agent_config_problems_are_named(tmp_path):
         p = subprocess.run([PY, "-m", "pyexec.cli", "agent", "--config", str(cfg)], cwd="/", capture_output=True,
                            timeout=30)
         assert p.returncode != 0 and f"{code}  ".encode() in p.stderr and b"Traceback" not in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("target,phase,sig", [("worker", "go", "SIGTERM"), ("worker", "quiesce", "SIGINT"),
+                                              ("coordinator", "commit", "SIGINT"), ("coordinator", "quiesce", "SIGTERM"),
+                                              ("agent", "go", "SIGTERM")])
+def test_signals(target, phase, sig, etcd1, tmp_path):
+    """A signal is not a SIGKILL: the signalled part aborts the run first (a host never thaws before
+    its abort is applied), every host thaws and resumes; an agent's stop does not end a run."""
+    f = Fleet(etcd1, tmp_path, 3)
+    try:
+        h0 = f.hosts[0]
+        held = PHASES[phase]
+        f.cut_hold.touch() if held == "cut" else h0.hold(held)
+        coord = f.start_group(*(["--cut-cmd", str(f.cut)] if phase == "commit" else []))
+        f.wait_for((lambda: f.cut_log.exists()) if held == "cut" else (lambda: h0.count(f"{held}-start") >= 1),
+                   f"the {phase} phase", 30)
+        signum = getattr(signal, sig)
+        pids = {"worker": h0.workers(), "coordinator": [coord.pid], "agent": [h0.agent.pid]}[target]
+        assert pids
+        for pid in pids:
+            os.kill(pid, signum)
+        time.sleep(0.3)
+        f.cut_hold.unlink(missing_ok=True)
+        h0.release(held)
+        out, err = coord.communicate(timeout=90)
+        rec = orjson.loads(out)
+        f.wait_workers_gone()
+        for h in f.hosts:
+            assert h.writable_after(10) is not None
+            assert h.count("post-end") >= 1 and h.count("post-end") >= h.count("pre-start") >= 1, h.lines()
+        if target == "agent":
+            assert rec["outcome"] == "consistent", rec["reason"]
+        else:
+            assert rec["outcome"] == "aborted", rec
+            assert all(r["group_decision"] == "aborted" for r in rec["hosts"].values()), rec["hosts"]
+            assert all(h.count("snap-start") <= 1 for h in f.hosts)
+        if target == "coordinator":
+            assert coord.returncode == 128 + signum, err[-2000:]
+        if target == "worker":
+            assert rec["aborted_by"] == "h0" and "signalled" in rec["reason"], rec["reason"]
+    finally:
+        f.close()
 
 
 # -- faults in every phase ---------------------------------------------------------------------------

@@ -179,7 +179,9 @@ def group_run(o: GroupOptions, say: Callable[[str], None] = lambda m: None,
         r.rec.update(reason=err.detail, code=323, error=err.as_dict(), aborted_by=missing[0])
         return r.rec
     try:
-        return _run(r, o, client, nat, cancel_fd, c, say)
+        rec = _run(r, o, client, nat, cancel_fd, c, say)
+        rec["interrupted"] = cancel.name if cancel is not None else None
+        return rec
     except etcd.Unreachable as e:
         # No decision could be written: every host thaws on the loss of the plan or its own deadline.
         err = errors.PyexecError(322, f"etcd stopped answering during the run: {e}")

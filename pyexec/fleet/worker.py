@@ -133,10 +133,11 @@ class Worker:
         """Inside the window: the host's own snapshot, `frozen`, then wait for the decision."""
         if win is None:
             raise Stop("nothing was frozen (fsFreezeEnabled false or no mount): a group run needs a freeze")
-        with cancel.not_raising():  # a signal is read from cancel.fd where this code can act on it
-            try:
+        try:
+            with cancel.not_raising():  # a signal is read from cancel.fd where this code can act on it
                 self._take(win, cancel)
-            except signals.Interrupted:
+        except signals.Interrupted:  # from _take, or raised before not_raising() took effect
+            with cancel.not_raising():
                 self._signalled(win, cancel)
 
     def _take(self, win: Window, cancel: signals.Cancel) -> None:
@@ -252,7 +253,8 @@ def run(cfg: agentconfig.AgentConfig, plan: protocol.Plan, plan_revision: int,
                            progress=lambda m: progress(m))
             w.stamps["post_end"] = nat.now_ns()
             if not w.decision:  # stopped before the gate (a check problem, a signal): make sure no go follows
-                w.abort(f"{cfg.host} stopped before it was quiesced: {rep.snapshot_detail or rep.outcome}")
+                w.abort(f"{cfg.host} was signalled ({rep.interrupted}) before it was quiesced" if rep.interrupted
+                        else f"{cfg.host} stopped before it was quiesced: {rep.snapshot_detail or rep.outcome}")
                 w.decision = ABORTED
             doc = w.record(rep)
             doc["group_decision"] = w.group_decision()
