@@ -1,7 +1,10 @@
 """The verified demo and its sandbox.  The core never imports this package; inside it, arrows point
 down this list (a module imports only those below it):
 
-- `run`: `pyexec demo`: the SQLite demo (a live application snapshotted and verified), or `dbdemo`.
+- `run`: `pyexec demo`: the SQLite demo (a live application snapshotted and verified), or `dbdemo`,
+  or `fleetdemo`.
+- `fleetdemo`: `pyexec demo --hosts N [--compare]`: group snapshots of simulated hosts under load,
+  restored and checked; `fleetsite` (the hosts, their branches, configs and agents, etcd, the lab).
 - `bankcheck`: the fleet demo's checker (restored ledgers of one cut: the total and every transfer
   in both ledgers or neither); `bank`: the fleet demo's application (a branch per host moving money
   over TCP, quiesced over a control socket).

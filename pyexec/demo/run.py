@@ -21,7 +21,7 @@ from typing import TypedDict
 
 from pyexec import host, report
 from pyexec.demo import app as demo_app
-from pyexec.demo import dbdemo, loopfs
+from pyexec.demo import dbdemo, fleetdemo, loopfs
 from pyexec.demo.hostconf import write_host_config
 from pyexec.demo.output import emit, last_line, say, write_report, write_sandbox_report
 from pyexec.demo.sandbox import LoopSandbox, reflink
@@ -146,6 +146,8 @@ def main(args: argparse.Namespace) -> int:
     stderr, and stdout gets the report alone (one JSON document, a failed demo included).  The
     report is written into the sandbox (kept with --keep) and to --report PATH if given, never
     into the working directory."""
+    if getattr(args, "hosts", None):
+        return fleetdemo.main(args)
     if getattr(args, "db", "sqlite") != "sqlite":
         return dbdemo.main(args)
     out = sys.stderr if args.json else sys.stdout
