@@ -82,6 +82,9 @@ class Branch:
         con.close()
         self.seq = row[0] or 0
         self.seq_lock = threading.Lock()
+        # One transaction at a time, queued here rather than in SQLite's busy handler, whose sleeps
+        # let the sending workers starve the receivers (and so every peer waiting for an ack).
+        self.db_lock = threading.Lock()
 
     # -- sending ---------------------------------------------------------------------------------
 
@@ -137,14 +140,15 @@ class Branch:
         with self.seq_lock:
             self.seq += 1
             tid = f"{self.host}-{self.seq:08d}"
-        con.execute("BEGIN IMMEDIATE")
-        (balance,) = con.execute("SELECT balance FROM account").fetchone()
-        if balance < amount:
-            con.execute("ROLLBACK")
-            return None
-        con.execute("UPDATE account SET balance = balance - ?", (amount,))
-        con.execute("INSERT INTO transfers VALUES (?, 'out', ?, ?)", (tid, peer, amount))
-        con.execute("COMMIT")
+        with self.db_lock:
+            con.execute("BEGIN IMMEDIATE")
+            (balance,) = con.execute("SELECT balance FROM account").fetchone()
+            if balance < amount:
+                con.execute("ROLLBACK")
+                return None
+            con.execute("UPDATE account SET balance = balance - ?", (amount,))
+            con.execute("INSERT INTO transfers VALUES (?, 'out', ?, ?)", (tid, peer, amount))
+            con.execute("COMMIT")
         with self.gate:
             self.sent += 1
         self._send(tid, peer, amount, links)
@@ -196,11 +200,13 @@ class Branch:
                     with self.gate:
                         self.in_flight += 1
                     try:
-                        con.execute("BEGIN IMMEDIATE")
-                        cur = con.execute("INSERT OR IGNORE INTO transfers VALUES (?, 'in', ?, ?)", (tid, sender, amount))
-                        if cur.rowcount == 1:
-                            con.execute("UPDATE account SET balance = balance + ?", (amount,))
-                        con.execute("COMMIT")
+                        with self.db_lock:
+                            con.execute("BEGIN IMMEDIATE")
+                            cur = con.execute("INSERT OR IGNORE INTO transfers VALUES (?, 'in', ?, ?)",
+                                              (tid, sender, amount))
+                            if cur.rowcount == 1:
+                                con.execute("UPDATE account SET balance = balance + ?", (amount,))
+                            con.execute("COMMIT")
                         if cur.rowcount == 1:
                             with self.gate:
                                 self.received += 1

@@ -53,7 +53,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"demo: failed: {e}", file=sys.stderr)
         ok, error = False, f"failed: {e}"
     finally:
-        doc: dict[str, Any] = {"hosts": args.hosts, "rounds": rounds, "ok": ok, **({"error": error} if error else {})}
+        doc: dict[str, Any] = {"hosts": args.hosts, "lab": site.tag, "sandbox": site.dir, "rounds": rounds, "ok": ok,
+                               **({"error": error} if error else {})}
         where = write_sandbox_report(site.dir, doc, args.keep)
         say("cleaning up: agents, branches, etcd, namespaces, mounts, loop devices")
         try:
