@@ -98,6 +98,9 @@ def one_round(site: fleetsite.FleetSite, rnd: int, compare: bool, out: Any) -> d
         print(f"round {rnd}: group run {record.get('run')} consistent ({seconds:.2f} s); restored: "
               f"{bankcheck.summary(verdict)}", file=out)
         res["ok"] = bool(verdict["invariant_holds"]) and status == 0
+        line = _windows(record)
+        if line:
+            print(f"  {line}", file=out)
     if compare:
         say(f"round {rnd}: uncoordinated copies: each host's image reflinked one after the other, nothing quiesced")
         imgs, spread = site.uncoordinated(f"round{rnd}-uncoordinated")
@@ -121,7 +124,9 @@ def _group_images(site: fleetsite.FleetSite, record: dict[str, Any]) -> dict[str
         return None
     images = {}
     for name in site.hosts:
-        snap = (hosts.get(name) or {}).get("snapshot")
+        rec = hosts.get(name) or {}
+        # The agent's record keeps the command's output as snapshot_id ("snapshot" is its state).
+        snap = rec.get("snapshot_id", rec.get("snapshot"))
         if not isinstance(snap, str):
             return None
         snap = snap.strip()
@@ -129,6 +134,21 @@ def _group_images(site: fleetsite.FleetSite, record: dict[str, Any]) -> dict[str
             return None
         images[name] = snap
     return images
+
+
+def _windows(record: dict[str, Any]) -> str:
+    """Each host's freeze window and the spread of their first FIFREEZE, from the group record ("" if
+    the record lacks them)."""
+    hosts = record.get("hosts") or {}
+    windows = {h: r.get("window_ms") for h, r in sorted(hosts.items()) if isinstance(r, dict)}
+    if not windows or not all(isinstance(w, (int, float)) for w in windows.values()):
+        return ""
+    text = "freeze windows: " + ", ".join(f"{h} {w:.1f} ms" for h, w in windows.items())
+    # Every simulated host reads the one CLOCK_MONOTONIC of this machine: their stamps compare.
+    freezes = [r.get("stamps_ns", {}).get("first_freeze") for r in hosts.values() if isinstance(r, dict)]
+    if freezes and all(isinstance(f, int) and f > 0 for f in freezes):
+        text += f"; first to last FIFREEZE {(max(freezes) - min(freezes)) / 1e6:.1f} ms"
+    return text
 
 
 def _check(site: fleetsite.FleetSite, images: dict[str, str], tag: str) -> dict[str, Any]:
