@@ -6,6 +6,7 @@ The public API (import it from here, not from the modules):
     report = pyexec.run(mount_points=["/data"], snapshot=cmd)     # check, pre, freeze, snapshot, post
     async with pyexec.freeze_async([...]): ...; await pyexec.run_async(...)
     pyexec.check(), pyexec.recover(), pyexec.status()
+    record = pyexec.group_run("http://etcd:2379", ["db1", "db2"])  # many hosts, one cut (pyexec[fleet])
 """
 from importlib import metadata as _metadata
 
@@ -32,6 +33,15 @@ from pyexec.journal import recover, status
 from pyexec.steps import ScriptResult
 from pyexec.window import MountResult, Window, freeze
 
+
+def __getattr__(name: str) -> object:
+    # The fleet's client (requests, etcd3gw) is imported by the first group run, not by every `pyexec`.
+    if name in ("group_run", "group_run_async"):
+        from pyexec.fleet import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'pyexec' has no attribute {name!r}")
+
+
 __all__ = [
     "CheckResult",
     "ConfigError",
@@ -51,6 +61,8 @@ __all__ = [
     "check",
     "freeze",
     "freeze_async",
+    "group_run",
+    "group_run_async",
     "recover",
     "run",
     "run_async",

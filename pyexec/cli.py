@@ -12,6 +12,7 @@ from typing import TextIO
 import orjson
 
 from pyexec import __version__, config, errors, journal, kernel, limits
+from pyexec.fleet import protocol
 
 MOUNT_HELP = ("mount point to freeze (repeatable); without it every local filesystem that discovery "
               "finds is frozen, as the reference does")
@@ -135,6 +136,55 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run.main(args)
 
 
+def cmd_agent(args: argparse.Namespace) -> int:
+    from pyexec.fleet import agent
+    return agent.main(args.config, lambda m: print(f"pyexec agent: {m}", file=sys.stderr, flush=True))
+
+
+def cmd_group_run(args: argparse.Namespace) -> int:
+    from pyexec.fleet import coordinator
+    try:
+        o = coordinator.options(args.etcd, args.hosts, args.cut_cmd, args.quiesce_timeout, args.freeze_timeout,
+                                args.cacert, args.cert, args.key, args.prefix or protocol.PREFIX, args.run_id)
+    except (ValueError, TypeError) as e:
+        raise errors.PyexecError(11, str(e)) from e
+    from pyexec import signals
+    say = (lambda m: None) if args.quiet or sys.stderr is None else (
+        lambda m: print(f"pyexec group: {m}", file=sys.stderr, flush=True))
+    with signals.Cancel() as cancel:
+        rec = coordinator.group_run(o, say, cancel)
+        try:
+            if args.json:
+                sys.stdout.buffer.write(orjson.dumps(rec, option=orjson.OPT_INDENT_2) + b"\n")
+            else:
+                print(_group_summary(rec))
+            sys.stdout.flush()
+        except (OSError, AttributeError, ValueError):
+            pass
+    if rec["outcome"] == coordinator.CONSISTENT:
+        return 0
+    return errors.TABLE[rec["code"]].exit_status if rec.get("code") else errors.TABLE[324].exit_status
+
+
+def _group_summary(rec: dict[str, object]) -> str:
+    lines = [f"group run {rec['run']}: {rec['outcome']}" + (f" ({rec['reason']})" if rec.get("reason") else "")]
+    hosts = rec.get("hosts")
+    if isinstance(hosts, dict):
+        for h, r in hosts.items():
+            if isinstance(r, dict):
+                win = r.get("window_ms")
+                lines.append(f"  {h:<16} {r.get('decision', '?'):<10} {r.get('outcome', '?'):<24} "
+                             + (f"window {win:.1f} ms " if isinstance(win, (int, float)) else "")
+                             + (f"snapshot {r['snapshot_id']}" if r.get("snapshot_id") else ""))
+    c = rec.get("coordinator")
+    if isinstance(c, dict) and isinstance(c.get("overlap"), dict):
+        ov = c["overlap"]
+        lines.append(f"  overlap {'proven' if ov.get('proven') else 'NOT proven'}: commit applied within "
+                     f"{ov.get('commit_applied_before_ms')} ms of the go; no host could thaw before "
+                     f"{ov.get('earliest_host_thaw_after_ms')} ms")
+    return "\n".join(lines)
+
+
 def _positive(text: str) -> int:
     try:
         n = int(text)
@@ -184,6 +234,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_run)
     sub.add_parser("status", help="what pyexec runs hold frozen now, and the kernel paths in use").set_defaults(fn=cmd_status)
     sub.add_parser("recover", help="thaw what a crashed run left frozen (a live run's are left alone)").set_defaults(fn=cmd_recover)
+    a = sub.add_parser("agent", help="the service on every host of group runs (pyexec[fleet]; docs/fleet.md)")
+    a.add_argument("--config", default=protocol.AGENT_CONFIG_PATH, type=os.path.abspath,
+                   help=f"the agent config (default {protocol.AGENT_CONFIG_PATH})")
+    a.set_defaults(fn=cmd_agent)
+    g = sub.add_parser("group", help="one consistent snapshot of many hosts, through etcd (pyexec[fleet])")
+    gsub = g.add_subparsers(dest="group_cmd", required=True, metavar="COMMAND")
+    gr = gsub.add_parser("run", help="coordinate one group run: every host quiesced, then frozen at once")
+    gr.add_argument("--etcd", required=True, help="etcd endpoints: URLs, comma-separated")
+    gr.add_argument("--hosts", required=True, help="the hosts, comma-separated (each runs `pyexec agent`)")
+    gr.add_argument("--cut-cmd", help="command run once here while every host is frozen (shell quoting rules)")
+    gr.add_argument("--quiesce-timeout", default=protocol.DEFAULT_QUIESCE_S, help="seconds to wait for every host to be quiesced")
+    gr.add_argument("--freeze-timeout", default=protocol.DEFAULT_FREEZE_S, help="each host's freeze bound, seconds (a host's own "
+                    "config may make it shorter)")
+    gr.add_argument("--cacert", help="CA file of the etcd members' certificates")
+    gr.add_argument("--cert", help="this client's certificate (with --key)")
+    gr.add_argument("--key", help="this client's key")
+    gr.add_argument("--prefix", help="etcd key prefix (default /pyexec/)")
+    gr.add_argument("--run-id", help="the run's id (default: time and random)")
+    gr.add_argument("--json", action="store_true", help="the record as one JSON document on stdout")
+    gr.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    gr.set_defaults(fn=cmd_group_run)
     d = sub.add_parser("demo", help="snapshot a live database (SQLite, PostgreSQL or MariaDB) on loop mounts, "
                        "restore and verify it (root)")
     d.add_argument("--db", choices=("sqlite", "postgresql", "mariadb"), default="sqlite",

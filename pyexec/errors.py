@@ -115,6 +115,26 @@ TABLE: dict[int, Entry] = {e.code: e for e in [
        "Run the pre-phase, the snapshot and the post-phase in one process: `pyexec run --snapshot-cmd ...`, "
        "pyexec.run() in Python, or pre_script() and post_script() on one PluginHost object (as the Azure "
        "extension does); or quiesce with your own pre- and post-scripts."),
+    # The fleet (pyexec agent, pyexec group run: issue 21's coordination through etcd).
+    _e(320, "AgentConfigIncorrect", "The agent config (/etc/pyexec/agent.json) is missing or incorrect, so the "
+       "agent cannot take part in group runs.",
+       "Fix the key the detail names (docs/fleet.md lists them); the file must be a JSON object owned by root.",
+       effect=FATAL),
+    _e(321, "AgentConfigPermissionError", "The agent config is not owned by root, or group or others may write it.",
+       "Run chown root:root and chmod 600 (or 644) on the agent config; no parent directory may be writable by "
+       "anyone but root.", effect=FATAL),
+    _e(322, "EtcdUnreachable", "No etcd endpoint answered within the bound, so no group run could be coordinated.",
+       "Check the --etcd endpoints, the network to them, and the TLS files (--cacert, --cert, --key).",
+       effect=FATAL, exit_status=4),
+    _e(323, "GroupHostNotRegistered", "A host of the group has no agent registered in etcd (an unknown name, or "
+       "its agent is not running), so nothing was run on any host.",
+       "Start `pyexec agent` on that host (systemctl start pyexec-agent), or leave the host out of --hosts.",
+       effect=FATAL, exit_status=4),
+    _e(324, "GroupAborted", "The group run was aborted: no consistent cut was taken; every host thawed and resumed.",
+       "Read the record's reason and the aborting host's report; its scripts' logs say why it could not go on.",
+       effect=FATAL, exit_status=4),
+    _e(325, "FleetNotInstalled", "The etcd client that group runs need is not installed.",
+       "Install the fleet extra: pip install 'pyexec[fleet]'.", effect=FATAL, exit_status=2),
 ]}
 
 

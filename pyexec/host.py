@@ -223,14 +223,18 @@ def _snapshot(action: _Action, win: window.Window | None, cancel: signals.Cancel
 def run(host_path: str = config.HOST_CONFIG_PATH, mount_points: Iterable[limits.Path] | None = None,
         snapshot: Snapshot = None, freeze_timeout: float = limits.DEFAULT_RUN_FREEZE_TIMEOUT, expedite: bool = True, presync: bool = True,
         nat: native.Native | None = None, progress: Callable[[str], object] = lambda msg: None,
-        lock_wait: float = limits.DEFAULT_LOCK_WAIT, cancel: signals.Cancel | None = None) -> RunReport:
+        lock_wait: float = limits.DEFAULT_LOCK_WAIT, cancel: signals.Cancel | None = None,
+        gate: Callable[[bool], str | None] | None = None) -> RunReport:
     """The whole flow.  Raises ValueError/TypeError for a bad argument (freeze_timeout, snapshot
     command, mount list) before anything runs; every other problem becomes the report's code.
 
     Every plugin whose pre-script started gets its post-script, exactly once, whatever happens
     after: a failed snapshot or freeze, an exception, SIGINT/SIGTERM/SIGHUP (recorded in
     `interrupted`; in the main thread they cancel what runs instead of interrupting Python).
-    An exception that is not an outcome is re-raised once the post-scripts have run."""
+    An exception that is not an outcome is re-raised once the post-scripts have run.
+
+    gate (a group run's host): called once the pre-phase is over and before the freeze, with whether
+    everything so far went well; a string it returns is why the run does not freeze (as a failure)."""
     nat = nat or native.default()
     freeze_timeout = limits.check_timeout(freeze_timeout, "freeze_timeout")
     lock_wait = limits.check_timeout(lock_wait, "lock_wait", zero_ok=True)
@@ -285,6 +289,12 @@ def run(host_path: str = config.HOST_CONFIG_PATH, mount_points: Iterable[limits.
                 failed = [r for r in rep.pre if not r.ok]
                 if failed:
                     go_on = all(r.continue_backup for r in failed) and checked.fs_freeze
+            if gate is not None and not cancel.cancelled:
+                ok = go_on and not checked.errors and all(r.ok for r in rep.pre)
+                why = gate(ok)
+                if why is not None:
+                    go_on = False
+                    rep.snapshot, rep.snapshot_detail = "failed", why
             if cancel.cancelled:
                 rep.snapshot, rep.snapshot_detail = "failed", "interrupted before the snapshot"
             elif go_on:

@@ -174,7 +174,7 @@ def resolve_command(command: str | bytes | Iterable[CommandArg]) -> list[str]:
 
 
 def run_command(argv: list[str], deadline_ns: int, cancel_fd: int = -1, on_stop: Callable[[], None] | None = None,
-                nat: native.Native | None = None) -> ScriptResult:
+                nat: native.Native | None = None, env_extra: Mapping[str, str] | None = None) -> ScriptResult:
     """Run the snapshot command (an argv from resolve_command) as a script is run: its own cgroup,
     bounded output, its tree killed at deadline_ns or on cancel (after on_stop(): the thaw)."""
     nat = nat or native.default()
@@ -189,7 +189,8 @@ def run_command(argv: list[str], deadline_ns: int, cancel_fd: int = -1, on_stop:
         return res
     try:
         st, res.stdout, res.stderr, res.timed_out, res.cancelled = _attempt(
-            nat, argv, argv[0], -1, {**base_env(), "PYEXEC_PHASE": "snapshot"}, deadline_ns, cancel_fd, True, on_stop)
+            nat, argv, argv[0], -1, {**base_env(), **(env_extra or {}), "PYEXEC_PHASE": "snapshot"}, deadline_ns,
+            cancel_fd, True, on_stop)
     except OSError as e:
         res.detail = f"cannot execute {argv[0]}: {e.strerror}"
         res.error_code = -1

@@ -75,6 +75,17 @@ class Cancel:
         finally:
             self._raising = 0
 
+    @contextlib.contextmanager
+    def not_raising(self) -> Iterator[None]:
+        """Inside the block (within raising()'s) a signal raises nothing: code that polls `fd` itself
+        and must not be unwound half way (a group run's host deciding when it may thaw)."""
+        outer = self._raising
+        self._raising = 0
+        try:
+            yield
+        finally:
+            self._raising = outer
+
     def __enter__(self) -> Self:
         if not self._handle:  # a pipe only: cancelled by trigger() (asyncio cancellation)
             self.fd, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

@@ -1,0 +1,206 @@
+"""`pyexec agent`: the long-running service on every host.  Registers the host under its lease,
+watches for group runs that name it, and starts one worker process per run (one at a time: a
+second run that names the host while it is in one is aborted, by this host).  A worker outlives
+its agent (a restarted agent does not end a run); a worker that dies leaves its agent to abort the
+run, to thaw once no commit can count the host frozen, and to run the post-scripts the worker
+could not."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import orjson
+
+from pyexec import host, journal, native, signals, steps, waits
+from pyexec.fleet import agentconfig, etcd, protocol
+
+TICK_S = 0.5  # how often the loop looks at its lease and workers when nothing wakes it
+
+
+@dataclasses.dataclass
+class Job:
+    """A worker process and what it has said (its phases, its record)."""
+
+    run: str
+    plan: protocol.Plan
+    proc: subprocess.Popen[bytes]
+    pidfd: int
+    started_ns: int
+    phases: list[str] = dataclasses.field(default_factory=list)
+    record: dict[str, object] | None = None
+    reader: threading.Thread | None = None
+
+    def read(self) -> None:
+        """The worker's stdout: `phase X` lines, then its record."""
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(b"phase "):
+                self.phases.append(line[6:].decode().strip())
+            elif line.startswith(b"{"):
+                try:
+                    self.record = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    pass
+
+
+class Agent:
+    """One host's agent."""
+
+    def __init__(self, cfg: agentconfig.AgentConfig, say: Callable[[str], None]):
+        self.cfg = cfg
+        self.say = say
+        self.client = etcd.Client(cfg.endpoints, cfg.tls)
+        self.nat = native.default()
+        self.lease: etcd.Lease | None = None
+        self.job: Job | None = None
+        self.seen: set[tuple[str, int]] = set()
+
+    def register(self) -> bool:
+        """(Re-)register under a new lease; False if etcd did not answer."""
+        try:
+            self.lease = etcd.Lease(self.client, protocol.LEASE_TTL_S, protocol.KEEPALIVE_S)
+            self.client.put(protocol.host_key(self.cfg.prefix, self.cfg.host), orjson.dumps({
+                "host": self.cfg.host, "pid": os.getpid(),
+                "max_quiesce_s": self.cfg.max_quiesce_s, "max_freeze_s": self.cfg.max_freeze_s}), self.lease.id)
+        except (etcd.Unreachable, RuntimeError) as e:
+            self.say(f"etcd: cannot register {self.cfg.host}: {e}")
+            return False
+        self.say(f"registered {self.cfg.host} (lease {self.lease.id:x})")
+        return True
+
+    def serve(self, cancel: signals.Cancel) -> int:
+        """Until a signal: register, watch, start workers, clean up after dead ones."""
+        view = etcd.View(self.client, [self.cfg.prefix + "runs/"], 0, accept=lambda k: k.endswith("/" + protocol.PLAN))
+        try:
+            while not cancel.cancelled:
+                if self.lease is None or self.lease.lost:
+                    if self.lease is not None:
+                        self.lease.close(revoke=False)
+                    if not self.register():
+                        self.lease = None
+                view.drain()
+                self.plans(view)
+                fds = [view.fd] + ([self.job.pidfd] if self.job else [])
+                waits.wait_readable(fds, self.nat.now_ns() + native.ns_from_s(TICK_S), cancel.fd, self.nat)
+                if self.job is not None and self.job.proc.poll() is not None:
+                    self.finished(self.job)
+                    self.job = None
+        finally:
+            view.close()
+            if self.lease is not None:
+                self.lease.close()
+        self.say(f"stopped ({cancel.name}); a run in progress goes on in its own process" if self.job
+                 else f"stopped ({cancel.name})")
+        return 0
+
+    def plans(self, view: etcd.View) -> None:
+        """Start a worker for each new plan that names this host."""
+        for kv in sorted(view.snapshot().values(), key=lambda kv: kv.create_revision):
+            if (kv.key, kv.create_revision) in self.seen:
+                continue
+            self.seen.add((kv.key, kv.create_revision))
+            try:
+                plan = protocol.Plan.loads(kv.value)
+            except ValueError as e:
+                self.say(f"ignored a malformed plan at {kv.key}: {e}")
+                continue
+            if self.cfg.host not in plan.hosts or kv.key != protocol.run_key(self.cfg.prefix, plan.run, protocol.PLAN):
+                continue
+            if self.answered(plan.run):
+                continue  # an earlier worker of this host (before this agent restarted) has it
+            if self.job is not None:
+                self.say(f"run {plan.run}: busy with run {self.job.run}, aborting it for this host")
+                self.host_abort(plan.run, f"{self.cfg.host} is busy with group run {self.job.run}")
+                continue
+            self.start(plan, kv.create_revision)
+
+    def answered(self, run: str) -> bool:
+        """Whether this host has keys in the run already."""
+        try:
+            kvs, _ = self.client.get(protocol.host_key(self.cfg.prefix, self.cfg.host, run), prefix=True)
+        except (etcd.Unreachable, RuntimeError):
+            return False
+        return bool(kvs)
+
+    def host_abort(self, run: str, why: str) -> bool:
+        """Abort the run for this host unless it committed: whether the abort was applied."""
+        p = self.cfg.prefix
+        try:
+            ok, _ = self.client.txn([etcd.absent(protocol.run_key(p, run, protocol.COMMITTED))], [etcd.put_op(
+                protocol.host_key(p, self.cfg.host, run, protocol.HOST_ABORT),
+                orjson.dumps({"host": self.cfg.host, "why": why}))], time.monotonic() + 3 * self.client.request_s)
+            return ok
+        except (etcd.Unreachable, RuntimeError) as e:
+            self.say(f"run {run}: could not write the abort: {e}")
+            return False
+
+    def start(self, plan: protocol.Plan, revision: int) -> None:
+        """A worker for the plan, in its own session: a signal to the agent is not one to the run."""
+        self.say(f"run {plan.run}: starting ({len(plan.hosts)} hosts)")
+        proc = subprocess.Popen([sys.executable, "-m", "pyexec.fleet.worker", self.cfg.path, str(revision)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True, cwd="/")
+        assert proc.stdin is not None
+        proc.stdin.write(plan.dumps())
+        proc.stdin.close()
+        job = Job(plan.run, plan, proc, os.pidfd_open(proc.pid), self.nat.now_ns())
+        job.reader = threading.Thread(target=job.read, name="worker-out", daemon=True)
+        job.reader.start()
+        self.job = job
+
+    def finished(self, job: Job) -> None:
+        """A worker ended: done, or dead before its record (then this agent finishes its job)."""
+        if job.reader is not None:
+            job.reader.join(5)
+        os.close(job.pidfd)
+        if job.record is not None:
+            self.say(f"run {job.run}: {job.record.get('decision')}, {job.record.get('outcome')}")
+            return
+        self.say(f"run {job.run}: the worker died ({job.proc.returncode}) in phase {job.phases[-1:] or 'start'}")
+        p = self.cfg.prefix
+        aborted = self.host_abort(job.run, f"the run's worker on {self.cfg.host} died ({job.proc.returncode})")
+        committed = False
+        try:
+            committed = bool(self.client.get(protocol.run_key(p, job.run, protocol.COMMITTED))[0])
+        except (etcd.Unreachable, RuntimeError):
+            pass
+        if not (aborted or committed):
+            # Neither decision is known: thawing now could let a commit count this host frozen.
+            # The guardian thaws at the host's own deadline; wait that long, at most.
+            bound = min(job.plan.quiesce_s, self.cfg.max_quiesce_s) + min(job.plan.freeze_s, self.cfg.max_freeze_s)
+            waits.wait_readable([], job.started_ns + native.ns_from_s(bound), -1, self.nat)
+        thawed, _, _ = journal.recover(self.nat)
+        post: list[steps.ScriptDict] = []
+        if "pre" in job.phases and "post" not in job.phases:
+            checked = host.check(self.cfg.host_config)
+            try:
+                # A built-in quiescer's session ended with the worker: its server released the lock
+                # or the backup mode then.  The scripts' post-scripts are this agent's to run.
+                checked.plugins = [pc for pc in checked.plugins if pc.quiescer is None]
+                if not checked.errors:
+                    post = [r.as_dict() for r in host.run_phase(checked, "post", self.nat,
+                                                                {"PYEXEC_SNAPSHOT": "failed"})]
+            finally:
+                checked.close()
+        doc = {"host": self.cfg.host, "run": job.run, "outcome": "failed", "code": 0,
+               "decision": "worker died", "ended_on_own_deadline": False, "snapshot_id": "",
+               "detail": f"the worker died ({job.proc.returncode}); the agent aborted={aborted}, "
+                         f"thawed {thawed or 'nothing'}, ran {len(post)} post-script(s)",
+               "post": post, "phases_seen": job.phases}
+        try:
+            self.client.put(protocol.host_key(p, self.cfg.host, job.run, protocol.REPORT), orjson.dumps(doc))
+        except (etcd.Unreachable, RuntimeError) as e:
+            self.say(f"run {job.run}: could not write the report: {e}")
+
+
+def main(config_path: str, say: Callable[[str], None]) -> int:
+    """`pyexec agent`: load the config, serve until SIGTERM/SIGINT."""
+    cfg = agentconfig.load(config_path)
+    for w in cfg.warnings:
+        say(f"warning: {cfg.path}: {w}")
+    with signals.Cancel() as cancel:
+        return Agent(cfg, say).serve(cancel)

@@ -1,0 +1,294 @@
+"""`pyexec group run` / `pyexec.group_run`: the coordinator of one group run (docs/fleet.md).
+
+It writes the plan on its own lease, waits for every host's `ready`, writes `go`, waits for every
+host's `frozen`, runs the cut command if any, and commits by a transaction that holds only if no
+abort exists, the plan is still its own and every host's `frozen` still stands.  The commit counts
+as consistent only if its answer came back before the earliest moment any host may have thawed on
+its own: then every host was frozen at the instant it was applied, whatever the clocks."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+
+from pyexec import errors, limits, native, scripts, signals, waits
+from pyexec.fleet import etcd, protocol
+
+CONSISTENT, ABORTED, UNPROVEN = "consistent", "aborted", "unproven"
+REPORT_WAIT_S = 30.0  # how long the record waits for the hosts' own reports once the decision is made
+
+
+@dataclasses.dataclass
+class GroupOptions:
+    """A group run's arguments, checked."""
+
+    endpoints: list[str]
+    hosts: list[str]
+    cut_cmd: list[str] | None = None
+    quiesce_s: float = protocol.DEFAULT_QUIESCE_S
+    freeze_s: float = protocol.DEFAULT_FREEZE_S
+    tls: etcd.TLS = dataclasses.field(default_factory=etcd.TLS)
+    prefix: str = protocol.PREFIX
+    run_id: str = ""
+    report_wait_s: float = REPORT_WAIT_S
+
+
+def options(endpoints: str | Sequence[str], hosts: str | Sequence[str], cut_cmd: str | Sequence[str] | None = None,
+            quiesce_timeout: float = protocol.DEFAULT_QUIESCE_S, freeze_timeout: float = protocol.DEFAULT_FREEZE_S,
+            cacert: str | None = None, cert: str | None = None, key: str | None = None,
+            prefix: str = protocol.PREFIX, run_id: str | None = None,
+            report_wait: float = REPORT_WAIT_S) -> GroupOptions:
+    """The arguments checked; ValueError saying which is wrong (nothing has been sent)."""
+    eps = [e.strip() for e in (endpoints.split(",") if isinstance(endpoints, str) else endpoints) if e.strip()]
+    if not eps or not all(e.startswith(("http://", "https://")) for e in eps):
+        raise ValueError(f"--etcd must be one or more http:// or https:// URLs, comma-separated, not {endpoints!r}")
+    names = [h.strip() for h in (hosts.split(",") if isinstance(hosts, str) else hosts)]
+    if not names or not all(names):
+        raise ValueError(f"--hosts must name one or more hosts, comma-separated, not {hosts!r}")
+    for h in names:
+        protocol.check_name(h, "a host")
+    if len(set(names)) != len(names):
+        raise ValueError("--hosts names a host twice")
+    if (cert is None) != (key is None):
+        raise ValueError("--cert and --key go together")
+    for f in (cacert, cert, key):
+        if f is not None and not os.path.isfile(f):
+            raise ValueError(f"{f}: no such file")
+    if not prefix.startswith("/") or not prefix.endswith("/"):
+        raise ValueError(f"the key prefix must start and end with '/', not {prefix!r}")
+    rid = protocol.check_name(run_id, "the run id") if run_id else \
+        time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
+    return GroupOptions(
+        eps, names, scripts.resolve_command(cut_cmd) if cut_cmd else None,
+        limits.check_timeout(quiesce_timeout, "quiesce timeout"), limits.check_timeout(freeze_timeout, "freeze timeout"),
+        etcd.TLS(cacert, cert, key), prefix, rid, limits.check_timeout(report_wait, "report wait", zero_ok=True))
+
+
+class _Run:
+    """One group run's keys and what the coordinator saw of them."""
+
+    def __init__(self, o: GroupOptions, client: etcd.Client, nat: native.Native, say: Callable[[str], None]):
+        self.o, self.client, self.nat, self.say = o, client, nat, say
+        self.k = {leaf: protocol.run_key(o.prefix, o.run_id, leaf) for leaf in
+                  (protocol.PLAN, protocol.GO, protocol.COMMITTED, protocol.ABORT, protocol.RECORD)}
+        self.rec: dict[str, Any] = {"run": o.run_id, "outcome": ABORTED, "reason": "", "aborted_by": None,
+                                    "code": 0, "error": None, "hosts": {},
+                                    "plan": {"hosts": o.hosts, "quiesce_s": o.quiesce_s, "freeze_s": o.freeze_s,
+                                             "cut_cmd": shlex.join(o.cut_cmd) if o.cut_cmd else None},
+                                    "coordinator": {}, "cut": None}
+        self.view: etcd.View | None = None
+        self.lease: etcd.Lease | None = None
+
+    def host_leaf(self, h: str, leaf: str) -> str:
+        return protocol.host_key(self.o.prefix, h, self.o.run_id, leaf)
+
+    def keys(self) -> dict[str, etcd.KV]:
+        assert self.view is not None
+        return self.view.snapshot()
+
+    def host_aborts(self, keys: dict[str, etcd.KV]) -> list[tuple[str, str]]:
+        """(host, why) of every host that aborted."""
+        out = []
+        for h in self.o.hosts:
+            kv = keys.get(self.host_leaf(h, protocol.HOST_ABORT))
+            if kv is not None:
+                try:
+                    why = str(orjson.loads(kv.value).get("why", ""))
+                except (orjson.JSONDecodeError, AttributeError):
+                    why = "(unreadable)"
+                out.append((h, why))
+        return out
+
+    def wait_all(self, leaf: str, deadline_ns: int, cancel_fd: int) -> tuple[bool, str]:
+        """Until every host has leaf: (True, ""), or (False, why) at an abort, the deadline, a signal,
+        or the loss of this run's own lease."""
+        assert self.view is not None and self.lease is not None
+        while True:
+            self.view.drain()
+            keys = self.keys()
+            aborts = self.host_aborts(keys)
+            if aborts:
+                self.rec["aborted_by"] = aborts[0][0]
+                return False, f"{aborts[0][0]} aborted: {aborts[0][1]}"
+            missing = [h for h in self.o.hosts if self.host_leaf(h, leaf) not in keys]
+            if not missing:
+                return True, ""
+            if self.lease.lost or self.k[protocol.PLAN] not in keys:
+                return False, "the coordinator's lease was lost (etcd unreachable for longer than its TTL)"
+            ready = waits.wait_readable([self.view.fd], deadline_ns, cancel_fd, self.nat)
+            if not ready:
+                self.rec["aborted_by"] = missing[0]
+                return False, f"{', '.join(missing)} did not say {leaf} in time"
+            if cancel_fd in ready:
+                return False, "the coordinator was interrupted"
+
+    def abort(self, why: str) -> None:
+        """The coordinator's abort, unless the run committed (bounded; a failure leaves the hosts their
+        own deadlines and the loss of the plan)."""
+        self.rec["reason"] = self.rec["reason"] or why
+        try:
+            self.client.txn([etcd.absent(self.k[protocol.COMMITTED])],
+                            [etcd.put_op(self.k[protocol.ABORT], orjson.dumps({"by": "coordinator", "why": why}))],
+                            time.monotonic() + 3 * self.client.request_s)
+        except (etcd.Unreachable, RuntimeError) as e:
+            self.rec["coordinator"]["abort_error"] = str(e)
+
+
+def _ms(ns: int) -> float:
+    return round(ns / 1e6, 3)
+
+
+def group_run(o: GroupOptions, say: Callable[[str], None] = lambda m: None,
+              cancel: signals.Cancel | None = None, nat: native.Native | None = None) -> dict[str, Any]:
+    """One group run start to end: the record (also kept in etcd under runs/<id>/record)."""
+    nat = nat or native.default()
+    client = etcd.Client(o.endpoints, o.tls)
+    r = _Run(o, client, nat, say)
+    c: dict[str, Any] = r.rec["coordinator"]
+    cancel_fd = cancel.fd if cancel is not None else -1
+    try:
+        agents = []
+        for h in o.hosts:
+            agents.append(h if client.get(protocol.host_key(o.prefix, h))[0] else None)
+        missing = [h for h, a in zip(o.hosts, agents) if a is None]
+    except etcd.Unreachable as e:
+        err = errors.PyexecError(322, f"{', '.join(o.endpoints)}: {e}")
+        r.rec.update(outcome="failed", reason=err.detail, code=322, error=err.as_dict())
+        return r.rec
+    if missing:
+        err = errors.PyexecError(323, f"no agent registered for {', '.join(missing)}: nothing was run")
+        r.rec.update(reason=err.detail, code=323, error=err.as_dict(), aborted_by=missing[0])
+        return r.rec
+    try:
+        return _run(r, o, client, nat, cancel_fd, c, say)
+    finally:
+        if r.view is not None:
+            r.view.close()
+        if r.lease is not None:
+            r.lease.close()  # the plan and the go go with it
+
+
+def _run(r: _Run, o: GroupOptions, client: etcd.Client, nat: native.Native, cancel_fd: int,
+         c: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
+    r.lease = etcd.Lease(client, protocol.LEASE_TTL_S, protocol.KEEPALIVE_S)
+    plan = protocol.Plan(o.run_id, tuple(o.hosts), o.quiesce_s, o.freeze_s, os.uname().nodename)
+    ok, rev = client.txn([etcd.absent(r.k[protocol.PLAN])], [etcd.put_op(r.k[protocol.PLAN], plan.dumps(), r.lease.id)])
+    if not ok:
+        raise ValueError(f"run id {o.run_id} is taken")
+    plan_rev = rev
+    t_start = nat.now_ns()
+    say(f"run {o.run_id}: plan for {len(o.hosts)} host(s); waiting for every host to be quiesced "
+        f"(at most {o.quiesce_s:g}s)")
+    host_prefixes = [protocol.host_key(o.prefix, h, o.run_id) for h in o.hosts]
+    r.view = etcd.View(client, [protocol.run_key(o.prefix, o.run_id)] + host_prefixes, 0)
+    ok, why = r.wait_all(protocol.READY, t_start + native.ns_from_s(o.quiesce_s), cancel_fd)
+    c["all_ready_ms"] = _ms(nat.now_ns() - t_start)
+    if not ok:
+        r.abort(why)
+        return _finish(r, o, client, nat, say)
+    keys = r.keys()
+    bounds = {}
+    for h in o.hosts:
+        try:
+            bounds[h] = float(orjson.loads(keys[r.host_leaf(h, protocol.READY)].value)["freeze_s"])
+        except (KeyError, ValueError, TypeError, orjson.JSONDecodeError):
+            bounds[h] = o.freeze_s
+    earliest = min(bounds.values())
+    budget = protocol.commit_budget_ns(earliest)
+    c["freeze_bounds_s"] = bounds
+    c["commit_budget_ms"] = _ms(budget)
+    # T0: taken before the go is sent, so every host's bound starts after it.
+    t0 = nat.now_ns()
+    ok, _ = client.txn([etcd.absent(r.k[protocol.ABORT]), etcd.created_at(r.k[protocol.PLAN], plan_rev)],
+                       [etcd.put_op(r.k[protocol.GO], b"{}", r.lease.id)])
+    c["go_sent_ms"] = _ms(t0 - t_start)
+    if not ok:
+        r.abort("the plan was lost or the run aborted before the go")
+        return _finish(r, o, client, nat, say)
+    say(f"run {o.run_id}: go; waiting for every host to be frozen")
+    ok, why = r.wait_all(protocol.FROZEN, t0 + budget, cancel_fd)
+    c["all_frozen_ms"] = _ms(nat.now_ns() - t0)
+    if not ok:
+        r.abort(why)
+        return _finish(r, o, client, nat, say)
+    if o.cut_cmd:
+        say(f"run {o.run_id}: every host frozen; the cut command")
+        res = scripts.run_command(o.cut_cmd, t0 + budget, cancel_fd, nat=nat,
+                                  env_extra={"PYEXEC_GROUP_RUN": o.run_id, "PYEXEC_HOSTS": ",".join(o.hosts)})
+        r.rec["cut"] = res.as_dict()
+        c["cut_done_ms"] = _ms(nat.now_ns() - t0)
+        if not res.ok:
+            r.abort(f"the cut command failed: {res.detail}")
+            return _finish(r, o, client, nat, say)
+    t1 = nat.now_ns()
+    if t1 - t0 >= budget:
+        r.abort("no time left to commit within the earliest host's bound")
+        return _finish(r, o, client, nat, say)
+    compare = [etcd.absent(r.k[protocol.ABORT]), etcd.created_at(r.k[protocol.PLAN], plan_rev)]
+    compare += [etcd.absent(r.host_leaf(h, protocol.HOST_ABORT)) for h in o.hosts]
+    compare += [etcd.present(r.host_leaf(h, protocol.FROZEN)) for h in o.hosts]
+    try:
+        committed, _ = client.txn(compare, [etcd.put_op(r.k[protocol.COMMITTED], orjson.dumps(
+            {"by": "coordinator"}))], time.monotonic() + (t0 + budget - t1) / 1e9)
+    except (etcd.Unreachable, RuntimeError) as e:
+        committed = False
+        # Applied or not, unknown: the hosts learn it from etcd; the record cannot claim consistency.
+        c["commit_error"] = str(e)
+    t2 = nat.now_ns()
+    c.update(commit_sent_ms=_ms(t1 - t0), commit_answered_ms=_ms(t2 - t0))
+    if committed:
+        proven = t2 - t0 < budget
+        c["overlap"] = {"proven": proven, "commit_applied_before_ms": _ms(t2 - t0),
+                        "earliest_host_thaw_after_ms": _ms(budget),
+                        "why": "every host said frozen before the commit; none may thaw before the commit "
+                               "(no abort, plan held) or before its own bound, which started after the go"}
+        r.rec["outcome"] = CONSISTENT if proven else UNPROVEN
+        if not proven:
+            r.rec["reason"] = "committed, but the commit's answer came after the earliest host's bound"
+        say(f"run {o.run_id}: committed {_ms(t2 - t0)} ms after the go")
+    else:
+        r.abort(c.get("commit_error") or "the commit's conditions did not hold (an abort, a host's frozen key "
+                "gone, or the plan lost)")
+    return _finish(r, o, client, nat, say)
+
+
+def _finish(r: _Run, o: GroupOptions, client: etcd.Client, nat: native.Native,
+            say: Callable[[str], None]) -> dict[str, Any]:
+    """Wait (bounded) for every host's own report, then the record: printed and kept in etcd."""
+    assert r.view is not None
+    deadline = nat.now_ns() + native.ns_from_s(o.report_wait_s)
+    say(f"run {o.run_id}: waiting for the hosts' reports")
+    while True:
+        r.view.drain()
+        keys = r.keys()
+        if all(r.host_leaf(h, protocol.REPORT) in keys for h in o.hosts):
+            break
+        if not waits.wait_readable([r.view.fd], deadline, -1, nat):
+            break
+    keys = r.keys()
+    if r.rec["outcome"] == ABORTED:
+        aborts = r.host_aborts(keys)
+        if aborts and r.rec["aborted_by"] is None:
+            r.rec["aborted_by"] = aborts[0][0]
+        if r.rec["aborted_by"] is None:
+            r.rec["aborted_by"] = "coordinator"
+        err = errors.PyexecError(324, r.rec["reason"])
+        r.rec.update(code=324, error=err.as_dict())
+    for h in o.hosts:
+        kv = keys.get(r.host_leaf(h, protocol.REPORT))
+        try:
+            r.rec["hosts"][h] = orjson.loads(kv.value) if kv else {"host": h, "outcome": "no report",
+                                                                    "decision": "unknown"}
+        except orjson.JSONDecodeError:
+            r.rec["hosts"][h] = {"host": h, "outcome": "unreadable report"}
+    try:
+        client.put(r.k[protocol.RECORD], orjson.dumps(r.rec))
+    except (etcd.Unreachable, RuntimeError) as e:
+        r.rec["coordinator"]["record_error"] = str(e)
+    return r.rec
