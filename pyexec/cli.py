@@ -284,6 +284,9 @@ def _demo_usage(args: argparse.Namespace) -> None:
             args.usage_error("--hosts: at least 2 (a transfer goes from one host to another)")
         if args.db != "sqlite" or args.no_quiesce:
             args.usage_error("--hosts runs the bank on SQLite, quiesced: leave out --db and --no-quiesce")
+        if args.keep:
+            args.usage_error("--hosts removes every namespace, process and mount it made: leave out --keep "
+                             "(--report PATH keeps the report)")
     elif args.compare and args.db == "sqlite":
         args.usage_error("--compare needs --db postgresql or --db mariadb, or --hosts N")
     if args.compare and args.no_quiesce:

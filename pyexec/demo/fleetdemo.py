@@ -20,7 +20,7 @@ from typing import Any
 from pyexec.demo import bankcheck, fleetsite, loopfs
 from pyexec.demo.etcdserver import EtcdError
 from pyexec.demo.netlab import NetLabError
-from pyexec.demo.output import emit, last_line, say, write_report, write_sandbox_report
+from pyexec.demo.output import emit, last_line, say, write_report
 
 LOAD_S = 1.5  # the bank runs this long before each round, so every round cuts through live traffic
 
@@ -55,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
     finally:
         doc: dict[str, Any] = {"hosts": args.hosts, "lab": site.tag, "sandbox": site.dir, "rounds": rounds, "ok": ok,
                                **({"error": error} if error else {})}
-        where = write_sandbox_report(site.dir, doc, args.keep)
+        where: list[str] = []  # the sandbox goes whole: --report PATH keeps the report
         say("cleaning up: agents, branches, etcd, namespaces, mounts, loop devices")
         try:
             site.close()
