@@ -166,6 +166,24 @@ def cmd_group_run(args: argparse.Namespace) -> int:
     return errors.TABLE[rec["code"]].exit_status if rec.get("code") else errors.TABLE[324].exit_status
 
 
+def cmd_group_show(args: argparse.Namespace) -> int:
+    from pyexec.fleet import coordinator, etcd
+    try:
+        o = coordinator.options(args.etcd, args.hosts, None, cacert=args.cacert, cert=args.cert, key=args.key,
+                                prefix=args.prefix or protocol.PREFIX, run_id=args.run_id)
+    except (ValueError, TypeError) as e:
+        raise errors.PyexecError(11, str(e)) from e
+    try:
+        rec = coordinator.show(o)
+    except etcd.Unreachable as e:
+        raise errors.PyexecError(322, str(e)) from e
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(rec, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        print(_group_summary(rec))
+    return 0 if rec["outcome"] == coordinator.CONSISTENT else errors.TABLE[324].exit_status
+
+
 def _group_summary(rec: dict[str, object]) -> str:
     lines = [f"group run {rec['run']}: {rec['outcome']}" + (f" ({rec['reason']})" if rec.get("reason") else "")]
     hosts = rec.get("hosts")
@@ -205,6 +223,8 @@ exit status:
   2      run: failed, no snapshot; a usage error (11 InvalidParameter), a config, trust or script
          problem found by check; demo: not root, or a database server or driver is missing
   3      check: a mount cannot be frozen or opened (121 FsFreezeFailed, 123 UnableToOpenMount)
+  4      group run: no consistent cut (324 GroupAborted, 322 EtcdUnreachable,
+         323 GroupHostNotRegistered); every host thawed and resumed
   128+N  run: cut short by signal N (130: SIGINT), after the post-scripts ran
 """
 
@@ -255,6 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--json", action="store_true", help="the record as one JSON document on stdout")
     gr.add_argument("--quiet", action="store_true", help="no progress on stderr")
     gr.set_defaults(fn=cmd_group_run)
+    gs = gsub.add_parser("show", help="a group run as etcd keeps it (its record, or what its keys say)")
+    gs.add_argument("--etcd", required=True, help="etcd endpoints: URLs, comma-separated")
+    gs.add_argument("--hosts", required=True, help="the run's hosts, comma-separated")
+    gs.add_argument("--run-id", required=True, help="the run's id")
+    for opt in ("--cacert", "--cert", "--key", "--prefix"):
+        gs.add_argument(opt)
+    gs.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    gs.set_defaults(fn=cmd_group_show)
     d = sub.add_parser("demo", help="snapshot a live database (SQLite, PostgreSQL or MariaDB) on loop mounts, "
                        "restore and verify it (root)")
     d.add_argument("--db", choices=("sqlite", "postgresql", "mariadb"), default="sqlite",

@@ -75,6 +75,36 @@ if ((${#dbneed[@]})); then
     done <<<"$after"
 fi
 
+# etcd for the fleet (pyexec.fleet) and the private clusters its tests run on lab namespaces
+# (pyexec/demo/etcdserver.py): the package's own service is not wanted either.
+etcdneed=()
+[ -x /usr/bin/etcd ] || etcdneed+=(etcd-server)
+[ -x /usr/bin/etcdctl ] || etcdneed+=(etcd-client)
+command -v ip >/dev/null && command -v nsenter >/dev/null || etcdneed+=(iproute2 util-linux)
+command -v openssl >/dev/null || etcdneed+=(openssl)
+if ((${#etcdneed[@]})); then
+    echo "setup: installing ${etcdneed[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    own_policy=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        own_policy=1
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+    fi
+    etcd_was_running=
+    [ -d /run/systemd/system ] && systemctl is-active --quiet etcd.service && etcd_was_running=1
+    apt-get update -qq
+    apt-get install -y -qq "${etcdneed[@]}" >/dev/null
+    if [ -n "$own_policy" ]; then
+        rm -f /usr/sbin/policy-rc.d
+        trap - EXIT
+    fi
+    if [[ " ${etcdneed[*]} " == *" etcd-server "* ]] && [ -z "$etcd_was_running" ] && [ -d /run/systemd/system ]; then
+        systemctl stop etcd.service 2>/dev/null || :
+    fi
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
     echo "setup: creating $VENV"
     python3 -m venv "$VENV"

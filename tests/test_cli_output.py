@@ -19,7 +19,7 @@ def test_help_lists_each_command_and_the_exit_statuses():
     r = pyexec("--help")
     assert r.returncode == 0 and r.stderr == ""
     lines = r.stdout.splitlines()
-    for cmd in ("check", "run", "status", "recover", "demo"):
+    for cmd in ("check", "run", "status", "recover", "demo", "agent", "group"):
         assert any(line.split()[:1] == [cmd] and len(line.split()) > 3 for line in lines), f"no line for {cmd}"
     status = r.stdout[r.stdout.index("exit status:"):]
     # The run outcomes (0, 1, 2), the error table's statuses, a signal's.

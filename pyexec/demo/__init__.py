@@ -15,4 +15,6 @@ down this list (a module imports only those below it):
 - `servers`: the private PostgreSQL and MariaDB servers: `pgserver`, `mariadbserver`, what they
   share (`dbserver`) and their processes (`processes`).
 - `app` (the SQLite application), `hostconf` (a host's root-owned config and scripts), `sandbox`
-  (loop images, reflink), `loopfs` (a loop-mounted filesystem), `output` (progress, the report), `safeio` (files in other accounts' directories)."""
+  (loop images, reflink), `loopfs` (a loop-mounted filesystem), `output` (progress, the report),
+  `safeio` (files in other accounts' directories), `etcdserver` (private etcd clusters for the
+  fleet) on `netlab` (simulated hosts: network namespaces on one bridge)."""

@@ -175,7 +175,9 @@ class Agent:
             waits.wait_readable([], job.started_ns + native.ns_from_s(bound), -1, self.nat)
         thawed, _, _ = journal.recover(self.nat)
         post: list[steps.ScriptDict] = []
-        if "pre" in job.phases and "post" not in job.phases:
+        # Started pre-scripts get their post-scripts: run again if the worker died while they ran
+        # (a post-script killed half way may not have resumed the application).
+        if "pre" in job.phases:
             checked = host.check(self.cfg.host_config)
             try:
                 # A built-in quiescer's session ended with the worker: its server released the lock

@@ -167,6 +167,11 @@ def group_run(o: GroupOptions, say: Callable[[str], None] = lambda m: None,
         return r.rec
     try:
         return _run(r, o, client, nat, cancel_fd, c, say)
+    except etcd.Unreachable as e:
+        # No decision could be written: every host thaws on the loss of the plan or its own deadline.
+        err = errors.PyexecError(322, f"etcd stopped answering during the run: {e}")
+        r.rec.update(outcome="failed", reason=err.detail, code=322, error=err.as_dict())
+        return r.rec
     finally:
         if r.view is not None:
             r.view.close()
@@ -252,6 +257,10 @@ def _run(r: _Run, o: GroupOptions, client: etcd.Client, nat: native.Native, canc
         if not proven:
             r.rec["reason"] = "committed, but the commit's answer came after the earliest host's bound"
         say(f"run {o.run_id}: committed {_ms(t2 - t0)} ms after the go")
+        try:  # the proof first, before the hosts' reports: a coordinator that dies now has said it
+            client.put(r.k[protocol.RECORD], orjson.dumps(r.rec), deadline=time.monotonic() + 2 * client.request_s)
+        except (etcd.Unreachable, RuntimeError) as e:
+            c["record_error"] = str(e)
     else:
         r.abort(c.get("commit_error") or "the commit's conditions did not hold (an abort, a host's frozen key "
                 "gone, or the plan lost)")
@@ -264,7 +273,8 @@ def _finish(r: _Run, o: GroupOptions, client: etcd.Client, nat: native.Native,
     assert r.view is not None
     deadline = nat.now_ns() + native.ns_from_s(o.report_wait_s)
     say(f"run {o.run_id}: waiting for the hosts' reports")
-    while True:
+    reachable = r.view.refresh(time.monotonic() + 2 * client.request_s)
+    while reachable:
         r.view.drain()
         keys = r.keys()
         if all(r.host_leaf(h, protocol.REPORT) in keys for h in o.hosts):
@@ -292,3 +302,37 @@ def _finish(r: _Run, o: GroupOptions, client: etcd.Client, nat: native.Native,
     except (etcd.Unreachable, RuntimeError) as e:
         r.rec["coordinator"]["record_error"] = str(e)
     return r.rec
+
+
+def show(o: GroupOptions) -> dict[str, Any]:
+    """A group run as etcd keeps it: its record if its coordinator wrote one; else what the keys say
+    (a coordinator that died: `unproven` if it committed, since only it knew when the commit came
+    back; `aborted` if an abort stands; `undecided` otherwise), with every host's own report."""
+    client = etcd.Client(o.endpoints, o.tls)
+    kvs, _ = client.get(protocol.run_key(o.prefix, o.run_id), prefix=True)
+    keys = {kv.key: kv for kv in kvs}
+    rec_kv = keys.get(protocol.run_key(o.prefix, o.run_id, protocol.RECORD))
+    plan_hosts: list[str] = list(o.hosts)
+    reports: dict[str, Any] = {}
+    aborts = []
+    for h in plan_hosts:
+        hk, _ = client.get(protocol.host_key(o.prefix, h, o.run_id), prefix=True)
+        for kv in hk:
+            leaf = kv.key.rsplit("/", 1)[1]
+            if leaf == protocol.REPORT:
+                reports[h] = orjson.loads(kv.value)
+            elif leaf == protocol.HOST_ABORT:
+                aborts.append(h)
+    hosts = {h: reports.get(h, {"host": h, "outcome": "no report", "decision": "unknown"}) for h in plan_hosts}
+    if rec_kv is not None:  # the coordinator's own word (written at the decision, again with the reports)
+        rec: dict[str, Any] = orjson.loads(rec_kv.value)
+        rec["hosts"] = {h: rec.get("hosts", {}).get(h) or hosts[h] for h in plan_hosts}
+        return rec
+    if protocol.run_key(o.prefix, o.run_id, protocol.COMMITTED) in keys:
+        outcome, reason = UNPROVEN, "committed, but the coordinator wrote no record: the overlap is not proven"
+    elif protocol.run_key(o.prefix, o.run_id, protocol.ABORT) in keys or aborts:
+        outcome, reason = ABORTED, f"aborted by {', '.join(aborts) or 'the coordinator'}"
+    else:
+        outcome, reason = "undecided", "neither committed nor aborted: every host thawed on the loss of the plan or its own deadline"
+    return {"run": o.run_id, "outcome": outcome, "reason": reason, "aborted_by": aborts[0] if aborts else None,
+            "hosts": hosts, "coordinator": {"record": "missing"}}

@@ -205,6 +205,22 @@ class Worker:
             "notes": self.notes, "interrupted": rep.interrupted,
         }
 
+    def group_decision(self) -> str:
+        """The run's decision as etcd has it now (a host that thawed on its deadline learns it late):
+        committed, aborted, or unknown (etcd not reached, or neither written)."""
+        self.view.refresh(time.monotonic() + 3 * self.client.request_s)
+        keys = self.view.snapshot()
+        if self.k[protocol.COMMITTED] in keys:
+            return COMMITTED
+        if self.k[protocol.ABORT] in keys or self.decision == ABORTED:
+            return ABORTED
+        try:
+            kvs, _ = self.client.get(protocol.run_key(self.cfg.prefix, self.plan.run, protocol.COMMITTED),
+                                     deadline=time.monotonic() + 2 * self.client.request_s)
+        except (etcd.Unreachable, RuntimeError):
+            return "unknown"
+        return COMMITTED if kvs else "unknown"
+
     def close(self) -> None:
         """Stop watching; revoke the lease (ready and frozen go with it)."""
         self.view.close()
@@ -236,6 +252,10 @@ def run(cfg: agentconfig.AgentConfig, plan: protocol.Plan, plan_revision: int,
                 w.abort(f"{cfg.host} stopped before it was quiesced: {rep.snapshot_detail or rep.outcome}")
                 w.decision = ABORTED
             doc = w.record(rep)
+            doc["group_decision"] = w.group_decision()
+            if w.decision == DEADLINE and doc["group_decision"] == COMMITTED:
+                w.notes.append("the group committed while this host was frozen (it said frozen first): its "
+                               "snapshot is part of the consistent cut, though this host saw the commit late")
             w.put(protocol.REPORT, doc, lease=False)
             return doc
     finally:
