@@ -137,17 +137,18 @@ def _group_images(site: fleetsite.FleetSite, record: dict[str, Any]) -> dict[str
 
 
 def _windows(record: dict[str, Any]) -> str:
-    """Each host's freeze window and the spread of their first FIFREEZE, from the group record ("" if
-    the record lacks them)."""
+    """Each host's freeze window, and how far apart the hosts began to freeze and were frozen, from the
+    group record ("" if the record lacks them)."""
     hosts = record.get("hosts") or {}
     windows = {h: r.get("window_ms") for h, r in sorted(hosts.items()) if isinstance(r, dict)}
     if not windows or not all(isinstance(w, (int, float)) for w in windows.values()):
         return ""
     text = "freeze windows: " + ", ".join(f"{h} {w:.1f} ms" for h, w in windows.items())
     # Every simulated host reads the one CLOCK_MONOTONIC of this machine: their stamps compare.
-    freezes = [r.get("stamps_ns", {}).get("first_freeze") for r in hosts.values() if isinstance(r, dict)]
-    if freezes and all(isinstance(f, int) and f > 0 for f in freezes):
-        text += f"; first to last FIFREEZE {(max(freezes) - min(freezes)) / 1e6:.1f} ms"
+    for stamp, what in (("first_freeze", "FIFREEZE started"), ("frozen", "frozen")):
+        at = [r.get("stamps_ns", {}).get(stamp) for r in hosts.values() if isinstance(r, dict)]
+        if at and all(isinstance(t, int) and t > 0 for t in at):
+            text += f"; {what} on every host within {(max(at) - min(at)) / 1e6:.2f} ms"
     return text
 
 
