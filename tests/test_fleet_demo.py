@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -141,6 +142,12 @@ def test_demo_hosts_4_compare_end_to_end(tmp_path):
     assert any(not v["invariant_holds"] and v["half_done"] > 0 for v in unc), unc
     assert all(v["half_done_explain_total"] for v in unc)
     assert "invariant BROKEN" in r.stderr and "invariant HOLDS" in r.stderr
+    assert_nothing_left(doc, tmp_path)
+
+
+def assert_nothing_left(doc: dict, tmp_path) -> None:
+    """No namespace of the demo's lab, loop device, mount or process of its sandbox, run directory
+    or etcd data is left."""
     tag, sandbox = doc["lab"], doc["sandbox"]
     assert not [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
                 if ns.startswith(f"px{tag}-")]
@@ -149,3 +156,30 @@ def test_demo_hosts_4_compare_end_to_end(tmp_path):
     assert procs_matching(lambda argv: any(str(tmp_path).encode() in a or tag.encode() in a for a in argv)) == []
     assert not os.path.exists(f"/run/pyexec-{tag}") and not os.path.exists(f"/dev/shm/pyexec-etcd-{tag}")
     assert not os.path.exists(sandbox) and list(tmp_path.iterdir()) == []
+
+
+@needs_root
+@needs_btrfs
+def test_demo_hosts_interrupted_in_a_group_run_leaves_nothing(tmp_path):
+    """SIGINT (Ctrl-C) while the first group run holds the hosts quiesced or frozen: the demo says
+    interrupted in its one JSON document, and everything it made is gone."""
+    p = subprocess.Popen([sys.executable, "-m", "pyexec.cli", "demo", "--hosts", "4", "--json", "--dir", str(tmp_path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    try:
+        seen = []
+        deadline = time.monotonic() + 120
+        assert p.stderr is not None
+        while not any("round 1: pyexec group run" in line for line in seen):
+            assert time.monotonic() < deadline and p.poll() is None, "".join(seen)
+            seen.append(p.stderr.readline())
+        time.sleep(1.0)  # inside the run: every branch's quiesce takes a python start, the go follows
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    doc = json.loads(out)
+    assert p.returncode == 1 and doc["error"] == "interrupted" and not doc["ok"], "".join(seen) + err
+    assert "demo: interrupted: cleaning up" in err
+    assert_nothing_left(doc, tmp_path)

@@ -8,6 +8,7 @@ import os
 import secrets
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from pyexec.demo import bank, loopfs
+from pyexec.demo import bank, loopfs, processes
 from pyexec.demo.etcdserver import EtcdCluster
 from pyexec.demo.hostconf import write_host_config
 from pyexec.demo.netlab import Lab, Node
@@ -40,6 +41,32 @@ dst={snaps}/{host}-group-$run.img
 cp --reflink=always {image} "$dst"
 echo "$dst"
 """
+
+
+def _children(pid: int) -> list[processes.Proc]:
+    """pid's children (of every thread), each held by a pidfd so that no signal reaches a reused pid."""
+    found = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found += [int(c) for c in f.read().split()]
+    kids = []
+    for c in found:
+        try:
+            p = processes.Proc(c)
+        except OSError:
+            continue  # gone already
+        # The pidfd pins the pid: if its parent is still pid now, it is the child we saw.
+        try:
+            with open(f"/proc/{c}/stat", "rb") as f:
+                parent = int(f.read().rpartition(b")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            parent = -1
+        if parent == pid:
+            kids.append(p)
+        else:
+            p.close()
+    return kids
 
 
 class Host:
@@ -212,17 +239,30 @@ class FleetSite(LoopSandbox):
             raise first
 
     def _stop_agents(self) -> None:
-        # SIGTERM first, to all at once: an agent leaves etcd and ends what it runs by itself.
-        agents = [h.agent for h in self.hosts.values() if h.agent is not None]
-        for p in agents:
-            if p.returncode is None:
+        # An agent's worker runs in its own session and outlives its agent by design (a restarted
+        # agent does not end a run), holding its mount open up to its own bounds: the workers are
+        # found while their agent still parents them, and stopped with it.  SIGTERM first, to all at
+        # once: a worker thaws and runs its post-scripts, an agent leaves etcd.
+        agents = [h.agent for h in self.hosts.values() if h.agent is not None and h.agent.returncode is None]
+        workers = [w for a in agents for w in _children(a.pid)]
+        try:
+            for a in agents:
                 with contextlib.suppress(ProcessLookupError):
-                    p.terminate()
-        deadline = time.monotonic() + AGENT_STOP_S
-        for p in agents:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(max(0.0, deadline - time.monotonic()))
-            self._kill(p)
+                    a.terminate()
+            for w in workers:
+                w.kill(signal.SIGTERM)
+            deadline = time.monotonic() + AGENT_STOP_S
+            for a in agents:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    a.wait(max(0.0, deadline - time.monotonic()))
+                self._kill(a)
+            for w in workers:
+                if not w.wait(max(0.0, deadline - time.monotonic())):
+                    w.kill()
+                    w.wait(processes.KILL_WAIT_S)
+        finally:
+            for w in workers:
+                w.close()
 
     def _kill(self, proc: subprocess.Popen[bytes]) -> None:
         assert self.lab is not None
