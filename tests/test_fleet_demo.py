@@ -161,8 +161,8 @@ def assert_nothing_left(doc: dict, tmp_path) -> None:
 @needs_root
 @needs_btrfs
 def test_demo_hosts_interrupted_in_a_group_run_leaves_nothing(tmp_path):
-    """SIGINT (Ctrl-C) while the first group run holds the hosts quiesced or frozen: the demo says
-    interrupted in its one JSON document, and everything it made is gone."""
+    """SIGINT (Ctrl-C) while the first group run holds the hosts quiesced or frozen, and again in the
+    cleanup: the demo says interrupted in its one JSON document, and everything it made is gone."""
     p = subprocess.Popen([sys.executable, "-m", "pyexec.cli", "demo", "--hosts", "4", "--json", "--dir", str(tmp_path)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
     try:
@@ -174,6 +174,10 @@ def test_demo_hosts_interrupted_in_a_group_run_leaves_nothing(tmp_path):
             seen.append(p.stderr.readline())
         time.sleep(1.0)  # inside the run: every branch's quiesce takes a python start, the go follows
         p.send_signal(signal.SIGINT)
+        while not any("demo: cleaning up:" in line for line in seen):
+            assert time.monotonic() < deadline and p.poll() is None, "".join(seen)
+            seen.append(p.stderr.readline())
+        p.send_signal(signal.SIGINT)  # a second Ctrl-C, in the cleanup: waits for it
         out, err = p.communicate(timeout=120)
     finally:
         if p.poll() is None:
@@ -181,5 +185,6 @@ def test_demo_hosts_interrupted_in_a_group_run_leaves_nothing(tmp_path):
             p.wait()
     doc = json.loads(out)
     assert p.returncode == 1 and doc["error"] == "interrupted" and not doc["ok"], "".join(seen) + err
-    assert "demo: interrupted: cleaning up" in err
+    assert "cleanup_error" not in doc, doc["cleanup_error"]  # the second Ctrl-C did not cut it short
+    assert "demo: interrupted: cleaning up" in "".join(seen)
     assert_nothing_left(doc, tmp_path)

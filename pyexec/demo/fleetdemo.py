@@ -56,13 +56,19 @@ def main(args: argparse.Namespace) -> int:
         doc: dict[str, Any] = {"hosts": args.hosts, "lab": site.tag, "sandbox": site.dir, "rounds": rounds, "ok": ok,
                                **({"error": error} if error else {})}
         where: list[str] = []  # the sandbox goes whole: --report PATH keeps the report
-        say("cleaning up: agents, branches, etcd, namespaces, mounts, loop devices")
+        # A second Ctrl-C must not cut the cleanup short: it would leave namespaces and mounts behind.
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        old_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        say("cleaning up: agents, branches, etcd, namespaces, mounts, loop devices (Ctrl-C waits for it)")
         try:
             site.close()
         except BaseException as e:  # noqa: BLE001 - reported; the demo's verdict is already made
-            print(f"demo: cleanup failed: {e}", file=sys.stderr)
+            print(f"demo: cleanup failed: {e!r}", file=sys.stderr)
             doc["ok"] = ok = False
-            doc["cleanup_error"] = str(e)
+            doc["cleanup_error"] = repr(e)
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old_term)
     if args.report:
         write_report(args.report, doc)
         where.append(args.report)
