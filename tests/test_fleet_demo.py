@@ -188,3 +188,20 @@ def test_demo_hosts_interrupted_in_a_group_run_leaves_nothing(tmp_path):
     assert "cleanup_error" not in doc, doc["cleanup_error"]  # the second Ctrl-C did not cut it short
     assert "demo: interrupted: cleaning up" in "".join(seen)
     assert_nothing_left(doc, tmp_path)
+
+
+@pytest.mark.parametrize("argv", [["--hosts", "1"], ["--hosts", "4", "--keep"], ["--hosts", "4", "--db", "mariadb"],
+                                  ["--hosts", "4", "--no-quiesce"], ["--compare"]])
+def test_demo_hosts_usage_errors(argv):
+    """Combinations that make no fleet demo exit 2 with the demo's usage, before anything is built."""
+    r = subprocess.run([sys.executable, "-m", "pyexec.cli", "demo", *argv], capture_output=True, text=True, cwd="/",
+                       timeout=60)
+    assert r.returncode == 2 and "usage: pyexec demo" in r.stderr and r.stdout == "", r.stderr
+
+
+def test_demo_hosts_json_without_root_is_one_document():
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                        "pyexec.cli", "demo", "--hosts", "4", "--json"], capture_output=True, text=True, cwd="/",
+                       timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert json.loads(r.stdout) == {"hosts": 4, "rounds": [], "ok": False, "error": "needs root"}
