@@ -145,7 +145,8 @@ def cmd_group_run(args: argparse.Namespace) -> int:
     from pyexec.fleet import coordinator
     try:
         o = coordinator.options(args.etcd, args.hosts, args.cut_cmd, args.quiesce_timeout, args.freeze_timeout,
-                                args.cacert, args.cert, args.key, args.prefix or protocol.PREFIX, args.run_id)
+                                args.cacert, args.cert, args.key, args.prefix or protocol.PREFIX, args.run_id,
+                                user=args.user, password_file=args.password_file)
     except (ValueError, TypeError) as e:
         raise errors.PyexecError(11, str(e)) from e
     from pyexec import signals
@@ -170,7 +171,8 @@ def cmd_group_show(args: argparse.Namespace) -> int:
     from pyexec.fleet import coordinator, etcd
     try:
         o = coordinator.options(args.etcd, args.hosts, None, cacert=args.cacert, cert=args.cert, key=args.key,
-                                prefix=args.prefix or protocol.PREFIX, run_id=args.run_id)
+                                prefix=args.prefix or protocol.PREFIX, run_id=args.run_id, user=args.user,
+                                password_file=args.password_file)
     except (ValueError, TypeError) as e:
         raise errors.PyexecError(11, str(e)) from e
     try:
@@ -270,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--cacert", help="CA file of the etcd members' certificates")
     gr.add_argument("--cert", help="this client's certificate (with --key)")
     gr.add_argument("--key", help="this client's key")
+    gr.add_argument("--user", help="etcd user (with etcd's auth on; docs/fleet.md, roles)")
+    gr.add_argument("--password-file", help="file holding the etcd user's password")
     gr.add_argument("--prefix", help="etcd key prefix (default /pyexec/)")
     gr.add_argument("--run-id", help="the run's id (default: time and random)")
     gr.add_argument("--json", action="store_true", help="the record as one JSON document on stdout")
@@ -279,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     gs.add_argument("--etcd", required=True, help="etcd endpoints: URLs, comma-separated")
     gs.add_argument("--hosts", required=True, help="the run's hosts, comma-separated")
     gs.add_argument("--run-id", required=True, help="the run's id")
-    for opt in ("--cacert", "--cert", "--key", "--prefix"):
+    for opt in ("--cacert", "--cert", "--key", "--prefix", "--user", "--password-file"):
         gs.add_argument(opt)
     gs.add_argument("--json", action="store_true", help="one JSON document on stdout")
     gs.set_defaults(fn=cmd_group_show)

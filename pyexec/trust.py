@@ -39,8 +39,8 @@ POST = Kind("post-script", 303, 307, 307, 0o077 | 0o6000, True)
 SNAPSHOT = Kind("snapshot command", 11, 11, 11, 0o022, True)
 # The fleet agent's config (pyexec/fleet/agentconfig.py): root's, readable by others at most.
 AGENT = Kind("agent config", 320, 321, 321, 0o033, False)
-# The agent's etcd client key: root's alone.
-AGENT_KEY = Kind("etcd client key (agent config etcd.key)", 320, 321, 321, 0o077, False, borrows_codes=True)
+# The agent's etcd client key and password file: root's alone.
+AGENT_KEY = Kind("etcd client key or password file (agent config)", 320, 321, 321, 0o077, False, borrows_codes=True)
 # A built-in quiescer's password: the pre-phase's codes, as a pre-script of the quiescer's (306-style).
 CREDENTIALS = Kind("database credentials file", 302, 306, 306, 0o177, False, borrows_codes=True)
 # The CA a quiescer verifies its server's certificate with: anyone may read it, only root may change it.

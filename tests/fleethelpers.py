@@ -149,14 +149,23 @@ class Fleet:
             raise
 
     def tls_files(self, user: str) -> dict[str, str]:
+        """The agent config's etcd files: the CA and the gateway's CN-less client certificate; with
+        the cluster's auth on, the user and a root-only password file."""
         if self.cluster.scheme != "https":
             return {}
-        cert, key = self.cluster.client_cert(user)
-        return {"ca": str(self.cluster.ca), "cert": str(cert), "key": str(key)}
+        cert, key = self.cluster.gateway_cert()
+        out = {"ca": str(self.cluster.ca), "cert": str(cert), "key": str(key)}
+        if user in self.cluster.passwords:
+            pw = write(self.tmp / f"{user}.password", self.cluster.passwords[user], 0o600)
+            out.update(user=user, passwordFile=str(pw))
+        return out
 
     def coordinator_tls_args(self) -> list[str]:
         f = self.tls_files("coordinator")
-        return ["--cacert", f["ca"], "--cert", f["cert"], "--key", f["key"]] if f else []
+        args = ["--cacert", f["ca"], "--cert", f["cert"], "--key", f["key"]] if f else []
+        if "user" in f:
+            args += ["--user", f["user"], "--password-file", f["passwordFile"]]
+        return args
 
     def wait_registered(self, timeout: float = 20.0) -> None:
         """Until every agent's registration is in etcd (bounded)."""

@@ -117,11 +117,11 @@ def test_two_runs_overlapping_a_host(fleet3):
     fleet3.wait_for(lambda: h1.count("pre-end") == 1, "run A to quiesce h1")
     rc_b, rec_b = fleet3.group(hosts=["h1", "h2"])
     h0.release("pre")
-    out, err = a.communicate(timeout=60)
+    out, _ = a.communicate(timeout=60)
     rec_a = orjson.loads(out)
     assert rc_b == 4 and rec_b["outcome"] == "aborted" and rec_b["aborted_by"] == "h1"
     assert "busy" in rec_b["reason"]
-    assert a.returncode == 0 and rec_a["outcome"] == "consistent", rec_a.get("reason")
+    assert a.returncode == 0 and rec_a["outcome"] == "consistent", (rec_a.get("reason"), rec_a["hosts"])
     assert fleet3.hosts[2].count("post-end") == 1 and fleet3.hosts[2].count("snap-start") == 0
 
 
@@ -133,7 +133,7 @@ def test_a_plan_cannot_name_a_command_or_lengthen_a_bound(fleet3):
     plan = {"run": run, "hosts": ["h0"], "quiesce_s": 86400, "freeze_s": 86400,
             "snapshotCommand": ["/bin/touch", str(marker)], "hostConfig": "/nonexistent",
             "mounts": ["/"], "command": f"touch {marker}"}
-    fleet3.etcdctl("put", f"/pyexec/runs/{run}/plan", json.dumps(plan))
+    fleet3.etcdctl("put", f"/pyexec/plans/{run}", json.dumps(plan))
     h0 = fleet3.hosts[0]
     fleet3.wait_for(lambda: h0.count("pre-end") == 1, "h0 to take the plan")
     fleet3.etcdctl("put", f"/pyexec/runs/{run}/go", "{}")
@@ -168,7 +168,41 @@ def test_library_group_run_from_the_coordinator_node(fleet3):
     assert p.stdout.strip() == b"cancelled", p.stderr[-2000:]
     fleet3.wait_workers_gone()
     for h in fleet3.hosts:
-        assert h.count("snap-start") == 0 and h.count("post-end") == h.count("pre-start") == 2, h.lines()
+        # The first run froze once; the cancelled one froze nobody and resumed everybody.
+        assert h.count("snap-start") == 1 and h.count("post-end") == h.count("pre-start") == 2, h.lines()
+
+
+def test_tls_member_with_each_agent_held_to_its_own_keys(etcd_tls, tmp_path):
+    """TLS with client certificates, etcd's auth on, one role per host (docs/fleet.md, roles)."""
+    etcd_tls.fleet_roles(["h0", "h1"])
+    f = Fleet(etcd_tls, tmp_path, 2)
+    try:
+        rc, rec = f.group()
+        assert rc == 0 and rec["outcome"] == "consistent", rec.get("reason")
+        # h0's own credentials: its keys yes, h1's and the run's decision no.
+        code = ("import sys, orjson\nfrom pyexec.fleet import agentconfig, etcd\n"
+                "cfg = agentconfig.load(sys.argv[1]); c = etcd.Client(cfg.endpoints, cfg.tls)\n"
+                "out = {}\n"
+                "for k in sys.argv[2:]:\n"
+                "    try:\n        c.put(k, b'x'); out[k] = 'written'\n"
+                "    except RuntimeError as e:\n        out[k] = 'refused' if 'permission denied' in str(e) else str(e)\n"
+                "print(orjson.dumps(out).decode())\n")
+        keys = ["/pyexec/h/h0/x", "/pyexec/h/h1/x", f"/pyexec/runs/{rec['run']}/committed", "/pyexec/plans/r2"]
+        p = f.lab.run(f.hosts[0].node, [PY, "-c", code, str(f.hosts[0].agent_conf), *keys], timeout=30, cwd="/",
+                      capture_output=True)
+        assert orjson.loads(p.stdout) == {keys[0]: "written", keys[1]: "refused", keys[2]: "refused",
+                                          keys[3]: "refused"}, p.stderr[-2000:]
+        # Without the password, or without a certificate, nothing.
+        bad = dict(orjson.loads(f.hosts[0].agent_conf.read_bytes()))
+        (tmp_path / "wrong.password").write_text("wrong")
+        os.chmod(tmp_path / "wrong.password", 0o600)
+        bad["etcd"] = dict(bad["etcd"], passwordFile=str(tmp_path / "wrong.password"))
+        f.hosts[0].agent_conf.write_bytes(orjson.dumps(bad))
+        p = f.lab.run(f.hosts[0].node, [PY, "-c", code, str(f.hosts[0].agent_conf), keys[0]], timeout=30, cwd="/",
+                      capture_output=True)
+        assert b"refused user" in p.stdout + p.stderr, p.stderr[-1000:]
+    finally:
+        f.close()
 
 
 def test_bad_arguments_are_one_error_never_a_traceback(fleet3):
@@ -261,6 +295,8 @@ def _fault_scenario(f: Fleet, fault: str, phase: str) -> None:
             f.cluster.start(i)
     if fault == "agent":
         h0.start_agent()
+    # A report etcd could not take (partitioned, or etcd down) is sent again by the host's agent.
+    f.wait_for(lambda: all(_has_report(f, h.name) for h in f.hosts), "every host's report", 20)
     kept = f.show(json.loads(json.dumps(rec))["run"] if rec else _run_id(f))
     rec = rec or kept
     hosts = kept["hosts"]
@@ -289,6 +325,11 @@ def _fault_scenario(f: Fleet, fault: str, phase: str) -> None:
     assert len(set(committed.values())) <= 1, row
     if rec["outcome"] == "consistent":
         assert all(committed.values()), row
+
+
+def _has_report(f: Fleet, host: str) -> bool:
+    keys = f.etcdctl("get", "--prefix", "--keys-only", f"/pyexec/h/{host}/runs/").stdout.split()
+    return any(k.endswith("/report") for k in keys)
 
 
 def _run_id(f: Fleet) -> str:

@@ -318,7 +318,7 @@ class EtcdCluster:
         return {u: self.passwords[u] for u in users}
 
     def fleet_roles(self, hosts: Sequence[str], coordinator: str = "coordinator") -> dict[str, str]:
-        """The fleet's RBAC: host H reads /pyexec/ and writes /pyexec/h/H/; the coordinator writes /pyexec/runs/.
+        """The fleet's RBAC: host H reads /pyexec/ and writes /pyexec/h/H/; the coordinator writes /pyexec/runs/ and /pyexec/plans/.
 
         Users are named after the hosts and the coordinator (their certificates' CN); their passwords by name."""
         names = [*hosts, coordinator]
@@ -329,7 +329,8 @@ class EtcdCluster:
         for h in hosts:
             roles[f"pyexec-host-{h}"] = [Grant("read", PREFIX), Grant("readwrite", f"{PREFIX}h/{h}/")]
             users[h] = [f"pyexec-host-{h}"]
-        roles["pyexec-coordinator"] = [Grant("read", PREFIX), Grant("readwrite", f"{PREFIX}runs/")]
+        roles["pyexec-coordinator"] = [Grant("read", PREFIX), Grant("readwrite", f"{PREFIX}runs/"),
+                                       Grant("readwrite", f"{PREFIX}plans/")]
         users[coordinator] = ["pyexec-coordinator"]
         return self.enable_auth(roles, users)
 

@@ -59,6 +59,7 @@ class Agent:
         self.lease: etcd.Lease | None = None
         self.job: Job | None = None
         self.seen: set[tuple[str, int]] = set()
+        self.unsent: dict[str, dict[str, object]] = {}  # reports etcd did not take yet, by run
 
     def register(self) -> bool:
         """(Re-)register under a new lease; False if etcd did not answer."""
@@ -75,7 +76,7 @@ class Agent:
 
     def serve(self, cancel: signals.Cancel) -> int:
         """Until a signal: register, watch, start workers, clean up after dead ones."""
-        view = etcd.View(self.client, [self.cfg.prefix + "runs/"], 0, accept=lambda k: k.endswith("/" + protocol.PLAN))
+        view = etcd.View(self.client, [protocol.plans_prefix(self.cfg.prefix)], 0)
         try:
             while not cancel.cancelled:
                 if self.lease is None or self.lease.lost:
@@ -85,6 +86,8 @@ class Agent:
                         self.lease = None
                 view.drain()
                 self.plans(view)
+                for run, doc in list(self.unsent.items()):
+                    self.report(run, doc)
                 fds = [view.fd] + ([self.job.pidfd] if self.job else [])
                 waits.wait_readable(fds, self.nat.now_ns() + native.ns_from_s(TICK_S), cancel.fd, self.nat)
                 if self.job is not None and self.job.proc.poll() is not None:
@@ -114,8 +117,12 @@ class Agent:
             if self.answered(plan.run):
                 continue  # an earlier worker of this host (before this agent restarted) has it
             if self.job is not None:
+                why = f"{self.cfg.host} is busy with group run {self.job.run}"
                 self.say(f"run {plan.run}: busy with run {self.job.run}, aborting it for this host")
-                self.host_abort(plan.run, f"{self.cfg.host} is busy with group run {self.job.run}")
+                aborted = self.host_abort(plan.run, why)
+                self.report(plan.run, {"host": self.cfg.host, "run": plan.run, "outcome": "not run", "code": 0,
+                                       "decision": "aborted" if aborted else "none", "group_decision": "aborted"
+                                       if aborted else "unknown", "detail": why, "snapshot_id": ""})
                 continue
             self.start(plan, kv.create_revision)
 
@@ -159,6 +166,8 @@ class Agent:
         os.close(job.pidfd)
         if job.record is not None:
             self.say(f"run {job.run}: {job.record.get('decision')}, {job.record.get('outcome')}")
+            if not job.record.get("report_written"):
+                self.report(job.run, dict(job.record, report_written=True))
             return
         self.say(f"run {job.run}: the worker died ({job.proc.returncode}) in phase {job.phases[-1:] or 'start'}")
         p = self.cfg.prefix
@@ -188,15 +197,23 @@ class Agent:
                                                                 {"PYEXEC_SNAPSHOT": "failed"})]
             finally:
                 checked.close()
-        doc = {"host": self.cfg.host, "run": job.run, "outcome": "failed", "code": 0,
-               "decision": "worker died", "ended_on_own_deadline": False, "snapshot_id": "",
+        doc: dict[str, object] = {"host": self.cfg.host, "run": job.run, "outcome": "failed", "code": 0,
+               "decision": "worker died", "group_decision": "committed" if committed else "aborted" if aborted else "unknown", "ended_on_own_deadline": False, "snapshot_id": "",
                "detail": f"the worker died ({job.proc.returncode}); the agent aborted={aborted}, "
                          f"thawed {thawed or 'nothing'}, ran {len(post)} post-script(s)",
                "post": post, "phases_seen": job.phases}
+        self.report(job.run, doc)
+
+    def report(self, run: str, doc: dict[str, object]) -> None:
+        """This host's report of a run it did not (or could not) finish itself."""
         try:
-            self.client.put(protocol.host_key(p, self.cfg.host, job.run, protocol.REPORT), orjson.dumps(doc))
+            self.client.put(protocol.host_key(self.cfg.prefix, self.cfg.host, run, protocol.REPORT), orjson.dumps(doc),
+                            deadline=time.monotonic() + self.client.request_s)
+            self.unsent.pop(run, None)
         except (etcd.Unreachable, RuntimeError) as e:
-            self.say(f"run {job.run}: could not write the report: {e}")
+            if run not in self.unsent:
+                self.say(f"run {run}: could not write the report ({e}): trying again every {TICK_S:g}s")
+            self.unsent[run] = doc
 
 
 def main(config_path: str, say: Callable[[str], None]) -> int:

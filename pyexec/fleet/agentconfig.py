@@ -21,7 +21,7 @@ _KEYS: dict[str, tuple[str | None, config.Kind, object]] = {
 }
 _BOUNDS = {"maxQuiesceSeconds": ("max_quiesce_s", protocol.DEFAULT_QUIESCE_S),
            "maxFreezeSeconds": ("max_freeze_s", protocol.DEFAULT_FREEZE_S)}
-_ETCD_KEYS = ("endpoints", "ca", "cert", "key")
+_ETCD_KEYS = ("endpoints", "ca", "cert", "key", "user", "passwordFile")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +31,7 @@ class AgentConfig:
     path: str
     host: str
     endpoints: tuple[str, ...]
-    tls: etcd.TLS
+    tls: etcd.Access
     prefix: str
     host_config: str
     mounts: tuple[str, ...]  # empty: discovery minus the host config's mountsToSkip
@@ -72,11 +72,21 @@ def parse(data: bytes, path: str = protocol.AGENT_CONFIG_PATH) -> AgentConfig:
         files[k] = v
     if (files["cert"] is None) != (files["key"] is None):
         raise _bad(path, "etcd.cert", "etcd.cert and etcd.key go together")
-    if files["key"] is not None:
-        try:
-            trust.open_trusted(files["key"], trust.AGENT_KEY).close()
-        except errors.PyexecError as err:
-            raise _bad(path, "etcd.key", err.detail) from None
+    secrets: dict[str, bytes] = {}
+    for k in ("key", "passwordFile"):
+        f = e.get(k)
+        if k == "passwordFile" and f is not None and (not isinstance(f, str) or not f.startswith("/")):
+            raise _bad(path, "etcd.passwordFile", f"must be an absolute path, not {f!r}")
+        if f is not None:
+            try:
+                with trust.open_trusted(f, trust.AGENT_KEY) as tf:
+                    secrets[k] = tf.read()
+            except errors.PyexecError as err:
+                raise _bad(path, f"etcd.{k}", err.detail) from None
+    user = e.get("user")
+    if user is not None and (not isinstance(user, str) or not user or "passwordFile" not in secrets):
+        raise _bad(path, "etcd.user", "must be a user name, with etcd.passwordFile (root's, mode 600) beside it")
+    password = secrets["passwordFile"].decode("utf-8", "replace").strip() if user is not None else None
     bounds = {}
     for key, (field, default) in _BOUNDS.items():
         try:
@@ -99,7 +109,7 @@ def parse(data: bytes, path: str = protocol.AGENT_CONFIG_PATH) -> AgentConfig:
             cmd = tuple(scripts.resolve_command(list(fields["snapshot_command"])))
         except ValueError as err:
             raise _bad(path, "snapshotCommand", str(err)) from None
-    return AgentConfig(path=path, host=host, endpoints=tuple(eps), tls=etcd.TLS(**files), prefix=prefix,
+    return AgentConfig(path=path, host=host, endpoints=tuple(eps), tls=etcd.Access(files["ca"], files["cert"], files["key"], user, password), prefix=prefix,
                        host_config=fields["host_config"], mounts=tuple(fields["mounts"]), snapshot_command=cmd,
                        max_quiesce_s=bounds["max_quiesce_s"], max_freeze_s=bounds["max_freeze_s"],
                        warnings=tuple(warnings))

@@ -13,12 +13,14 @@ def group_run(etcd: str | Sequence[str], hosts: str | Sequence[str], cut_cmd: st
               quiesce_timeout: float = protocol.DEFAULT_QUIESCE_S, freeze_timeout: float = protocol.DEFAULT_FREEZE_S,
               cacert: str | None = None, cert: str | None = None, key: str | None = None,
               prefix: str = protocol.PREFIX, run_id: str | None = None,
+              user: str | None = None, password_file: str | None = None,
               progress: Callable[[str], object] = lambda m: None,
               cancel: signals.Cancel | None = None) -> dict[str, Any]:
     """One consistent snapshot of many hosts: the group record (outcome "consistent" only when the
     commit proved every host frozen at once).  ValueError/TypeError for a bad argument, before
     anything is sent."""
-    o = coordinator.options(etcd, hosts, cut_cmd, quiesce_timeout, freeze_timeout, cacert, cert, key, prefix, run_id)
+    o = coordinator.options(etcd, hosts, cut_cmd, quiesce_timeout, freeze_timeout, cacert, cert, key, prefix, run_id,
+                            user=user, password_file=password_file)
 
     def say(m: str) -> None:
         try:

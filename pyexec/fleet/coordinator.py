@@ -33,7 +33,7 @@ class GroupOptions:
     cut_cmd: list[str] | None = None
     quiesce_s: float = protocol.DEFAULT_QUIESCE_S
     freeze_s: float = protocol.DEFAULT_FREEZE_S
-    tls: etcd.TLS = dataclasses.field(default_factory=etcd.TLS)
+    tls: etcd.Access = dataclasses.field(default_factory=etcd.Access)
     prefix: str = protocol.PREFIX
     run_id: str = ""
     report_wait_s: float = REPORT_WAIT_S
@@ -43,7 +43,8 @@ def options(endpoints: str | Sequence[str], hosts: str | Sequence[str], cut_cmd:
             quiesce_timeout: float = protocol.DEFAULT_QUIESCE_S, freeze_timeout: float = protocol.DEFAULT_FREEZE_S,
             cacert: str | None = None, cert: str | None = None, key: str | None = None,
             prefix: str = protocol.PREFIX, run_id: str | None = None,
-            report_wait: float = REPORT_WAIT_S) -> GroupOptions:
+            report_wait: float = REPORT_WAIT_S, user: str | None = None,
+            password_file: str | None = None) -> GroupOptions:
     """The arguments checked; ValueError saying which is wrong (nothing has been sent)."""
     eps = [e.strip() for e in (endpoints.split(",") if isinstance(endpoints, str) else endpoints) if e.strip()]
     if not eps or not all(e.startswith(("http://", "https://")) for e in eps):
@@ -62,12 +63,21 @@ def options(endpoints: str | Sequence[str], hosts: str | Sequence[str], cut_cmd:
             raise ValueError(f"{f}: no such file")
     if not prefix.startswith("/") or not prefix.endswith("/"):
         raise ValueError(f"the key prefix must start and end with '/', not {prefix!r}")
+    if (user is None) != (password_file is None):
+        raise ValueError("--user and --password-file go together")
+    password = None
+    if password_file is not None:
+        try:
+            with open(password_file, "rb") as pf:
+                password = pf.read(4096).decode("utf-8", "replace").strip()
+        except OSError as e:
+            raise ValueError(f"--password-file {password_file}: {e.strerror}") from None
     rid = protocol.check_name(run_id, "the run id") if run_id else \
         time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
     return GroupOptions(
         eps, names, scripts.resolve_command(cut_cmd) if cut_cmd else None,
         limits.check_timeout(quiesce_timeout, "quiesce timeout"), limits.check_timeout(freeze_timeout, "freeze timeout"),
-        etcd.TLS(cacert, cert, key), prefix, rid, limits.check_timeout(report_wait, "report wait", zero_ok=True))
+        etcd.Access(cacert, cert, key, user, password), prefix, rid, limits.check_timeout(report_wait, "report wait", zero_ok=True))
 
 
 class _Run:
@@ -128,16 +138,19 @@ class _Run:
             if cancel_fd in ready:
                 return False, "the coordinator was interrupted"
 
-    def abort(self, why: str) -> None:
+    def abort(self, why: str) -> bool | None:
         """The coordinator's abort, unless the run committed (bounded; a failure leaves the hosts their
-        own deadlines and the loss of the plan)."""
+        own deadlines and the loss of the plan): True if applied, False if the run had committed,
+        None if etcd did not answer."""
         self.rec["reason"] = self.rec["reason"] or why
         try:
-            self.client.txn([etcd.absent(self.k[protocol.COMMITTED])],
-                            [etcd.put_op(self.k[protocol.ABORT], orjson.dumps({"by": "coordinator", "why": why}))],
-                            time.monotonic() + 3 * self.client.request_s)
+            ok, _ = self.client.txn([etcd.absent(self.k[protocol.COMMITTED])],
+                                    [etcd.put_op(self.k[protocol.ABORT], orjson.dumps({"by": "coordinator", "why": why}))],
+                                    time.monotonic() + 3 * self.client.request_s)
+            return ok
         except (etcd.Unreachable, RuntimeError) as e:
             self.rec["coordinator"]["abort_error"] = str(e)
+            return None
 
 
 def _ms(ns: int) -> float:
@@ -191,7 +204,9 @@ def _run(r: _Run, o: GroupOptions, client: etcd.Client, nat: native.Native, canc
     say(f"run {o.run_id}: plan for {len(o.hosts)} host(s); waiting for every host to be quiesced "
         f"(at most {o.quiesce_s:g}s)")
     host_prefixes = [protocol.host_key(o.prefix, h, o.run_id) for h in o.hosts]
-    r.view = etcd.View(client, [protocol.run_key(o.prefix, o.run_id)] + host_prefixes, 0)
+    run_prefix = protocol.run_key(o.prefix, o.run_id)
+    r.view = etcd.View(client, [r.k[protocol.PLAN], run_prefix] + host_prefixes, 0,
+                       accept=lambda k: k == r.k[protocol.PLAN] or k.startswith((run_prefix, *host_prefixes)))
     ok, why = r.wait_all(protocol.READY, t_start + native.ns_from_s(o.quiesce_s), cancel_fd)
     c["all_ready_ms"] = _ms(nat.now_ns() - t_start)
     if not ok:
@@ -261,9 +276,17 @@ def _run(r: _Run, o: GroupOptions, client: etcd.Client, nat: native.Native, canc
             client.put(r.k[protocol.RECORD], orjson.dumps(r.rec), deadline=time.monotonic() + 2 * client.request_s)
         except (etcd.Unreachable, RuntimeError) as e:
             c["record_error"] = str(e)
+    elif "commit_error" in c:
+        # The commit's answer was lost: applied or not, the abort's transaction tells.
+        applied = r.abort(f"the commit's answer was lost ({c['commit_error']})")
+        if applied is False:
+            r.rec.update(outcome=UNPROVEN, reason="committed, but its answer was lost: the overlap is not proven")
+        elif applied is None:
+            err = errors.PyexecError(322, f"the commit's result is unknown: etcd stopped answering "
+                                     f"({c['commit_error']}); every host thaws on its own deadline")
+            r.rec.update(outcome="failed", reason=err.detail, code=322, error=err.as_dict())
     else:
-        r.abort(c.get("commit_error") or "the commit's conditions did not hold (an abort, a host's frozen key "
-                "gone, or the plan lost)")
+        r.abort("the commit's conditions did not hold (an abort, a host's frozen key gone, or the plan lost)")
     return _finish(r, o, client, nat, say)
 
 

@@ -24,6 +24,7 @@ except ImportError:  # the fleet extra is not installed: Client() says so with 3
     HAVE_CLIENT = False
 
 REQUEST_S = 1.0  # one request's bound (per endpoint tried)
+RETRY_S = 0.05  # the pause between two rounds over the endpoints, when a deadline leaves time for another
 
 
 def _b64(s: str | bytes) -> str:
@@ -61,12 +62,16 @@ def _kv(d: dict[str, Any]) -> KV:
 
 
 @dataclasses.dataclass(frozen=True)
-class TLS:
-    """Files for https endpoints: the CA that signed the members' certificates, and this client's own."""
+class Access:
+    """How to reach the members: for https, the CA that signed their certificates and this client's
+    own certificate (without a CN: etcd's gateway refuses one that has one); with etcd's auth on, a
+    user and its password (the gateway cannot take the user from a certificate)."""
 
     ca: str | None = None
     cert: str | None = None
     key: str | None = None
+    user: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)
 
 
 def put_op(key: str, value: bytes, lease: int = 0) -> dict[str, Any]:
@@ -95,7 +100,7 @@ def created_at(key: str, revision: int) -> dict[str, Any]:
 class Client:
     """etcd's /v3 JSON API over the given endpoints (http:// or https:// URLs)."""
 
-    def __init__(self, endpoints: Iterable[str], tls: TLS | None = None, request_s: float = REQUEST_S):
+    def __init__(self, endpoints: Iterable[str], tls: Access | None = None, request_s: float = REQUEST_S):
         if not HAVE_CLIENT:
             raise errors.PyexecError(325, "python module etcd3gw not found")
         self.endpoints = list(endpoints)
@@ -103,23 +108,34 @@ class Client:
             raise ValueError("no etcd endpoint given")
         self.request_s = request_s
         self._clients = []
-        tls = tls or TLS()
+        self.access = tls = tls or Access()
         for url in self.endpoints:
             u = urlsplit(url)
             if u.scheme not in ("http", "https") or not u.hostname:
                 raise ValueError(f"an etcd endpoint must be an http:// or https:// URL, not {url!r}")
+            session = requests.Session()
+            # Only what the config says: no REQUESTS_CA_BUNDLE, proxy or .netrc from the environment.
+            session.trust_env = False
+            if tls.ca is not None:
+                session.verify = tls.ca
+            if tls.cert is not None and tls.key is not None:
+                session.cert = (tls.cert, tls.key)
             self._clients.append(etcd3gw.Etcd3Client(
-                host=u.hostname, port=u.port or 2379, protocol=u.scheme, ca_cert=tls.ca,
-                cert_key=tls.key, cert_cert=tls.cert, timeout=request_s, api_path="/v3/"))
+                host=u.hostname, port=u.port or 2379, protocol=u.scheme, timeout=request_s, api_path="/v3/",
+                session=session))
         self._cur = 0
         self._lock = threading.Lock()
 
     def call(self, path: str, body: dict[str, Any], deadline: float | None = None) -> dict[str, Any]:
-        """POST body to /v3/<path> on the first endpoint that answers (time.monotonic() deadline, else
-        one request_s per endpoint); Unreachable if none did; RuntimeError for an error answer."""
+        """POST body to /v3/<path> on the first endpoint that answers: each endpoint once, and with a
+        (time.monotonic()) deadline again and again until it (a pooled connection a partition left
+        dead fails once, a leader election a few times); Unreachable if none did; RuntimeError for an
+        error answer."""
         tried = 0
         last = ""
-        while tried < len(self._clients):
+        while tried < len(self._clients) or (deadline is not None and deadline - time.monotonic() > RETRY_S):
+            if tried and tried % len(self._clients) == 0:
+                time.sleep(RETRY_S)
             with self._lock:
                 i = self._cur
             c = self._clients[i]
@@ -129,7 +145,12 @@ class Client:
                 if timeout <= 0:
                     break
             try:
+                if self.access.user is not None and "Authorization" not in c.session.headers:
+                    self._login(c, timeout)
                 r = c.session.post(c.get_url(path), data=orjson.dumps(body), timeout=timeout)
+                if r.status_code == 401 and self.access.user is not None:  # a token expired: log in again
+                    self._login(c, timeout)
+                    r = c.session.post(c.get_url(path), data=orjson.dumps(body), timeout=timeout)
             except requests.RequestException as e:
                 last = f"{self.endpoints[i]}: {type(e).__name__}"
                 with self._lock:
@@ -149,6 +170,15 @@ class Client:
             doc: dict[str, Any] = r.json()
             return doc
         raise Unreachable(last or "no time left to ask etcd")
+
+    def _login(self, c: Any, timeout: float) -> None:
+        """A token for the user (etcd's auth): every later request of this endpoint carries it."""
+        c.session.headers.pop("Authorization", None)
+        r = c.session.post(c.get_url("auth/authenticate"), timeout=timeout,
+                           data=orjson.dumps({"name": self.access.user, "password": self.access.password or ""}))
+        if r.status_code != 200:
+            raise RuntimeError(f"etcd refused user {self.access.user!r}: {r.status_code} {r.text[:200]}")
+        c.session.headers["Authorization"] = r.json()["token"]
 
     def get(self, key: str, prefix: bool = False, deadline: float | None = None) -> tuple[list[KV], int]:
         """The key (or every key under it, prefix True) and the store's revision."""

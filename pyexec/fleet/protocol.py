@@ -44,8 +44,16 @@ def check_name(value: str, what: str) -> str:
 
 
 def run_key(prefix: str, run: str, leaf: str = "") -> str:
-    """The key of a run's own leaf (or the run's prefix, leaf empty)."""
+    """The key of a run's own leaf (or the run's prefix, leaf empty).  Plans live apart, under plans/:
+    on the coordinator's lease, that prefix holds only the runs in progress, which every agent reads."""
+    if leaf == PLAN:
+        return f"{prefix}plans/{run}"
     return f"{prefix}runs/{run}/{leaf}"
+
+
+def plans_prefix(prefix: str) -> str:
+    """Where the plans of the runs in progress are."""
+    return f"{prefix}plans/"
 
 
 def host_key(prefix: str, host: str, run: str | None = None, leaf: str = "") -> str:

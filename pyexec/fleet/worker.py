@@ -50,7 +50,8 @@ class Worker:
         self.mine = {leaf: protocol.host_key(p, h, run, leaf) for leaf in
                      (protocol.READY, protocol.FROZEN, protocol.HOST_ABORT, protocol.REPORT)}
         self.lease = etcd.Lease(client, protocol.LEASE_TTL_S, protocol.KEEPALIVE_S)
-        self.view = etcd.View(client, [protocol.run_key(p, run)], 0)
+        mine = (self.k[protocol.PLAN], protocol.run_key(p, run))
+        self.view = etcd.View(client, list(mine), 0, accept=lambda k: k == mine[0] or k.startswith(mine[1]))
 
     def state(self) -> str | None:
         """What the run's keys say now: committed, aborted, plan lost, go, or None (nothing yet)."""
@@ -158,6 +159,7 @@ class Worker:
                 raise Stop(f"the snapshot command failed: {res.detail}")
         if not self.put(protocol.FROZEN, {"host": self.cfg.host, "snapshot": self.snapshot_id}):
             self.abort("could not say frozen")
+        self.stamps["said_frozen"] = self.nat.now_ns()
         st = self.wait((COMMITTED, ABORTED, PLAN_LOST), deadline, cancel.fd)
         if st == SIGNALLED:
             raise signals.Interrupted(cancel.first() or signals.CANCELLED)
@@ -239,6 +241,7 @@ def run(cfg: agentconfig.AgentConfig, plan: protocol.Plan, plan_revision: int,
     def progress(m: str) -> None:
         for p in ("pre", "post"):
             if m.startswith(p + "-scripts"):
+                w.stamps[f"{p}_start"] = nat.now_ns()
                 phase(p)
         say(f"{cfg.host} {plan.run}: {m}")
     try:
@@ -247,7 +250,7 @@ def run(cfg: agentconfig.AgentConfig, plan: protocol.Plan, plan_revision: int,
                            snapshot=lambda win: w.take(win, cancel), freeze_timeout=w.freeze_s,
                            cancel=cancel, gate=lambda ok: w.gate(ok, cancel),
                            progress=lambda m: progress(m))
-            w.stamps["end"] = nat.now_ns()
+            w.stamps["post_end"] = nat.now_ns()
             if not w.decision:  # stopped before the gate (a check problem, a signal): make sure no go follows
                 w.abort(f"{cfg.host} stopped before it was quiesced: {rep.snapshot_detail or rep.outcome}")
                 w.decision = ABORTED
@@ -256,7 +259,8 @@ def run(cfg: agentconfig.AgentConfig, plan: protocol.Plan, plan_revision: int,
             if w.decision == DEADLINE and doc["group_decision"] == COMMITTED:
                 w.notes.append("the group committed while this host was frozen (it said frozen first): its "
                                "snapshot is part of the consistent cut, though this host saw the commit late")
-            w.put(protocol.REPORT, doc, lease=False)
+            # Not written (etcd out of reach): the agent tries again, as long as it runs.
+            doc["report_written"] = w.put(protocol.REPORT, doc, lease=False)
             return doc
     finally:
         w.close()
