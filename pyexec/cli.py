@@ -294,9 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--db", choices=("sqlite", "postgresql", "mariadb"), default="sqlite",
                    help="the application: SQLite (default), or a PostgreSQL / MariaDB server under load quiesced "
                         "by pyexec's built-in quiescer and restored on a second server")
+    d.add_argument("--hosts", type=_positive, default=None, metavar="N",
+                   help="N simulated hosts (network namespaces) moving money between their SQLite ledgers, "
+                        "snapshotted together by `pyexec group run` through etcd, restored and checked")
     d.add_argument("--compare", action="store_true",
-                   help="--db postgresql|mariadb: each round twice, quiesced and not, side by side")
-    d.add_argument("--rounds", type=_positive, default=1)
+                   help="--db postgresql|mariadb: each round twice, quiesced and not, side by side; --hosts: also "
+                        "uncoordinated per-host copies at the same moments")
+    d.add_argument("--rounds", type=_positive, default=None, help="rounds (default 1; 3 with --hosts)")
     d.add_argument("--keep", action="store_true", help="leave the sandbox for inspection")
     d.add_argument("--json", action="store_true", help="the report on stdout, alone (progress on stderr)")
     d.add_argument("--no-quiesce", action="store_true", help="run without the pre-script, to compare")
@@ -307,13 +311,29 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _demo_usage(args: argparse.Namespace) -> None:
+    """The demo's combinations of options that make no demo: exits 2 with its usage."""
+    if args.hosts is not None:
+        if args.hosts < 2:
+            args.usage_error("--hosts: at least 2 (a transfer goes from one host to another)")
+        if args.db != "sqlite" or args.no_quiesce:
+            args.usage_error("--hosts runs the bank on SQLite, quiesced: leave out --db and --no-quiesce")
+        if args.keep:
+            args.usage_error("--hosts removes every namespace, process and mount it made: leave out --keep "
+                             "(--report PATH keeps the report)")
+    elif args.compare and args.db == "sqlite":
+        args.usage_error("--compare needs --db postgresql or --db mariadb, or --hosts N")
+    if args.compare and args.no_quiesce:
+        args.usage_error("--compare runs both modes: leave out --no-quiesce")
+    if args.rounds is None:
+        args.rounds = 3 if args.hosts else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`pyexec`."""
     args = build_parser().parse_args(argv)
-    if args.cmd == "demo" and args.compare and args.db == "sqlite":
-        args.usage_error("--compare needs --db postgresql or --db mariadb")
-    if args.cmd == "demo" and args.compare and args.no_quiesce:
-        args.usage_error("--compare runs both modes: leave out --no-quiesce")
+    if args.cmd == "demo":
+        _demo_usage(args)
     try:
         status: int = args.fn(args)
         return status

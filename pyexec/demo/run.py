@@ -19,12 +19,11 @@ import sys
 import time
 from typing import TypedDict
 
-import orjson
-
 from pyexec import host, report
 from pyexec.demo import app as demo_app
-from pyexec.demo import dbdemo, loopfs
-from pyexec.demo.output import emit, last_line, say, write_file, write_report, write_sandbox_report
+from pyexec.demo import dbdemo, fleetdemo, loopfs
+from pyexec.demo.hostconf import write_host_config
+from pyexec.demo.output import emit, last_line, say, write_report, write_sandbox_report
 from pyexec.demo.sandbox import LoopSandbox, reflink
 from pyexec.window import Window
 
@@ -57,24 +56,11 @@ class Sandbox(LoopSandbox):
         self.state = os.path.join(self.dir, "state")
         os.mkdir(self.state, 0o700)
         py = sys.executable
-        pre = write_file(os.path.join(etc, "pre.sh"),
-                         f"#!/bin/sh\n# quiesce: finish in-flight transactions, checkpoint the WAL, hold writes\n"
-                         f"exec {py} -m pyexec.demo.app ctl quiesce {self.sock} > {self.state}/pre.out\n", 0o700)
-        post = write_file(os.path.join(etc, "post.sh"),
-                          f"#!/bin/sh\nexec {py} -m pyexec.demo.app ctl resume {self.sock} > {self.state}/post.out\n",
-                          0o700)
-        plugin = {"pluginName": "ScriptRunner", "appName": "demo-sqlite",
-                  "preScriptLocation": pre, "postScriptLocation": post,
-                  "preScriptParams": [], "postScriptParams": [], "preScriptNoOfRetries": 0,
-                  "postScriptNoOfRetries": 0, "timeoutInSeconds": 30, "continueBackupOnFailure": True,
-                  "fsFreezeEnabled": True}
-        pj = write_file(os.path.join(etc, "VMSnapshotScriptPluginConfig.json"),
-                        orjson.dumps(plugin, option=orjson.OPT_INDENT_2).decode(), 0o600)
-        # --no-quiesce: no plugin at all, so the run says what the snapshot is (file-system consistent).
-        plugins = (f"numberOfPlugins = 1\npluginName0 = ScriptRunner\npluginPath0 = {etc}\n"
-                   f"pluginConfigPath0 = {pj}\n") if self.quiesce else "numberOfPlugins = 0\n"
-        self.host_conf = write_file(os.path.join(etc, "VMSnapshotPluginHost.conf"),
-                                    f"[pre_post]\ntimeoutInSeconds = 60\n{plugins}", 0o600)
+        self.host_conf = write_host_config(
+            etc, "demo-sqlite",
+            f"# quiesce: finish in-flight transactions, checkpoint the WAL, hold writes\n"
+            f"exec {py} -m pyexec.demo.app ctl quiesce {self.sock} > {self.state}/pre.out\n",
+            f"exec {py} -m pyexec.demo.app ctl resume {self.sock} > {self.state}/post.out\n", quiesce=self.quiesce)
 
     def start_app(self) -> None:
         say("starting the application: 4 SQLite writer threads (WAL) + an append-only log")
@@ -160,6 +146,8 @@ def main(args: argparse.Namespace) -> int:
     stderr, and stdout gets the report alone (one JSON document, a failed demo included).  The
     report is written into the sandbox (kept with --keep) and to --report PATH if given, never
     into the working directory."""
+    if getattr(args, "hosts", None):
+        return fleetdemo.main(args)
     if getattr(args, "db", "sqlite") != "sqlite":
         return dbdemo.main(args)
     out = sys.stderr if args.json else sys.stdout
