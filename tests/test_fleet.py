@@ -206,6 +206,26 @@ def test_tls_member_with_each_agent_held_to_its_own_keys(etcd_tls, tmp_path):
         f.close()
 
 
+def test_view_of_many_prefixes_misses_no_event(etcd1):
+    """The coordinator watches a stream per host: one stream's later event must not hide another's
+    earlier one (the poll is slowed to nothing here, so only the watches can deliver)."""
+    node = etcd1.lab.add_node("viewer")
+    code = ("import sys, time\nfrom pyexec.fleet import etcd\n"
+            "c = etcd.Client(sys.argv[1:])\n"
+            "pre = [f'/v/p{i}/' for i in range(8)]\n"
+            "v = etcd.View(c, pre, 0, poll_s=3600)\n"
+            "want = set()\n"
+            "for n in range(20):\n"
+            "    for p in reversed(pre):\n"
+            "        c.put(f'{p}{n}', b'x'); want.add(f'{p}{n}')\n"
+            "t = time.monotonic() + 20\n"
+            "while time.monotonic() < t and not want <= set(v.snapshot()):\n"
+            "    time.sleep(0.05)\n"
+            "print(len(want - set(v.snapshot())))\n")
+    p = etcd1.lab.run(node, [PY, "-c", code, *etcd1.endpoints], timeout=60, cwd="/", capture_output=True)
+    assert p.stdout.strip() == b"0", (p.stdout, p.stderr[-2000:])
+
+
 def test_bad_arguments_are_one_error_never_a_traceback(fleet3):
     for argv, code in ((["--hosts", "h0,,h1"], 11), (["--hosts", "h0", "--freeze-timeout", "nan"], 11),
                        (["--hosts", "../x"], 11), (["--hosts", "h0", "--cut-cmd", "/no/such"], 11)):

@@ -20,6 +20,7 @@ from pyexec import host, journal, native, signals, steps, waits
 from pyexec.fleet import agentconfig, etcd, protocol
 
 TICK_S = 0.5  # how often the loop looks at its lease and workers when nothing wakes it
+AGENT_POLL_S = 2.0  # how often the agent reads the plans, besides watching them
 
 
 @dataclasses.dataclass
@@ -76,7 +77,8 @@ class Agent:
 
     def serve(self, cancel: signals.Cancel) -> int:
         """Until a signal: register, watch, start workers, clean up after dead ones."""
-        view = etcd.View(self.client, [protocol.plans_prefix(self.cfg.prefix)], 0)
+        # A plan seen late only lengthens the quiesce phase, never a window: the idle agent polls slowly.
+        view = etcd.View(self.client, [protocol.plans_prefix(self.cfg.prefix)], 0, poll_s=AGENT_POLL_S)
         try:
             while not cancel.cancelled:
                 if self.lease is None or self.lease.lost:

@@ -24,6 +24,7 @@ except ImportError:  # the fleet extra is not installed: Client() says so with 3
     HAVE_CLIENT = False
 
 REQUEST_S = 1.0  # one request's bound (per endpoint tried)
+WATCH_IDLE_S = 5.0  # a watch stream silent this long is opened again
 RETRY_S = 0.05  # the pause between two rounds over the endpoints, when a deadline leaves time for another
 
 
@@ -180,9 +181,12 @@ class Client:
             raise RuntimeError(f"etcd refused user {self.access.user!r}: {r.status_code} {r.text[:200]}")
         c.session.headers["Authorization"] = r.json()["token"]
 
-    def get(self, key: str, prefix: bool = False, deadline: float | None = None) -> tuple[list[KV], int]:
-        """The key (or every key under it, prefix True) and the store's revision."""
+    def get(self, key: str, prefix: bool = False, deadline: float | None = None,
+            revision: int = 0) -> tuple[list[KV], int]:
+        """The key (or every key under it, prefix True) as of revision (0: now), and that revision."""
         body: dict[str, Any] = {"key": _b64(key)}
+        if revision:
+            body["revision"] = revision
         if prefix:
             body["range_end"] = _b64(prefix_end(key))
         doc = self.call("kv/range", body, deadline)
@@ -264,9 +268,11 @@ class Lease:
 
 
 class View:
-    """The keys under some prefixes, kept current by a watch per prefix from a revision on, and read
-    again every poll_s (a watch is a stream a partition can stall, silently).  `fd` becomes readable
-    on every change; `snapshot()` is a copy of the keys; `error` says the last problem seen."""
+    """The keys under some prefixes (none inside another), kept current by a watch per prefix from a
+    revision on, and read again every poll_s (a watch is a stream a partition can stall, silently).
+    `fd` becomes readable on every change; `snapshot()` is a copy of the keys; `error` says the last
+    problem seen.  Each prefix keeps its own revision: its watch's events come in its own order,
+    and one stream's later event says nothing of what another has not delivered yet."""
 
     def __init__(self, client: Client, prefixes: list[str], start_revision: int, poll_s: float = 0.25,
                  accept: Callable[[str], bool] = lambda k: True):
@@ -276,7 +282,8 @@ class View:
         self.poll_s = poll_s
         self.keys: dict[str, KV] = {}
         self.error = ""
-        self._rev = start_revision  # every event before it is in self.keys
+        # Per prefix: every event of it up to this revision is in self.keys.
+        self._rev = {p: start_revision for p in prefixes}
         self._lock = threading.Lock()
         self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.fd = self._r
@@ -296,23 +303,29 @@ class View:
             pass  # the pipe is full: the reader is awake already
 
     def refresh(self, deadline: float | None = None) -> bool:
-        """Read every prefix now; False if etcd did not answer."""
-        found: dict[str, KV] = {}
+        """Read every prefix now, all at one revision; False if etcd did not answer."""
+        found: dict[str, dict[str, KV]] = {}
         rev = 0
         try:
             for p in self.prefixes:
-                kvs, rev = self.client.get(p, prefix=True, deadline=deadline)
-                found.update((kv.key, kv) for kv in kvs if self.accept(kv.key))
-        except (Unreachable, RuntimeError) as e:
+                kvs, r = self.client.get(p, prefix=True, deadline=deadline, revision=rev)
+                rev = rev or r
+                found[p] = {kv.key: kv for kv in kvs if self.accept(kv.key)}
+        except (Unreachable, RuntimeError) as e:  # a compacted revision too: the next poll reads anew
             self.error = str(e)
             return False
+        changed = False
         with self._lock:
-            if rev >= self._rev:
-                changed = found != {k: v for k, v in self.keys.items()}
-                self.keys = found
-                self._rev = rev
-            else:
-                changed = False
+            for p in self.prefixes:
+                if rev < self._rev[p]:
+                    continue  # its watch has delivered later events than this read saw
+                old = {k: v for k, v in self.keys.items() if k.startswith(p)}
+                if old != found[p]:
+                    changed = True
+                    for k in old:
+                        del self.keys[k]
+                    self.keys.update(found[p])
+                self._rev[p] = rev
         if changed:
             self._changed()
         return True
@@ -325,11 +338,11 @@ class View:
         end = prefix_end(prefix)
         while not self._stop.is_set():
             with self._lock:
-                start = self._rev + 1
+                start = self._rev[prefix] + 1
             try:
-                # The read timeout makes an idle (or stalled) stream end each second: the loop
-                # opens it again from the last revision seen, so nothing is missed either way.
-                resp = self.client.watch_stream(prefix, end, start, (self.client.request_s, 1.0))
+                # The read timeout makes an idle (or stalled) stream end: the loop opens it again from
+                # the last revision seen, so nothing is missed either way (the poll covers meanwhile).
+                resp = self.client.watch_stream(prefix, end, start, (self.client.request_s, WATCH_IDLE_S))
             except Exception as e:  # noqa: BLE001 - any failure: the poll covers, try again shortly
                 self.error = f"watch: {type(e).__name__}"
                 self._stop.wait(0.1)
@@ -340,14 +353,14 @@ class View:
                     if self._stop.is_set():
                         break
                     if line:
-                        self._apply(orjson.loads(line).get("result", {}))
+                        self._apply(prefix, orjson.loads(line).get("result", {}))
             except Exception as e:  # noqa: BLE001 - a read timeout or a broken stream: reopen it
                 self.error = f"watch: {type(e).__name__}"
             finally:
                 resp.close()
                 self._streams.remove(resp)
 
-    def _apply(self, result: dict[str, Any]) -> None:
+    def _apply(self, prefix: str, result: dict[str, Any]) -> None:
         if result.get("compact_revision"):
             self.error = "watch: compacted; reading instead"
             self.refresh()
@@ -358,14 +371,14 @@ class View:
         with self._lock:
             for ev in events:
                 kv = _kv(ev["kv"])
-                # Anything at or before _rev is in keys already (a read since, or an earlier event).
-                if kv.mod_revision <= self._rev or not self.accept(kv.key):
+                # At or before its prefix's revision: in keys already (a read since, or an earlier event).
+                if kv.mod_revision <= self._rev[prefix] or not self.accept(kv.key):
                     continue
                 if ev.get("type") == "DELETE":
                     self.keys.pop(kv.key, None)
                 else:
                     self.keys[kv.key] = kv
-            self._rev = max([self._rev] + [int(ev["kv"].get("mod_revision", 0)) for ev in events])
+            self._rev[prefix] = max([self._rev[prefix]] + [int(ev["kv"].get("mod_revision", 0)) for ev in events])
         self._changed()
 
     def drain(self) -> None:
