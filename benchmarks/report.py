@@ -1,5 +1,5 @@
 """results/bench.json (pytest-benchmark) → results/bench.md (tables, ratios against the baselines, the
-budget targets) and results/window-overhead.png.  Run by `make bench`."""
+budget targets), results/window-overhead.png and results/fleet-windows.png.  Run by `make bench`."""
 from __future__ import annotations
 
 import os
@@ -135,12 +135,16 @@ def main(path: str = "results/bench.json", out_dir: str = "results") -> int:
         rows.append("")
 
     rows += databases(get("test_db_phases"), get("test_db_load"), med)
+    fleet = {n: b for n, b in get("test_group_run").items() if "window_ns" in b["extra_info"]}
+    rows += fleet_rows(fleet)
 
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "bench.md"), "w") as f:
         f.write("\n".join(rows) + "\n")
     if per_fs:
         plot(per_fs, os.path.join(out_dir, "window-overhead.png"))
+    if fleet:
+        plot_fleet(fleet, os.path.join(out_dir, "fleet-windows.png"))
     print("\n".join(rows))
     return 0
 
@@ -197,6 +201,103 @@ def databases(phases: dict, load: dict, med: dict) -> list[str]:
                         f"{m('post_ns')} |")
         rows += ["", "Ratios against the same load with no snapshot, in the same rounds.", ""]
     return rows
+
+
+FLEET_TARGET_NS = 50e6  # issue 21: per-host window p99 at 16 hosts, no-op snapshot, this 2-core machine
+# The parts of a host's window (benchmarks/test_bench_fleet.py): they add up to it.
+FLEET_PARTS = {"own_ns": "own (FIFREEZE, snapshot)", "wait_others_ns": "wait for the other hosts",
+               "barrier_ns": "barrier (frozen → commit seen)", "decided_spread_ns": "commit-sight spread",
+               "thaw_ns": "thaw"}
+
+
+def _fleet_cases(fleet: dict) -> list[dict]:
+    return sorted((b["extra_info"] for b in fleet.values()), key=lambda e: (e["members"], e["hosts"]))
+
+
+def fleet_rows(fleet: dict) -> list[str]:
+    """The group-run tables (benchmarks/test_bench_fleet.py): skew, windows, the commit, the whole
+    run; where a window's time goes; the 50 ms target."""
+    if not fleet:
+        return []
+    cases = _fleet_cases(fleet)
+    rows = [("### Group runs: N simulated hosts (one machine, network namespaces, a real agent each), no-op "
+             "snapshot (/bin/true), each host's freeze bound 3 s"), "",
+            ("| hosts | etcd members | rounds consistent / aborted | FIFREEZE skew median | skew p99 | window median | "
+             "window p99 | last frozen → commit median | group run median |"), "|---|---|---|---|---|---|---|---|---|"]
+    m = statistics.median
+    for e in cases:
+        rows.append(f"| {e['hosts']} | {e['members']} | {len(e['skew_ns'])} / {len(e.get('aborted', []))} | "
+                    f"{us(m(e['skew_ns']))} | {us(pct(e['skew_ns'], 0.99))} | {us(m(e['window_ns']))} | "
+                    f"{us(pct(e['window_ns'], 0.99))} | {us(m(e['frozen_commit_ns']))} | {us(m(e['group_ns']))} |")
+    rows += ["", ("Skew: the last host's first FIFREEZE after the first host's.  Window: a host's first FIFREEZE "
+                  "to its last FITHAW (median and p99 over hosts × rounds).  Last frozen → commit: the "
+                  "coordinator's, from its sight of the last `frozen` key to its commit's answer.  Group run: "
+                  "`pyexec group run --json` from its start to its exit (the interpreter's start included).  "
+                  "Figures are over the consistent rounds; an aborted round (a host not frozen within the "
+                  "coordinator's budget) is counted, and listed below."), "",
+             ("Where a window's time goes (medians of each part; in each host's window of each round the parts "
+              "add up to it):"), "",
+             "| hosts | etcd members | " + " | ".join(FLEET_PARTS.values()) + " | go → FIFREEZE (before the window) |",
+             "|---|---|" + "---|" * (len(FLEET_PARTS) + 1)]
+    for e in cases:
+        rows.append(f"| {e['hosts']} | {e['members']} | " + " | ".join(us(m(e[k])) for k in FLEET_PARTS) +
+                    f" | {us(m(e['go_to_freeze_ns']))} |")
+    rows += ["", ("Own: FIFREEZE and the snapshot command.  Wait for the others: until the last host's snapshot "
+                  "was done.  Barrier: from there until the first host saw the commit (the last `frozen` put, "
+                  "the coordinator's watch, its commit transaction, the hosts' watches).  Spread: this host's "
+                  "sight of the commit after the first host's.  Thaw: from there to its last FITHAW done."), ""]
+    notes = [f"- {e['hosts']} hosts, {e['members']} member(s): {a}" for e in cases for a in e.get("aborted", [])]
+    if notes:
+        rows += ["Aborted rounds:", "", *notes, ""]
+    at16 = [e for e in cases if e["hosts"] == 16]
+    if at16:
+        got = ", ".join(f"{us(pct(e['window_ns'], 0.99))} with {e['members']} member(s)" for e in at16)
+        met = all(pct(e["window_ns"], 0.99) <= FLEET_TARGET_NS for e in at16)
+        rows += [f"Target: per-host window p99 ≤ 50 ms at 16 hosts. {'Met' if met else 'Not met'}: {got}.", ""]
+    return rows
+
+
+def plot_fleet(fleet: dict, path: str) -> None:
+    """Per-host windows by host count (box: quartiles, whiskers p1-p99) for 1 and 3 members, with
+    the 50 ms target; and the median window's parts per case."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cases = _fleet_cases(fleet)
+    members = sorted({e["members"] for e in cases})
+    hosts = sorted({e["hosts"] for e in cases})
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
+    width = 0.8 / len(members)
+    for j, mem in enumerate(members):
+        data = {e["hosts"]: [v / 1e6 for v in e["window_ns"]] for e in cases if e["members"] == mem}
+        pos = [i + (j - (len(members) - 1) / 2) * width for i, h in enumerate(hosts) if h in data]
+        bp = ax.boxplot([data[h] for h in hosts if h in data], positions=pos, widths=width * 0.9,
+                        whis=(1, 99), patch_artist=True, showfliers=True)
+        for patch in bp["boxes"]:
+            patch.set_facecolor(f"C{j}")
+            patch.set_alpha(0.6)
+        ax.plot([], [], color=f"C{j}", lw=8, alpha=0.6, label=f"{mem} etcd member{'s' * (mem > 1)}")
+    ax.axhline(FLEET_TARGET_NS / 1e6, color="red", ls="--", lw=1, label="target p99 at 16 hosts (50 ms)")
+    ax.set_xticks(range(len(hosts)), [str(h) for h in hosts])
+    ax.set_xlabel("simulated hosts")
+    ax.set_ylabel("per-host freeze window (ms)")
+    ax.set_yscale("log")
+    ax.set_title("Freeze window per host (box: quartiles, whiskers: p1-p99)", fontsize=9)
+    ax.grid(axis="y", alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    labels = [f"{e['hosts']}h/{e['members']}m" for e in cases]
+    bottom = [0.0] * len(cases)
+    for k, (key, name) in enumerate(FLEET_PARTS.items()):
+        vals = [statistics.median(e[key]) / 1e6 for e in cases]
+        bx.bar(labels, vals, bottom=bottom, color=f"C{k + 2}", label=name)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    bx.set_ylabel("ms (medians of each part)")
+    bx.set_title("Where a window's time goes (hosts h / etcd members m)", fontsize=9)
+    bx.tick_params(axis="x", labelsize=8)
+    bx.grid(axis="y", alpha=0.3)
+    bx.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def plot(per_fs: dict[str, list[float]], path: str) -> None:

@@ -57,7 +57,7 @@ class Host:
         self.host_conf = write(self.dir / "host.conf", f"[pre_post]\ntimeoutInSeconds = 60\nnumberOfPlugins = 1\n"
                                f"pluginName0 = S\npluginPath0 = {self.dir}\npluginConfigPath0 = {pj}\n", 0o600)
         cfg = {"host": self.name, "etcd": {"endpoints": fleet.cluster.endpoints}, "hostConfig": str(self.host_conf),
-               "mounts": [self.fs.mountpoint], "snapshotCommand": [str(scripts["snap"])],
+               "mounts": [self.fs.mountpoint], "snapshotCommand": fleet.snapshot_cmd or [str(scripts["snap"])],
                "maxFreezeSeconds": fleet.freeze_s, "maxQuiesceSeconds": fleet.quiesce_s}
         cfg["etcd"].update(fleet.tls_files(self.name))
         self.agent_conf = write(self.dir / "agent.json", json.dumps(cfg), 0o600)
@@ -124,8 +124,10 @@ class Fleet:
     """N hosts and a coordinator node on a cluster's lab."""
 
     def __init__(self, cluster, tmp: Path, n: int, freeze_s: float = 3.0, quiesce_s: float = 10.0,
-                 tls_users: bool = False):
+                 tls_users: bool = False, snapshot_cmd: list[str] | None = None):
         self.cluster = cluster
+        # None: each host's logging, holdable snap.sh; the benchmarks give a no-op (/bin/true).
+        self.snapshot_cmd = snapshot_cmd
         self.lab = cluster.lab
         self.tmp = tmp
         self.freeze_s = freeze_s

@@ -2,6 +2,7 @@
 it writes the markdown table and the plot, so the bench command cannot rot between runs."""
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -16,9 +17,11 @@ def test_report_from_a_real_benchmark_run(tmp_path):
     js = tmp_path / "bench.json"
     pytest = pathlib.Path(sys.executable).parent / "pytest"  # not `-m pytest`: that would import the source tree
     run = subprocess.run([str(pytest), "-q", "-p", "no:cacheprovider", str(ROOT / "benchmarks"),
-                          "-k", "spawn_os_posix or window and ext4-1-idle", "--benchmark-only",
+                          "-k", "spawn_os_posix or window and ext4-1-idle or group_run and 2hosts-1member",
+                          "--benchmark-only",
                           "--benchmark-min-rounds=3", f"--benchmark-json={js}"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+                         capture_output=True, text=True, cwd=ROOT, timeout=600,
+                         env=dict(os.environ, PYEXEC_FLEET_ROUNDS="2"))
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     rep = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), str(js), str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
@@ -27,4 +30,7 @@ def test_report_from_a_real_benchmark_run(tmp_path):
     assert "### spawn + wait of /bin/true" in md and "| os_posix_spawn |" in md
     assert "| ext4 | 1 | idle | callback |" in md and "| ext4 | 1 | idle | command |" in md
     png = (tmp_path / "window-overhead.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+    assert "### Group runs:" in md and "| 2 | 1 |" in md
+    png = (tmp_path / "fleet-windows.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
