@@ -1,0 +1,226 @@
+"""Group runs attacked: whoever can write to etcd (forged keys, malformed keys), a host's own role,
+the real callers reusing a run id, an agent restarted mid-run, two agents that claim one host name.
+Real etcd in a lab, real agents, real loop mounts (tests/fleethelpers.py).  Each test says what it
+breaks and what must hold instead: a record says `consistent` only if every host was frozen at the
+commit; every host thaws within its own bound; every host whose pre-script started runs its post."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from fleetfixtures import etcd1, lab  # noqa: F401
+from fleethelpers import PY, Fleet, write
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespaces, loop mounts")
+
+
+def run_id(f: Fleet, timeout: float = 20.0) -> str:
+    """The id of the one plan in etcd, once the coordinator has written it."""
+    found: list[str] = []
+
+    def one() -> bool:
+        found[:] = [k.rsplit("/", 1)[1] for k in f.etcdctl("get", "--prefix", "--keys-only", "/pyexec/plans/")
+                    .stdout.split() if k.count("/") == 3]
+        return len(found) == 1
+    f.wait_for(one, "the coordinator's plan", timeout)
+    return found[0]
+
+
+def has(f: Fleet, key: str) -> bool:
+    return bool(f.etcdctl("get", "--keys-only", key).stdout.strip())
+
+
+def record_of(proc: subprocess.Popen[bytes], timeout: float = 60) -> tuple[dict, bytes]:
+    out, err = proc.communicate(timeout=timeout)
+    assert out, f"no record (rc {proc.returncode}): {err.decode()[-3000:]}"
+    return orjson.loads(out), err
+
+
+def pids_with(arg: str) -> list[int]:
+    """Processes whose argv holds arg (a test's own config path: its agents and their workers)."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if arg.encode() in argv:
+                out.append(int(pid))
+    return out
+
+
+def test_a_forged_go_before_every_host_is_ready_never_makes_a_consistent_record(etcd1, tmp_path):
+    """Whoever can write runs/<id>/go writes it while h1 is still in its pre-script: h0 freezes on it,
+    so its bound starts before the coordinator's T0 and the proof's premise is gone.  h0 thaws on its
+    own deadline; h1 says frozen afterwards; h0's frozen key still stands (its post-script runs).  The
+    coordinator's commit then passes every compare: a `consistent` record for a cut in which h0 had
+    thawed before h1 took its snapshot.  The coordinator must not send its go over one it did not write."""
+    f = Fleet(etcd1, tmp_path, 2, freeze_s=3.0, quiesce_s=15.0)
+    try:
+        h0, h1 = f.hosts
+        h1.hold("pre")
+        h1.hold("snap")
+        h0.hold("post")
+        coord = f.start_group()
+        run = run_id(f)
+        f.wait_for(lambda: has(f, f"/pyexec/h/h0/runs/{run}/ready"), "h0 to be quiesced")
+        f.etcdctl("put", f"/pyexec/runs/{run}/go", "{}")
+        f.wait_for(lambda: has(f, f"/pyexec/h/h0/runs/{run}/frozen"), "h0 to freeze on the forged go", 10)
+        time.sleep(1.5)
+        h1.release("pre")  # now every host is ready: the coordinator's own go (T0)
+        f.wait_for(lambda: h0.count("post-start") == 1, "h0 to thaw (its deadline, or an abort)", 15)
+        h1.release("snap")
+        time.sleep(0.5)
+        h0.release("post")
+        rec, err = record_of(coord)
+        f.wait_workers_gone()
+        decisions = {h: r.get("decision") for h, r in rec["hosts"].items()}
+        assert rec["outcome"] != "consistent", (
+            f"consistent, though h0 thawed on its own deadline before h1 said frozen: {decisions}")
+        assert rec["outcome"] == "aborted", rec.get("reason")
+        for h in f.hosts:
+            assert h.count("post-end") == 1 and h.writable_after(5) is not None, h.lines()
+    finally:
+        f.close()
+
+
+def test_a_run_id_used_before_is_refused_and_its_record_kept(etcd1, tmp_path):
+    """`pyexec group run --run-id ID` twice (a script's fixed id, a retry): the second run found the
+    first one's committed key and reports, was aborted by its own timeout, and wrote its `aborted`
+    record over the first run's `consistent` one (with the first run's host reports in it)."""
+    f = Fleet(etcd1, tmp_path, 2, quiesce_s=3.0)
+    try:
+        rc, rec = f.group("--run-id", "again1")
+        assert rc == 0 and rec["outcome"] == "consistent", rec.get("reason")
+        p = f.lab.run(f.coord, f.group_argv("--run-id", "again1"), timeout=90, cwd="/", capture_output=True)
+        assert p.returncode == 2 and b"Traceback" not in p.stderr, p.stderr.decode()[-2000:]
+        doc = orjson.loads(p.stdout)
+        assert doc["code"] == 11 and "again1" in doc["problems"][0]["detail"], doc
+        kept = f.show("again1")
+        assert kept["outcome"] == "consistent", kept.get("reason")
+        for h in f.hosts:
+            assert h.count("pre-start") == 1, h.lines()
+    finally:
+        f.close()
+
+
+def test_a_key_that_is_not_utf8_does_not_deafen_or_kill_the_agents(etcd1, tmp_path):
+    """One key under plans/ whose name is not UTF-8 (anyone who can write there): the agents' watch
+    and poll died on it, so no later plan was seen, and an agent (re)started while it exists died at
+    once (a crash loop under systemd)."""
+    f = Fleet(etcd1, tmp_path, 2, quiesce_s=4.0)
+    try:
+        r = f.etcdctl("put", "/pyexec/plans/\udcff\udcfe", "{}")
+        assert r.returncode == 0, r.stderr
+        h1 = f.hosts[1]
+        f.lab.kill(h1.agent)
+        f.wait_for(lambda: not has(f, "/pyexec/h/h1/agent"), "h1's registration to end", 15)
+        h1.start_agent()
+        f.wait_registered()
+        time.sleep(1.0)
+        assert h1.agent is not None and h1.agent.poll() is None, (h1.dir / "agent.log").read_text()[-2000:]
+        rc, rec = f.group()
+        assert rc == 0 and rec["outcome"] == "consistent", (rec.get("reason"), (f.hosts[0].dir / "agent.log")
+                                                            .read_text()[-1500:])
+    finally:
+        f.close()
+
+
+def test_an_agent_restarted_during_the_pre_scripts_does_not_start_a_second_worker(etcd1, tmp_path):
+    """docs/fleet.md: stopping or restarting the agent does not end a run in progress.  Restarted
+    while its worker runs the pre-scripts (no key of the host in the run yet), the new agent took the
+    plan as unanswered and started a second worker for the same run: busy on the filesystems' lock,
+    it aborted the whole group run."""
+    f = Fleet(etcd1, tmp_path, 2)
+    try:
+        h0 = f.hosts[0]
+        h0.hold("pre")
+        coord = f.start_group()
+        f.wait_for(lambda: h0.count("pre-start") == 1, "h0's pre-script")
+        assert h0.agent is not None
+        h0.agent.send_signal(signal.SIGTERM)  # systemctl restart pyexec-agent (KillMode=process)
+        h0.agent.wait(15)
+        h0.start_agent()
+        f.wait_registered()
+        time.sleep(1.5)  # the new agent has read the plans
+        workers = h0.workers()
+        h0.release("pre")
+        rec, _ = record_of(coord)
+        assert len(workers) == 1, f"{len(workers)} workers for one run on h0"
+        assert rec["outcome"] == "consistent", rec.get("reason")
+        assert h0.count("pre-start") == 1 and h0.count("post-end") == 1, h0.lines()
+    finally:
+        f.close()
+
+
+def test_two_agents_claiming_one_host_name_do_not_both_serve_it(etcd1, tmp_path):
+    """A cloned machine keeps its agent.json (or its hostname): two agents register as h0.  Both took
+    the plan and ran it, each on its own machine, behind one `ready` and one `frozen` key: the first
+    `frozen` lets the coordinator commit while the other machine may not be frozen yet.  The second
+    agent must not serve the name while the first holds it."""
+    f = Fleet(etcd1, tmp_path, 2)
+    dup_conf = tmp_path / "dup-agent.json"
+    dup = None
+    try:
+        h1 = f.hosts[1]
+        cfg = json.loads(h1.agent_conf.read_text())
+        cfg["host"] = "h0"  # h1's machine (its scripts, its mount), h0's name
+        write(dup_conf, json.dumps(cfg), 0o600)
+        dup = f.lab.popen(h1.node, [PY, "-m", "pyexec.cli", "agent", "--config", str(dup_conf)], cwd="/",
+                          env=dict(os.environ, PYEXEC_RUN_DIR=h1.run_dir + "-dup"),
+                          stderr=open(tmp_path / "dup.log", "ab"))
+        time.sleep(2.0)
+        rc, rec = f.group(hosts=["h0"])
+        f.wait_for(lambda: not pids_with(str(dup_conf))[1:], "the duplicate's workers to end", 30)
+        assert h1.count("pre-start") == 0, (
+            f"h1's machine ran h0's run too ({rec['outcome']}): {h1.lines()}; {(tmp_path / 'dup.log').read_text()[-800:]}")
+        assert rc == 0 and rec["outcome"] == "consistent", rec.get("reason")
+    finally:
+        if dup is not None:
+            f.lab.kill(dup)
+        for pid in pids_with(str(dup_conf)):
+            os.kill(pid, signal.SIGKILL)
+        f.close()
+
+
+def test_a_host_role_cannot_crash_the_coordinator_with_its_ready_bound(etcd1, tmp_path):
+    """A host's own role may write its own `ready`: a bound of "nan" (or "inf") made the coordinator
+    die with a traceback (int(nan) in the budget), no record written.  It is that host's problem:
+    the run aborts, naming it."""
+    f = Fleet(etcd1, tmp_path, 2)
+    try:
+        h1 = f.hosts[1]
+        h1.hold("pre")
+        coord = f.start_group()
+        run = run_id(f)
+        f.wait_for(lambda: has(f, f"/pyexec/h/h0/runs/{run}/ready"), "h0 to be quiesced")
+        f.etcdctl("put", f"/pyexec/h/h0/runs/{run}/ready", '{"host": "h0", "freeze_s": "nan", "quiesce_s": 10}')
+        time.sleep(0.5)
+        h1.release("pre")
+        rec, err = record_of(coord)
+        assert b"Traceback" not in err, err.decode()[-2000:]
+        assert rec["outcome"] == "aborted" and rec["aborted_by"] == "h0", rec.get("reason")
+        f.wait_workers_gone()
+        for h in f.hosts:
+            assert h.count("snap-start") == 0 and h.count("post-end") == 1, h.lines()
+    finally:
+        f.close()
+
+
+def test_group_show_of_keys_a_host_wrote_badly_is_a_record_not_a_traceback(etcd1, tmp_path):
+    """`pyexec group show` reads a host's report as its role wrote it: not JSON, it died on it."""
+    f = Fleet(etcd1, tmp_path, 1)
+    try:
+        f.etcdctl("put", "/pyexec/h/h0/runs/bad1/report", "not json")
+        f.etcdctl("put", "/pyexec/h/h0/runs/bad1/abort", "[1]")
+        kept = f.show("bad1")
+        assert kept["outcome"] == "aborted" and kept["hosts"]["h0"]["outcome"] == "unreadable report", kept
+    finally:
+        f.close()
