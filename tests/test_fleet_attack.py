@@ -56,12 +56,14 @@ def pids_with(arg: str) -> list[int]:
     return out
 
 
-def test_a_forged_go_before_every_host_is_ready_never_makes_a_consistent_record(etcd1, tmp_path):
+@pytest.mark.parametrize("then", ["kept", "deleted"])
+def test_a_forged_go_before_every_host_is_ready_never_makes_a_consistent_record(then, etcd1, tmp_path):
     """Whoever can write runs/<id>/go writes it while h1 is still in its pre-script: h0 freezes on it,
     so its bound starts before the coordinator's T0 and the proof's premise is gone.  h0 thaws on its
     own deadline; h1 says frozen afterwards; h0's frozen key still stands (its post-script runs).  The
     coordinator's commit then passes every compare: a `consistent` record for a cut in which h0 had
-    thawed before h1 took its snapshot.  The coordinator must not send its go over one it did not write."""
+    thawed before h1 took its snapshot.  The coordinator must not send its go over one it did not write,
+    nor commit a host that froze on one (the forged go deleted again before the coordinator's own)."""
     f = Fleet(etcd1, tmp_path, 2, freeze_s=3.0, quiesce_s=15.0)
     try:
         h0, h1 = f.hosts
@@ -73,6 +75,8 @@ def test_a_forged_go_before_every_host_is_ready_never_makes_a_consistent_record(
         f.wait_for(lambda: has(f, f"/pyexec/h/h0/runs/{run}/ready"), "h0 to be quiesced")
         f.etcdctl("put", f"/pyexec/runs/{run}/go", "{}")
         f.wait_for(lambda: has(f, f"/pyexec/h/h0/runs/{run}/frozen"), "h0 to freeze on the forged go", 10)
+        if then == "deleted":
+            f.etcdctl("del", f"/pyexec/runs/{run}/go")
         time.sleep(1.5)
         h1.release("pre")  # now every host is ready: the coordinator's own go (T0)
         f.wait_for(lambda: h0.count("post-start") == 1, "h0 to thaw (its deadline, or an abort)", 15)

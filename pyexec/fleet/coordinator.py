@@ -225,15 +225,32 @@ def _run(r: _Run, o: GroupOptions, client: etcd.Client, nat: native.Native, canc
     c["commit_budget_ms"] = _ms(budget)
     # T0: taken before the go is sent, so every host's bound starts after it.
     t0 = nat.now_ns()
-    ok, _ = client.txn([etcd.absent(r.k[protocol.ABORT]), etcd.created_at(r.k[protocol.PLAN], plan_rev)],
+    # No go but its own: a host that froze on a go written before T0 (by whoever can write the run's
+    # keys) started its bound before T0, and the budget would not prove it frozen at the commit.
+    ok, go_rev = client.txn([etcd.absent(r.k[protocol.ABORT]), etcd.created_at(r.k[protocol.PLAN], plan_rev),
+                        etcd.absent(r.k[protocol.GO]), etcd.absent(r.k[protocol.COMMITTED])],
                        [etcd.put_op(r.k[protocol.GO], b"{}", r.lease.id)])
     c["go_sent_ms"] = _ms(t0 - t_start)
     if not ok:
-        r.abort("the plan was lost or the run aborted before the go")
+        r.abort("the plan was lost, the run aborted, or a go or commit this coordinator did not write stood "
+                "before its go")
         return _finish(r, o, client, nat, say)
     say(f"run {o.run_id}: go; waiting for every host to be frozen")
     ok, why = r.wait_all(protocol.FROZEN, t0 + budget, cancel_fd)
     c["all_frozen_ms"] = _ms(nat.now_ns() - t0)
+    if ok:
+        # Each host says which go it froze on: one written and deleted before T0 by someone else
+        # passed the go's transaction unseen, and a host that froze on it started its bound before T0.
+        keys = r.keys()
+        for h in o.hosts:
+            try:
+                seen = orjson.loads(keys[r.host_leaf(h, protocol.FROZEN)].value)["go_revision"]
+            except (KeyError, TypeError, orjson.JSONDecodeError):
+                seen = None
+            if seen != go_rev:
+                r.rec["aborted_by"] = h
+                ok, why = False, f"{h} froze on a go this coordinator did not write (revision {seen}, not {go_rev})"
+                break
     if not ok:
         r.abort(why)
         return _finish(r, o, client, nat, say)
@@ -250,7 +267,9 @@ def _run(r: _Run, o: GroupOptions, client: etcd.Client, nat: native.Native, canc
     if t1 - t0 >= budget:
         r.abort("no time left to commit within the earliest host's bound")
         return _finish(r, o, client, nat, say)
-    compare = [etcd.absent(r.k[protocol.ABORT]), etcd.created_at(r.k[protocol.PLAN], plan_rev)]
+    # absent(COMMITTED): a host that thawed on a commit this coordinator did not write is not frozen now.
+    compare = [etcd.absent(r.k[protocol.ABORT]), etcd.absent(r.k[protocol.COMMITTED]),
+               etcd.created_at(r.k[protocol.PLAN], plan_rev)]
     compare += [etcd.absent(r.host_leaf(h, protocol.HOST_ABORT)) for h in o.hosts]
     compare += [etcd.present(r.host_leaf(h, protocol.FROZEN)) for h in o.hosts]
     try:
@@ -285,8 +304,10 @@ def _run(r: _Run, o: GroupOptions, client: etcd.Client, nat: native.Native, canc
             err = errors.PyexecError(322, f"the commit's result is unknown: etcd stopped answering "
                                      f"({c['commit_error']}); every host thaws on its own deadline")
             r.rec.update(outcome="failed", reason=err.detail, code=322, error=err.as_dict())
-    else:
-        r.abort("the commit's conditions did not hold (an abort, a host's frozen key gone, or the plan lost)")
+    elif r.abort("the commit's conditions did not hold (an abort, a host's frozen key gone, or the plan "
+                 "lost)") is False:
+        r.rec.update(outcome=UNPROVEN, reason="a commit this coordinator did not write stands: the overlap is not "
+                                              "proven")
     return _finish(r, o, client, nat, say)
 
 

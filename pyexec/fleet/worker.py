@@ -43,6 +43,7 @@ class Worker:
         self.decision = ""
         self.snapshot_id = ""
         self.aborted_why = ""
+        self.go_revision = 0
         self.notes: list[str] = []
         p, run, h = cfg.prefix, plan.run, cfg.host
         self.k = {leaf: protocol.run_key(p, run, leaf) for leaf in
@@ -63,7 +64,9 @@ class Worker:
         plan = keys.get(self.k[protocol.PLAN])
         if plan is None or plan.create_revision != self.plan_revision:
             return PLAN_LOST
-        if self.k[protocol.GO] in keys:
+        go = keys.get(self.k[protocol.GO])
+        if go is not None:
+            self.go_revision = go.create_revision  # which go this host froze on: said in `frozen`
             return GO
         return None
 
@@ -157,7 +160,8 @@ class Worker:
                 self.abort(f"the snapshot command failed on {self.cfg.host}: {res.detail}")
                 self.decision = ABORTED
                 raise Stop(f"the snapshot command failed: {res.detail}")
-        if not self.put(protocol.FROZEN, {"host": self.cfg.host, "snapshot": self.snapshot_id}):
+        if not self.put(protocol.FROZEN, {"host": self.cfg.host, "snapshot": self.snapshot_id,
+                                          "go_revision": self.go_revision}):
             self.abort("could not say frozen")
         self.stamps["said_frozen"] = self.nat.now_ns()
         st = self.wait((COMMITTED, ABORTED, PLAN_LOST), deadline, cancel.fd)
