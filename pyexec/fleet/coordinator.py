@@ -21,6 +21,10 @@ from pyexec import errors, limits, native, scripts, signals, waits
 from pyexec.fleet import etcd, protocol
 
 CONSISTENT, ABORTED, UNPROVEN = "consistent", "aborted", "unproven"
+
+
+class RunIdTaken(ValueError):
+    """The run id names a run etcd already has (in progress, or decided: its keys are its history)."""
 REPORT_WAIT_S = 30.0  # how long the record waits for the hosts' own reports once the decision is made
 
 
@@ -159,7 +163,8 @@ def _ms(ns: int) -> float:
 
 def group_run(o: GroupOptions, say: Callable[[str], None] = lambda m: None,
               cancel: signals.Cancel | None = None, nat: native.Native | None = None) -> dict[str, Any]:
-    """One group run start to end: the record (also kept in etcd under runs/<id>/record)."""
+    """One group run start to end: the record (also kept in etcd under runs/<id>/record).  RunIdTaken
+    (a ValueError) if etcd has a run of that id already: nothing was run."""
     nat = nat or native.default()
     client = etcd.Client(o.endpoints, o.tls)
     r = _Run(o, client, nat, say)
@@ -196,9 +201,13 @@ def _run(r: _Run, o: GroupOptions, client: etcd.Client, nat: native.Native, canc
          c: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
     r.lease = etcd.Lease(client, protocol.LEASE_TTL_S, protocol.KEEPALIVE_S)
     plan = protocol.Plan(o.run_id, tuple(o.hosts), o.quiesce_s, o.freeze_s, os.uname().nodename)
-    ok, rev = client.txn([etcd.absent(r.k[protocol.PLAN])], [etcd.put_op(r.k[protocol.PLAN], plan.dumps(), r.lease.id)])
+    # Nothing under runs/<id>/ either: a run decided earlier keeps its decision, record and reports
+    # (the hosts' agents would not answer its id again, and its record would be written over).
+    ok, rev = client.txn([etcd.absent(r.k[protocol.PLAN]), etcd.none_under(protocol.run_key(o.prefix, o.run_id))],
+                         [etcd.put_op(r.k[protocol.PLAN], plan.dumps(), r.lease.id)])
     if not ok:
-        raise ValueError(f"run id {o.run_id} is taken")
+        raise RunIdTaken(f"run id {o.run_id} is taken: a run with that id is in progress or kept in etcd "
+                         f"(`pyexec group show --run-id {o.run_id}`)")
     plan_rev = rev
     t_start = nat.now_ns()
     say(f"run {o.run_id}: plan for {len(o.hosts)} host(s); waiting for every host to be quiesced "

@@ -87,6 +87,13 @@ def absent(key: str) -> dict[str, Any]:
     return {"key": _b64(key), "target": "VERSION", "result": "EQUAL", "version": 0}
 
 
+def none_under(prefix: str) -> dict[str, Any]:
+    """A transaction's compare: no key starts with prefix (a compare over a range holds for every key
+    in it, and for an empty range it compares a key that does not exist: etcd 3.3 and later)."""
+    return {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix)), "target": "VERSION", "result": "EQUAL",
+            "version": 0}
+
+
 def present(key: str) -> dict[str, Any]:
     """A transaction's compare: key exists."""
     return {"key": _b64(key), "target": "VERSION", "result": "GREATER", "version": 0}
