@@ -57,7 +57,9 @@ class KV:
 
 
 def _kv(d: dict[str, Any]) -> KV:
-    return KV(_unb64(d["key"]).decode(), _unb64(d.get("value", "")), int(d.get("create_revision", 0)),
+    # A key is bytes to etcd: one that is not UTF-8 (anyone who can write the range) must not stop a
+    # reader; replaced, it matches no name the protocol uses (protocol.check_name).
+    return KV(_unb64(d["key"]).decode("utf-8", "replace"), _unb64(d.get("value", "")), int(d.get("create_revision", 0)),
               int(d.get("mod_revision", 0)), int(d.get("lease", 0)))
 
 
@@ -326,7 +328,10 @@ class View:
 
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_s):
-            self.refresh(time.monotonic() + self.poll_s)
+            try:
+                self.refresh(time.monotonic() + self.poll_s)
+            except Exception as e:  # noqa: BLE001 - an answer not as expected: this thread is the fallback, it goes on
+                self.error = f"poll: {type(e).__name__}: {e}"
 
     def _watch(self, prefix: str) -> None:
         end = prefix_end(prefix)
