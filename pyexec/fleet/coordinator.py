@@ -225,9 +225,14 @@ def _run(r: _Run, o: GroupOptions, client: etcd.Client, nat: native.Native, canc
     bounds = {}
     for h in o.hosts:
         try:
-            bounds[h] = float(orjson.loads(keys[r.host_leaf(h, protocol.READY)].value)["freeze_s"])
+            # A host's bound as its ready says, never above the plan's (a host takes the shorter).
+            bounds[h] = min(o.freeze_s, limits.check_timeout(
+                orjson.loads(keys[r.host_leaf(h, protocol.READY)].value)["freeze_s"], "freeze_s"))
         except (KeyError, ValueError, TypeError, orjson.JSONDecodeError):
-            bounds[h] = o.freeze_s
+            # Unknown, it cannot be proven frozen: a guess could be longer than the bound it took.
+            r.rec["aborted_by"] = h
+            r.abort(f"{h}'s ready has no valid freeze bound")
+            return _finish(r, o, client, nat, say)
     earliest = min(bounds.values())
     budget = protocol.commit_budget_ns(earliest)
     c["freeze_bounds_s"] = bounds
@@ -373,13 +378,16 @@ def show(o: GroupOptions) -> dict[str, Any]:
         for kv in hk:
             leaf = kv.key.rsplit("/", 1)[1]
             if leaf == protocol.REPORT:
-                reports[h] = orjson.loads(kv.value)
+                # As the host's role wrote it: anything, JSON or not.
+                reports[h] = _json_object(kv.value) or {"host": h, "outcome": "unreadable report"}
             elif leaf == protocol.HOST_ABORT:
                 aborts.append(h)
     hosts = {h: reports.get(h, {"host": h, "outcome": "no report", "decision": "unknown"}) for h in plan_hosts}
-    if rec_kv is not None:  # the coordinator's own word (written at the decision, again with the reports)
-        rec: dict[str, Any] = orjson.loads(rec_kv.value)
-        rec["hosts"] = {h: rec.get("hosts", {}).get(h) or hosts[h] for h in plan_hosts}
+    rec = _json_object(rec_kv.value) if rec_kv is not None else None
+    if rec is not None:  # the coordinator's own word (written at the decision, again with the reports)
+        kept = rec.get("hosts")
+        kept = kept if isinstance(kept, dict) else {}
+        rec["hosts"] = {h: kept.get(h) or hosts[h] for h in plan_hosts}
         return rec
     if protocol.run_key(o.prefix, o.run_id, protocol.COMMITTED) in keys:
         outcome, reason = UNPROVEN, "committed, but the coordinator wrote no record: the overlap is not proven"
@@ -389,3 +397,12 @@ def show(o: GroupOptions) -> dict[str, Any]:
         outcome, reason = "undecided", "neither committed nor aborted: every host thawed on the loss of the plan or its own deadline"
     return {"run": o.run_id, "outcome": outcome, "reason": reason, "aborted_by": aborts[0] if aborts else None,
             "hosts": hosts, "coordinator": {"record": "missing"}}
+
+
+def _json_object(data: bytes) -> dict[str, Any] | None:
+    """data as a JSON object, or None (not JSON, or not an object)."""
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return doc if isinstance(doc, dict) else None
