@@ -21,6 +21,7 @@ PLAN, GO, COMMITTED, ABORT, RECORD = "plan", "go", "committed", "abort", "record
 # A host's keys for a run (under h/<host>/runs/<id>/): only that host's agent writes them, so an
 # etcd role per host can be one key range (docs/fleet.md, roles).
 READY, FROZEN, HOST_ABORT, REPORT = "ready", "frozen", "abort", "report"
+WORKER = "worker"  # h/<host>/runs/<id>/worker: on the worker's lease from its start (a restarted agent sees it)
 AGENT = "agent"  # h/<host>/agent: the agent's registration, on its lease
 
 LEASE_TTL_S = 3  # coordinator's, agent's and worker's leases; etcd's floor is 1.5 election timeouts

@@ -49,8 +49,11 @@ class Worker:
         self.k = {leaf: protocol.run_key(p, run, leaf) for leaf in
                   (protocol.PLAN, protocol.GO, protocol.COMMITTED, protocol.ABORT)}
         self.mine = {leaf: protocol.host_key(p, h, run, leaf) for leaf in
-                     (protocol.READY, protocol.FROZEN, protocol.HOST_ABORT, protocol.REPORT)}
+                     (protocol.READY, protocol.FROZEN, protocol.HOST_ABORT, protocol.REPORT, protocol.WORKER)}
         self.lease = etcd.Lease(client, protocol.LEASE_TTL_S, protocol.KEEPALIVE_S)
+        # Before any pre-script: an agent restarted from now on sees the run taken and starts no second
+        # worker (it would find the filesystems locked by this one and abort the group run).
+        self.put(protocol.WORKER, {"host": cfg.host, "pid": os.getpid()})
         mine = (self.k[protocol.PLAN], protocol.run_key(p, run))
         self.view = etcd.View(client, list(mine), 0, accept=lambda k: k == mine[0] or k.startswith(mine[1]))
 
