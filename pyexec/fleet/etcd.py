@@ -96,6 +96,11 @@ def none_under(prefix: str) -> dict[str, Any]:
             "version": 0}
 
 
+def modified_at(key: str, revision: int) -> dict[str, Any]:
+    """A transaction's compare: key is as it was written at revision (not written since)."""
+    return {"key": _b64(key), "target": "MOD", "result": "EQUAL", "mod_revision": revision}
+
+
 def present(key: str) -> dict[str, Any]:
     """A transaction's compare: key exists."""
     return {"key": _b64(key), "target": "VERSION", "result": "GREATER", "version": 0}
