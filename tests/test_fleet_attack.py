@@ -83,7 +83,7 @@ def test_a_forged_go_before_every_host_is_ready_never_makes_a_consistent_record(
         h1.release("snap")
         time.sleep(0.5)
         h0.release("post")
-        rec, err = record_of(coord)
+        rec, _ = record_of(coord)
         f.wait_workers_gone()
         decisions = {h: r.get("decision") for h, r in rec["hosts"].items()}
         assert rec["outcome"] != "consistent", (
