@@ -228,3 +228,54 @@ def test_group_show_of_keys_a_host_wrote_badly_is_a_record_not_a_traceback(etcd1
         assert kept["outcome"] == "aborted" and kept["hosts"]["h0"]["outcome"] == "unreadable report", kept
     finally:
         f.close()
+
+
+FAKE_HOSTS = """
+import sys, time, orjson
+from pyexec.fleet import etcd
+c = etcd.Client(sys.argv[1].split(","))
+hosts = [f"f{i}" for i in range(int(sys.argv[2]))]
+lease = etcd.Lease(c, 10, 1)
+c.txn([], [etcd.put_op(f"/pyexec/h/{h}/agent", b"{}", lease.id) for h in hosts])
+print("registered", flush=True)
+def wait(key, prefix=False):
+    t_end = time.monotonic() + 60
+    while time.monotonic() < t_end:
+        kvs, _ = c.get(key, prefix=prefix)
+        if kvs:
+            return kvs[0]
+        time.sleep(0.05)
+    sys.exit(f"no {key}")
+run = wait("/pyexec/plans/", True).key.rsplit("/", 1)[1]
+c.txn([], [etcd.put_op(f"/pyexec/h/{h}/runs/{run}/ready", orjson.dumps({"host": h, "freeze_s": 20}))
+           for h in hosts])
+go = wait(f"/pyexec/runs/{run}/go")
+c.txn([], [etcd.put_op(f"/pyexec/h/{h}/runs/{run}/frozen", orjson.dumps({"host": h, "go_revision":
+                                                                         go.create_revision})) for h in hosts])
+c.txn([], [etcd.put_op(f"/pyexec/h/{h}/runs/{run}/report", orjson.dumps({"host": h})) for h in hosts])
+print("frozen", flush=True)
+"""
+
+
+def test_a_group_larger_than_one_etcd_transaction_is_refused_before_anything_runs(etcd1, tmp_path):
+    """etcd refuses a transaction of more than --max-txn-ops compares (128 by default): the commit
+    (its decisions and the plan, and per host no abort and a frozen key) could never be applied for a
+    group of 63 hosts or more, so every such run quiesced and froze every host for nothing and ended
+    aborted.  Here 70 hosts that each say ready and frozen (keys written as their workers would)."""
+    f = Fleet(etcd1, tmp_path, 1)
+    driver = None
+    try:
+        driver = f.lab.popen(f.coord, [PY, "-c", FAKE_HOSTS, ",".join(f.cluster.endpoints), "70"], cwd="/",
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert driver.stdout is not None
+        assert driver.stdout.readline().strip() == b"registered"
+        hosts = [f"f{i}" for i in range(70)]
+        p = f.lab.run(f.coord, f.group_argv("--freeze-timeout", "20", "--quiesce-timeout", "30", hosts=hosts), timeout=90, cwd="/",
+                      capture_output=True)
+        doc = orjson.loads(p.stdout)
+        assert p.returncode == 2 and doc["code"] == 11, (p.returncode, doc.get("outcome"), doc.get("reason"))
+        assert not f.etcdctl("get", "--prefix", "--keys-only", "/pyexec/runs/").stdout.strip()
+    finally:
+        if driver is not None:
+            f.lab.kill(driver)
+        f.close()
