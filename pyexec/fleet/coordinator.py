@@ -60,6 +60,9 @@ def options(endpoints: str | Sequence[str], hosts: str | Sequence[str], cut_cmd:
         protocol.check_name(h, "a host")
     if len(set(names)) != len(names):
         raise ValueError("--hosts names a host twice")
+    if len(names) > protocol.MAX_HOSTS:
+        raise ValueError(f"--hosts names {len(names)} hosts; a group run takes at most {protocol.MAX_HOSTS} (its "
+                         f"commit is one etcd transaction, at most {protocol.MAX_TXN_OPS} compares by default)")
     if (cert is None) != (key is None):
         raise ValueError("--cert and --key go together")
     for f in (cacert, cert, key):
