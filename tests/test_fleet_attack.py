@@ -279,3 +279,55 @@ def test_a_group_larger_than_one_etcd_transaction_is_refused_before_anything_run
         if driver is not None:
             f.lab.kill(driver)
         f.close()
+
+
+SIGNAL_CASES = [
+    # (whom, where, signal): h0's worker in its own snapshot command (frozen), frozen and waiting for
+    # the commit (h1's snapshot held), quiesced and waiting for the go (h1's pre-script held); the
+    # coordinator while every host waits frozen or quiesced.
+    ("worker", "snap", signal.SIGTERM),
+    ("worker", "frozen", signal.SIGHUP),
+    ("worker", "quiesced", signal.SIGINT),
+    ("coordinator", "frozen", signal.SIGHUP),
+    ("coordinator", "quiesced", signal.SIGTERM),
+]
+
+
+@pytest.mark.parametrize(("whom", "where", "sig"), SIGNAL_CASES, ids=[f"{a}-{b}-{c.name}" for a, b, c in SIGNAL_CASES])
+def test_a_signal_in_any_phase_aborts_thaws_at_once_and_resumes_everyone(whom, where, sig, etcd1, tmp_path):
+    """A signal to a host's run worker or to the coordinator: the run aborts (the signalled side's
+    abort applied first, so no commit can count a thawed host), every frozen host thaws well before
+    its bound, and every host whose pre-script started runs its post-script once."""
+    f = Fleet(etcd1, tmp_path, 2, freeze_s=5.0, quiesce_s=15.0)
+    try:
+        h0, h1 = f.hosts
+        hold = (h0, "snap") if where == "snap" else (h1, "snap") if where == "frozen" else (h1, "pre")
+        hold[0].hold(hold[1])
+        coord = f.start_group()
+        run = run_id(f)
+        if where == "snap":
+            f.wait_for(lambda: h0.count("snap-start") == 1, "h0's snapshot command")
+        else:
+            leaf = "frozen" if where == "frozen" else "ready"
+            f.wait_for(lambda: has(f, f"/pyexec/h/h0/runs/{run}/{leaf}"), f"h0 {leaf}")
+        time.sleep(0.2)
+        t_sig = time.monotonic()
+        if whom == "worker":
+            (pid,) = h0.workers()
+            os.kill(pid, sig)
+        else:
+            coord.send_signal(sig)
+        writable = h0.writable_after(f.freeze_s + 5)
+        since = time.monotonic() - t_sig
+        hold[0].release(hold[1])
+        rec, _ = record_of(coord)
+        f.wait_workers_gone()
+        assert writable is not None and since < f.freeze_s - 1, f"h0 writable {since:.2f}s after the signal"
+        assert rec["outcome"] == "aborted", rec.get("reason")
+        assert rec["aborted_by"] == ("h0" if whom == "worker" else "coordinator"), rec.get("reason")
+        for h in f.hosts:
+            assert h.count("post-end") == h.count("pre-start") == 1, h.lines()
+            assert rec["hosts"][h.name]["group_decision"] == "aborted", rec["hosts"][h.name]
+            assert h.writable_after(5) is not None
+    finally:
+        f.close()
