@@ -361,3 +361,54 @@ def test_a_worker_killed_after_its_agent_restarted_still_gets_its_post_scripts(e
         assert coord.poll() is None or coord.returncode == 4
     finally:
         f.close()
+
+
+def test_a_plan_deleted_and_made_again_mid_run_thaws_at_once_and_starts_nothing_twice(etcd1, tmp_path):
+    """Whoever can write plans/ deletes the run's plan while h0 is frozen and puts the same plan back
+    (not on the coordinator's lease): h0 thaws on the loss at once; the coordinator's commit sees a
+    plan it did not create and aborts; no agent takes the plan made again as a new run."""
+    f = Fleet(etcd1, tmp_path, 2, freeze_s=5.0)
+    try:
+        h0, h1 = f.hosts
+        h1.hold("snap")
+        coord = f.start_group()
+        run = run_id(f)
+        f.wait_for(lambda: has(f, f"/pyexec/h/h0/runs/{run}/frozen"), "h0 frozen")
+        plan = f.etcdctl("get", "--print-value-only", f"/pyexec/plans/{run}").stdout.strip()
+        t = time.monotonic()
+        f.etcdctl("del", f"/pyexec/plans/{run}")
+        f.etcdctl("put", f"/pyexec/plans/{run}", plan)
+        writable = h0.writable_after(f.freeze_s + 5)
+        since = time.monotonic() - t
+        h1.release("snap")
+        rec, _ = record_of(coord)
+        f.wait_workers_gone()
+        time.sleep(1.0)  # the agents have seen the plan made again
+        assert writable is not None and since < f.freeze_s - 1, f"h0 writable {since:.2f}s after the plan's loss"
+        assert rec["outcome"] == "aborted", rec.get("reason")
+        assert rec["hosts"]["h0"]["decision"] == "plan lost", rec["hosts"]["h0"]
+        for h in f.hosts:
+            assert h.count("pre-start") == h.count("post-end") == 1, h.lines()
+        assert not any(h.workers() for h in f.hosts)
+    finally:
+        f.close()
+
+
+def test_an_agent_started_while_etcd_is_down_serves_once_it_is_back(etcd1, tmp_path):
+    """`pyexec agent` at boot, before etcd: it keeps trying (bounded requests), registers when etcd
+    answers, and serves the next run."""
+    f = Fleet(etcd1, tmp_path, 2)
+    try:
+        h0 = f.hosts[0]
+        f.lab.kill(h0.agent)
+        f.cluster.kill_all()
+        h0.start_agent()
+        time.sleep(3.0)
+        assert h0.agent is not None and h0.agent.poll() is None, (h0.dir / "agent.log").read_text()[-1500:]
+        for i in range(len(f.cluster.endpoints)):
+            f.cluster.start(i)
+        f.wait_registered(30)
+        rc, rec = f.group()
+        assert rc == 0 and rec["outcome"] == "consistent", rec.get("reason")
+    finally:
+        f.close()
