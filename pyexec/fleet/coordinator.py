@@ -244,9 +244,9 @@ def _run(r: _Run, o: GroupOptions, client: etcd.Client, nat: native.Native, canc
     t0 = nat.now_ns()
     # No go but its own: a host that froze on a go written before T0 (by whoever can write the run's
     # keys) started its bound before T0, and the budget would not prove it frozen at the commit.
-    ok, go_rev = client.txn([etcd.absent(r.k[protocol.ABORT]), etcd.created_at(r.k[protocol.PLAN], plan_rev),
-                        etcd.absent(r.k[protocol.GO]), etcd.absent(r.k[protocol.COMMITTED])],
-                       [etcd.put_op(r.k[protocol.GO], b"{}", r.lease.id)])
+    ok, go_rev = _put_once(client, [etcd.absent(r.k[protocol.ABORT]), etcd.created_at(r.k[protocol.PLAN], plan_rev),
+                                    etcd.absent(r.k[protocol.GO]), etcd.absent(r.k[protocol.COMMITTED])],
+                           r.k[protocol.GO], {}, r.lease.id)
     c["go_sent_ms"] = _ms(t0 - t_start)
     if not ok:
         r.abort("the plan was lost, the run aborted, or a go or commit this coordinator did not write stood "
@@ -290,8 +290,8 @@ def _run(r: _Run, o: GroupOptions, client: etcd.Client, nat: native.Native, canc
     compare += [etcd.absent(r.host_leaf(h, protocol.HOST_ABORT)) for h in o.hosts]
     compare += [etcd.present(r.host_leaf(h, protocol.FROZEN)) for h in o.hosts]
     try:
-        committed, _ = client.txn(compare, [etcd.put_op(r.k[protocol.COMMITTED], orjson.dumps(
-            {"by": "coordinator"}))], time.monotonic() + (t0 + budget - t1) / 1e9)
+        committed, _ = _put_once(client, compare, r.k[protocol.COMMITTED], {"by": "coordinator"}, 0,
+                                 time.monotonic() + (t0 + budget - t1) / 1e9)
     except (etcd.Unreachable, RuntimeError) as e:
         committed = False
         # Applied or not, unknown: the hosts learn it from etcd; the record cannot claim consistency.
@@ -326,6 +326,21 @@ def _run(r: _Run, o: GroupOptions, client: etcd.Client, nat: native.Native, canc
         r.rec.update(outcome=UNPROVEN, reason="a commit this coordinator did not write stands: the overlap is not "
                                               "proven")
     return _finish(r, o, client, nat, say)
+
+
+def _put_once(client: etcd.Client, compare: list[dict[str, Any]], key: str, doc: dict[str, Any], lease: int,
+              deadline: float | None = None) -> tuple[bool, int]:
+    """Put key by a transaction whose compares include its absence: (applied, its create revision).
+    A request sent again (to the next endpoint, after one that applied it failed to answer) finds
+    the key there: the token in its value tells this put from anyone else's."""
+    token = secrets.token_hex(8)
+    ok, rev = client.txn(compare, [etcd.put_op(key, orjson.dumps(dict(doc, token=token)), lease)], deadline)
+    if ok:
+        return True, rev
+    kvs, _ = client.get(key, deadline=deadline)
+    if kvs and (_json_object(kvs[0].value) or {}).get("token") == token:
+        return True, kvs[0].create_revision
+    return False, 0
 
 
 def _finish(r: _Run, o: GroupOptions, client: etcd.Client, nat: native.Native,
