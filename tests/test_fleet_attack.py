@@ -412,3 +412,25 @@ def test_an_agent_started_while_etcd_is_down_serves_once_it_is_back(etcd1, tmp_p
         assert rc == 0 and rec["outcome"] == "consistent", rec.get("reason")
     finally:
         f.close()
+
+
+def test_group_show_tells_a_run_in_progress_and_a_run_that_never_was(etcd1, tmp_path):
+    """`pyexec group show` said `undecided: every host thawed on the loss of the plan or its own
+    deadline` for a run in progress (h0 quiesced right then) and for a run id etcd never saw."""
+    f = Fleet(etcd1, tmp_path, 2)
+    try:
+        f.hosts[1].hold("pre")
+        coord = f.start_group()
+        run = run_id(f)
+        f.wait_for(lambda: has(f, f"/pyexec/h/h0/runs/{run}/ready"), "h0 to be quiesced")
+        now = f.show(run)
+        f.hosts[1].release("pre")
+        rec, _ = record_of(coord)
+        assert now["outcome"] == "in progress", now
+        assert rec["outcome"] == "consistent" and f.show(run)["outcome"] == "consistent"
+        p = f.lab.run(f.coord, [PY, "-m", "pyexec.cli", "group", "show", "--etcd", ",".join(f.cluster.endpoints),
+                                "--hosts", "h0,h1", "--run-id", "nosuch", "--json"], timeout=60, cwd="/",
+                      capture_output=True)
+        assert p.returncode == 2 and orjson.loads(p.stdout)["code"] == 11, p.stdout.decode()[-500:]
+    finally:
+        f.close()
