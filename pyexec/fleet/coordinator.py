@@ -383,7 +383,8 @@ def _finish(r: _Run, o: GroupOptions, client: etcd.Client, nat: native.Native,
 def show(o: GroupOptions) -> dict[str, Any]:
     """A group run as etcd keeps it: its record if its coordinator wrote one; else what the keys say
     (a coordinator that died: `unproven` if it committed, since only it knew when the commit came
-    back; `aborted` if an abort stands; `undecided` otherwise), with every host's own report."""
+    back; `aborted` if an abort stands; `in progress` while its plan stands; `undecided` otherwise),
+    with every host's own report.  PyexecError 11 if etcd has no trace of the run."""
     client = etcd.Client(o.endpoints, o.tls)
     kvs, _ = client.get(protocol.run_key(o.prefix, o.run_id), prefix=True)
     keys = {kv.key: kv for kv in kvs}
@@ -401,6 +402,10 @@ def show(o: GroupOptions) -> dict[str, Any]:
             elif leaf == protocol.HOST_ABORT:
                 aborts.append(h)
     hosts = {h: reports.get(h, {"host": h, "outcome": "no report", "decision": "unknown"}) for h in plan_hosts}
+    in_progress = bool(client.get(protocol.run_key(o.prefix, o.run_id, protocol.PLAN))[0])
+    if not (keys or in_progress or reports or aborts):
+        raise errors.PyexecError(11, f"no group run {o.run_id} in etcd under {o.prefix} (for hosts "
+                                     f"{', '.join(plan_hosts)})")
     rec = _json_object(rec_kv.value) if rec_kv is not None else None
     if rec is not None:  # the coordinator's own word (written at the decision, again with the reports)
         kept = rec.get("hosts")
@@ -411,6 +416,8 @@ def show(o: GroupOptions) -> dict[str, Any]:
         outcome, reason = UNPROVEN, "committed, but the coordinator wrote no record: the overlap is not proven"
     elif protocol.run_key(o.prefix, o.run_id, protocol.ABORT) in keys or aborts:
         outcome, reason = ABORTED, f"aborted by {', '.join(aborts) or 'the coordinator'}"
+    elif in_progress:  # its plan stands: its coordinator's lease is alive, the hosts may be frozen now
+        outcome, reason = "in progress", "not decided yet: the run's plan stands (its coordinator is alive)"
     else:
         outcome, reason = "undecided", "neither committed nor aborted: every host thawed on the loss of the plan or its own deadline"
     return {"run": o.run_id, "outcome": outcome, "reason": reason, "aborted_by": aborts[0] if aborts else None,
