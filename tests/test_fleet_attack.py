@@ -434,3 +434,20 @@ def test_group_show_tells_a_run_in_progress_and_a_run_that_never_was(etcd1, tmp_
         assert p.returncode == 2 and orjson.loads(p.stdout)["code"] == 11, p.stdout.decode()[-500:]
     finally:
         f.close()
+
+
+def test_a_freeze_bound_too_short_to_prove_anything_freezes_nobody(etcd1, tmp_path):
+    """A freeze bound under ~3 ms leaves the commit no time at all (its budget is the bound less 2 ms,
+    0.1 % and 1 ms): the coordinator sent the go anyway, every host froze and ran its snapshot
+    command for a run that could only abort.  From --freeze-timeout it is refused before anything is
+    sent; from a host's own maxFreezeSeconds, the run aborts before the go, naming the host."""
+    f = Fleet(etcd1, tmp_path, 2, freeze_s=0.002)
+    try:
+        p = f.lab.run(f.coord, f.group_argv(), timeout=60, cwd="/", capture_output=True)
+        assert p.returncode == 2 and orjson.loads(p.stdout)["code"] == 11, p.stdout.decode()[-500:]
+        rc, rec = f.group("--freeze-timeout", "3")  # the plan's bound is fine, the hosts' own are not
+        assert rc == 4 and rec["outcome"] == "aborted", rec.get("reason")
+        for h in f.hosts:
+            assert h.count("snap-start") == 0 and h.count("post-end") == h.count("pre-start") == 1, h.lines()
+    finally:
+        f.close()
