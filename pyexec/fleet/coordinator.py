@@ -79,11 +79,15 @@ def options(endpoints: str | Sequence[str], hosts: str | Sequence[str], cut_cmd:
                 password = pf.read(4096).decode("utf-8", "replace").strip()
         except OSError as e:
             raise ValueError(f"--password-file {password_file}: {e.strerror}") from None
+    freeze = limits.check_timeout(freeze_timeout, "freeze timeout")
+    if protocol.commit_budget_ns(freeze) <= 0:
+        raise ValueError(f"--freeze-timeout {freeze_timeout!r} leaves no time to commit (the commit must come "
+                         f"{(protocol.SELF_THAW_EARLY_NS + protocol.COMMIT_SLACK_NS) / 1e6:g} ms and 0.1 % before the bound)")
     rid = protocol.check_name(run_id, "the run id") if run_id else \
         time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
     return GroupOptions(
         eps, names, scripts.resolve_command(cut_cmd) if cut_cmd else None,
-        limits.check_timeout(quiesce_timeout, "quiesce timeout"), limits.check_timeout(freeze_timeout, "freeze timeout"),
+        limits.check_timeout(quiesce_timeout, "quiesce timeout"), freeze,
         etcd.Access(cacert, cert, key, user, password), prefix, rid, limits.check_timeout(report_wait, "report wait", zero_ok=True))
 
 
@@ -240,6 +244,10 @@ def _run(r: _Run, o: GroupOptions, client: etcd.Client, nat: native.Native, canc
     budget = protocol.commit_budget_ns(earliest)
     c["freeze_bounds_s"] = bounds
     c["commit_budget_ms"] = _ms(budget)
+    if budget <= 0:  # a host's own bound leaves no time to commit: freeze nobody for nothing
+        r.rec["aborted_by"] = min(bounds, key=lambda h: bounds[h])
+        r.abort(f"{r.rec['aborted_by']}'s freeze bound ({earliest:g}s) leaves no time to commit")
+        return _finish(r, o, client, nat, say)
     # T0: taken before the go is sent, so every host's bound starts after it.
     t0 = nat.now_ns()
     # No go but its own: a host that froze on a go written before T0 (by whoever can write the run's
