@@ -153,7 +153,10 @@ def cmd_group_run(args: argparse.Namespace) -> int:
     say = (lambda m: None) if args.quiet or sys.stderr is None else (
         lambda m: print(f"pyexec group: {m}", file=sys.stderr, flush=True))
     with signals.Cancel() as cancel:
-        rec = coordinator.group_run(o, say, cancel)
+        try:
+            rec = coordinator.group_run(o, say, cancel)
+        except coordinator.RunIdTaken as e:
+            raise errors.PyexecError(11, str(e)) from e
         try:
             if args.json:
                 sys.stdout.buffer.write(orjson.dumps(rec, option=orjson.OPT_INDENT_2) + b"\n")

@@ -61,19 +61,55 @@ class Agent:
         self.job: Job | None = None
         self.seen: set[tuple[str, int]] = set()
         self.unsent: dict[str, dict[str, object]] = {}  # reports etcd did not take yet, by run
+        self.name_taken = False  # said once: another agent holds this host's registration
 
     def register(self) -> bool:
-        """(Re-)register under a new lease; False if etcd did not answer."""
+        """(Re-)register under a new lease, only if no other agent holds the host's name; False if
+        one does or etcd did not answer (this agent serves no plan until it is registered)."""
+        key = protocol.host_key(self.cfg.prefix, self.cfg.host)
+        lease = None
+        ok = False
         try:
-            self.lease = etcd.Lease(self.client, protocol.LEASE_TTL_S, protocol.KEEPALIVE_S)
-            self.client.put(protocol.host_key(self.cfg.prefix, self.cfg.host), orjson.dumps({
-                "host": self.cfg.host, "pid": os.getpid(),
-                "max_quiesce_s": self.cfg.max_quiesce_s, "max_freeze_s": self.cfg.max_freeze_s}), self.lease.id)
+            # Two agents under one name (a cloned machine's config) would both run its part behind
+            # one `ready` and one `frozen` key: the first `frozen` could commit the other unfrozen.
+            held, _ = self.client.get(key)
+            # This agent's own, on a lease it lost locally that etcd has not expired yet: its to renew.
+            mine = bool(held) and self._own(held[0].value)
+            if not held or mine:
+                lease = etcd.Lease(self.client, protocol.LEASE_TTL_S, protocol.KEEPALIVE_S)
+                ok, _ = self.client.txn([etcd.modified_at(key, held[0].mod_revision) if mine else etcd.absent(key)],
+                                        [etcd.put_op(key, orjson.dumps(self._me()), lease.id)])
+                if not ok:
+                    held, _ = self.client.get(key)
         except (etcd.Unreachable, RuntimeError) as e:
+            if lease is not None:
+                lease.close()
             self.say(f"etcd: cannot register {self.cfg.host}: {e}")
             return False
-        self.say(f"registered {self.cfg.host} (lease {self.lease.id:x})")
+        if not ok or lease is None:
+            if lease is not None:
+                lease.close()
+            if not self.name_taken:
+                holder = held[0].value.decode("utf-8", "replace")[:300] if held else "?"
+                self.say(f"{self.cfg.host} is registered by another agent ({holder}): serving nothing until "
+                         f"that registration ends (it goes with its agent's lease, {protocol.LEASE_TTL_S}s)")
+            self.name_taken = True
+            return False
+        self.name_taken = False
+        self.lease = lease
+        self.say(f"registered {self.cfg.host} (lease {lease.id:x})")
         return True
+
+    def _me(self) -> dict[str, object]:
+        return {"host": self.cfg.host, "pid": os.getpid(), "node": os.uname().nodename,
+                "max_quiesce_s": self.cfg.max_quiesce_s, "max_freeze_s": self.cfg.max_freeze_s}
+
+    def _own(self, value: bytes) -> bool:
+        try:
+            doc = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return False
+        return isinstance(doc, dict) and doc.get("pid") == os.getpid() and doc.get("node") == os.uname().nodename
 
     def serve(self, cancel: signals.Cancel) -> int:
         """Until a signal: register, watch, start workers, clean up after dead ones."""
@@ -87,7 +123,8 @@ class Agent:
                     if not self.register():
                         self.lease = None
                 view.drain()
-                self.plans(view)
+                if self.lease is not None:  # registered: the name is this agent's to serve
+                    self.plans(view)
                 for run, doc in list(self.unsent.items()):
                     self.report(run, doc)
                 fds = [view.fd] + ([self.job.pidfd] if self.job else [])

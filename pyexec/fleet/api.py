@@ -18,7 +18,7 @@ def group_run(etcd: str | Sequence[str], hosts: str | Sequence[str], cut_cmd: st
               cancel: signals.Cancel | None = None) -> dict[str, Any]:
     """One consistent snapshot of many hosts: the group record (outcome "consistent" only when the
     commit proved every host frozen at once).  ValueError/TypeError for a bad argument, before
-    anything is sent."""
+    anything is sent; RunIdTaken (a ValueError) for a run_id etcd already has, before anything runs."""
     o = coordinator.options(etcd, hosts, cut_cmd, quiesce_timeout, freeze_timeout, cacert, cert, key, prefix, run_id,
                             user=user, password_file=password_file)
 

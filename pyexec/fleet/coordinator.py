@@ -21,6 +21,10 @@ from pyexec import errors, limits, native, scripts, signals, waits
 from pyexec.fleet import etcd, protocol
 
 CONSISTENT, ABORTED, UNPROVEN = "consistent", "aborted", "unproven"
+
+
+class RunIdTaken(ValueError):
+    """The run id names a run etcd already has (in progress, or decided: its keys are its history)."""
 REPORT_WAIT_S = 30.0  # how long the record waits for the hosts' own reports once the decision is made
 
 
@@ -56,6 +60,9 @@ def options(endpoints: str | Sequence[str], hosts: str | Sequence[str], cut_cmd:
         protocol.check_name(h, "a host")
     if len(set(names)) != len(names):
         raise ValueError("--hosts names a host twice")
+    if len(names) > protocol.MAX_HOSTS:
+        raise ValueError(f"--hosts names {len(names)} hosts; a group run takes at most {protocol.MAX_HOSTS} (its "
+                         f"commit is one etcd transaction, at most {protocol.MAX_TXN_OPS} compares by default)")
     if (cert is None) != (key is None):
         raise ValueError("--cert and --key go together")
     for f in (cacert, cert, key):
@@ -72,11 +79,15 @@ def options(endpoints: str | Sequence[str], hosts: str | Sequence[str], cut_cmd:
                 password = pf.read(4096).decode("utf-8", "replace").strip()
         except OSError as e:
             raise ValueError(f"--password-file {password_file}: {e.strerror}") from None
+    freeze = limits.check_timeout(freeze_timeout, "freeze timeout")
+    if protocol.commit_budget_ns(freeze) <= 0:
+        raise ValueError(f"--freeze-timeout {freeze_timeout!r} leaves no time to commit (the commit must come "
+                         f"{(protocol.SELF_THAW_EARLY_NS + protocol.COMMIT_SLACK_NS) / 1e6:g} ms and 0.1 % before the bound)")
     rid = protocol.check_name(run_id, "the run id") if run_id else \
         time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
     return GroupOptions(
         eps, names, scripts.resolve_command(cut_cmd) if cut_cmd else None,
-        limits.check_timeout(quiesce_timeout, "quiesce timeout"), limits.check_timeout(freeze_timeout, "freeze timeout"),
+        limits.check_timeout(quiesce_timeout, "quiesce timeout"), freeze,
         etcd.Access(cacert, cert, key, user, password), prefix, rid, limits.check_timeout(report_wait, "report wait", zero_ok=True))
 
 
@@ -159,7 +170,8 @@ def _ms(ns: int) -> float:
 
 def group_run(o: GroupOptions, say: Callable[[str], None] = lambda m: None,
               cancel: signals.Cancel | None = None, nat: native.Native | None = None) -> dict[str, Any]:
-    """One group run start to end: the record (also kept in etcd under runs/<id>/record)."""
+    """One group run start to end: the record (also kept in etcd under runs/<id>/record).  RunIdTaken
+    (a ValueError) if etcd has a run of that id already: nothing was run."""
     nat = nat or native.default()
     client = etcd.Client(o.endpoints, o.tls)
     r = _Run(o, client, nat, say)
@@ -198,9 +210,13 @@ def _run(r: _Run, o: GroupOptions, client: etcd.Client, nat: native.Native, canc
          c: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
     r.lease = etcd.Lease(client, protocol.LEASE_TTL_S, protocol.KEEPALIVE_S)
     plan = protocol.Plan(o.run_id, tuple(o.hosts), o.quiesce_s, o.freeze_s, os.uname().nodename)
-    ok, rev = client.txn([etcd.absent(r.k[protocol.PLAN])], [etcd.put_op(r.k[protocol.PLAN], plan.dumps(), r.lease.id)])
+    # Nothing under runs/<id>/ either: a run decided earlier keeps its decision, record and reports
+    # (the hosts' agents would not answer its id again, and its record would be written over).
+    ok, rev = client.txn([etcd.absent(r.k[protocol.PLAN]), etcd.none_under(protocol.run_key(o.prefix, o.run_id))],
+                         [etcd.put_op(r.k[protocol.PLAN], plan.dumps(), r.lease.id)])
     if not ok:
-        raise ValueError(f"run id {o.run_id} is taken")
+        raise RunIdTaken(f"run id {o.run_id} is taken: a run with that id is in progress or kept in etcd "
+                         f"(`pyexec group show --run-id {o.run_id}`)")
     plan_rev = rev
     t_start = nat.now_ns()
     say(f"run {o.run_id}: plan for {len(o.hosts)} host(s); waiting for every host to be quiesced "
@@ -218,24 +234,50 @@ def _run(r: _Run, o: GroupOptions, client: etcd.Client, nat: native.Native, canc
     bounds = {}
     for h in o.hosts:
         try:
-            bounds[h] = float(orjson.loads(keys[r.host_leaf(h, protocol.READY)].value)["freeze_s"])
+            # A host's bound as its ready says, never above the plan's (a host takes the shorter).
+            bounds[h] = min(o.freeze_s, limits.check_timeout(
+                orjson.loads(keys[r.host_leaf(h, protocol.READY)].value)["freeze_s"], "freeze_s"))
         except (KeyError, ValueError, TypeError, orjson.JSONDecodeError):
-            bounds[h] = o.freeze_s
+            # Unknown, it cannot be proven frozen: a guess could be longer than the bound it took.
+            r.rec["aborted_by"] = h
+            r.abort(f"{h}'s ready has no valid freeze bound")
+            return _finish(r, o, client, nat, say)
     earliest = min(bounds.values())
     budget = protocol.commit_budget_ns(earliest)
     c["freeze_bounds_s"] = bounds
     c["commit_budget_ms"] = _ms(budget)
+    if budget <= 0:  # a host's own bound leaves no time to commit: freeze nobody for nothing
+        r.rec["aborted_by"] = min(bounds, key=lambda h: bounds[h])
+        r.abort(f"{r.rec['aborted_by']}'s freeze bound ({earliest:g}s) leaves no time to commit")
+        return _finish(r, o, client, nat, say)
     # T0: taken before the go is sent, so every host's bound starts after it.
     t0 = nat.now_ns()
-    ok, _ = client.txn([etcd.absent(r.k[protocol.ABORT]), etcd.created_at(r.k[protocol.PLAN], plan_rev)],
-                       [etcd.put_op(r.k[protocol.GO], b"{}", r.lease.id)])
+    # No go but its own: a host that froze on a go written before T0 (by whoever can write the run's
+    # keys) started its bound before T0, and the budget would not prove it frozen at the commit.
+    ok, go_rev = _put_once(client, [etcd.absent(r.k[protocol.ABORT]), etcd.created_at(r.k[protocol.PLAN], plan_rev),
+                                    etcd.absent(r.k[protocol.GO]), etcd.absent(r.k[protocol.COMMITTED])],
+                           r.k[protocol.GO], {}, r.lease.id)
     c["go_sent_ms"] = _ms(t0 - t_start)
     if not ok:
-        r.abort("the plan was lost or the run aborted before the go")
+        r.abort("the plan was lost, the run aborted, or a go or commit this coordinator did not write stood "
+                "before its go")
         return _finish(r, o, client, nat, say)
     say(f"run {o.run_id}: go; waiting for every host to be frozen")
     ok, why = r.wait_all(protocol.FROZEN, t0 + budget, cancel_fd)
     c["all_frozen_ms"] = _ms(nat.now_ns() - t0)
+    if ok:
+        # Each host says which go it froze on: one written and deleted before T0 by someone else
+        # passed the go's transaction unseen, and a host that froze on it started its bound before T0.
+        keys = r.keys()
+        for h in o.hosts:
+            try:
+                seen = orjson.loads(keys[r.host_leaf(h, protocol.FROZEN)].value)["go_revision"]
+            except (KeyError, TypeError, orjson.JSONDecodeError):
+                seen = None
+            if seen != go_rev:
+                r.rec["aborted_by"] = h
+                ok, why = False, f"{h} froze on a go this coordinator did not write (revision {seen}, not {go_rev})"
+                break
     if not ok:
         r.abort(why)
         return _finish(r, o, client, nat, say)
@@ -252,12 +294,14 @@ def _run(r: _Run, o: GroupOptions, client: etcd.Client, nat: native.Native, canc
     if t1 - t0 >= budget:
         r.abort("no time left to commit within the earliest host's bound")
         return _finish(r, o, client, nat, say)
-    compare = [etcd.absent(r.k[protocol.ABORT]), etcd.created_at(r.k[protocol.PLAN], plan_rev)]
+    # absent(COMMITTED): a host that thawed on a commit this coordinator did not write is not frozen now.
+    compare = [etcd.absent(r.k[protocol.ABORT]), etcd.absent(r.k[protocol.COMMITTED]),
+               etcd.created_at(r.k[protocol.PLAN], plan_rev)]
     compare += [etcd.absent(r.host_leaf(h, protocol.HOST_ABORT)) for h in o.hosts]
     compare += [etcd.present(r.host_leaf(h, protocol.FROZEN)) for h in o.hosts]
     try:
-        committed, _ = client.txn(compare, [etcd.put_op(r.k[protocol.COMMITTED], orjson.dumps(
-            {"by": "coordinator"}))], time.monotonic() + (t0 + budget - t1) / 1e9)
+        committed, _ = _put_once(client, compare, r.k[protocol.COMMITTED], {"by": "coordinator"}, 0,
+                                 time.monotonic() + (t0 + budget - t1) / 1e9)
     except (etcd.Unreachable, RuntimeError) as e:
         committed = False
         # Applied or not, unknown: the hosts learn it from etcd; the record cannot claim consistency.
@@ -287,9 +331,26 @@ def _run(r: _Run, o: GroupOptions, client: etcd.Client, nat: native.Native, canc
             err = errors.PyexecError(322, f"the commit's result is unknown: etcd stopped answering "
                                      f"({c['commit_error']}); every host thaws on its own deadline")
             r.rec.update(outcome="failed", reason=err.detail, code=322, error=err.as_dict())
-    else:
-        r.abort("the commit's conditions did not hold (an abort, a host's frozen key gone, or the plan lost)")
+    elif r.abort("the commit's conditions did not hold (an abort, a host's frozen key gone, or the plan "
+                 "lost)") is False:
+        r.rec.update(outcome=UNPROVEN, reason="a commit this coordinator did not write stands: the overlap is not "
+                                              "proven")
     return _finish(r, o, client, nat, say)
+
+
+def _put_once(client: etcd.Client, compare: list[dict[str, Any]], key: str, doc: dict[str, Any], lease: int,
+              deadline: float | None = None) -> tuple[bool, int]:
+    """Put key by a transaction whose compares include its absence: (applied, its create revision).
+    A request sent again (to the next endpoint, after one that applied it failed to answer) finds
+    the key there: the token in its value tells this put from anyone else's."""
+    token = secrets.token_hex(8)
+    ok, rev = client.txn(compare, [etcd.put_op(key, orjson.dumps(dict(doc, token=token)), lease)], deadline)
+    if ok:
+        return True, rev
+    kvs, _ = client.get(key, deadline=deadline)
+    if kvs and (_json_object(kvs[0].value) or {}).get("token") == token:
+        return True, kvs[0].create_revision
+    return False, 0
 
 
 def _finish(r: _Run, o: GroupOptions, client: etcd.Client, nat: native.Native,
@@ -332,7 +393,8 @@ def _finish(r: _Run, o: GroupOptions, client: etcd.Client, nat: native.Native,
 def show(o: GroupOptions) -> dict[str, Any]:
     """A group run as etcd keeps it: its record if its coordinator wrote one; else what the keys say
     (a coordinator that died: `unproven` if it committed, since only it knew when the commit came
-    back; `aborted` if an abort stands; `undecided` otherwise), with every host's own report."""
+    back; `aborted` if an abort stands; `in progress` while its plan stands; `undecided` otherwise),
+    with every host's own report.  PyexecError 11 if etcd has no trace of the run."""
     client = etcd.Client(o.endpoints, o.tls)
     kvs, _ = client.get(protocol.run_key(o.prefix, o.run_id), prefix=True)
     keys = {kv.key: kv for kv in kvs}
@@ -345,19 +407,37 @@ def show(o: GroupOptions) -> dict[str, Any]:
         for kv in hk:
             leaf = kv.key.rsplit("/", 1)[1]
             if leaf == protocol.REPORT:
-                reports[h] = orjson.loads(kv.value)
+                # As the host's role wrote it: anything, JSON or not.
+                reports[h] = _json_object(kv.value) or {"host": h, "outcome": "unreadable report"}
             elif leaf == protocol.HOST_ABORT:
                 aborts.append(h)
     hosts = {h: reports.get(h, {"host": h, "outcome": "no report", "decision": "unknown"}) for h in plan_hosts}
-    if rec_kv is not None:  # the coordinator's own word (written at the decision, again with the reports)
-        rec: dict[str, Any] = orjson.loads(rec_kv.value)
-        rec["hosts"] = {h: rec.get("hosts", {}).get(h) or hosts[h] for h in plan_hosts}
+    in_progress = bool(client.get(protocol.run_key(o.prefix, o.run_id, protocol.PLAN))[0])
+    if not (keys or in_progress or reports or aborts):
+        raise errors.PyexecError(11, f"no group run {o.run_id} in etcd under {o.prefix} (for hosts "
+                                     f"{', '.join(plan_hosts)})")
+    rec = _json_object(rec_kv.value) if rec_kv is not None else None
+    if rec is not None:  # the coordinator's own word (written at the decision, again with the reports)
+        kept = rec.get("hosts")
+        kept = kept if isinstance(kept, dict) else {}
+        rec["hosts"] = {h: kept.get(h) or hosts[h] for h in plan_hosts}
         return rec
     if protocol.run_key(o.prefix, o.run_id, protocol.COMMITTED) in keys:
         outcome, reason = UNPROVEN, "committed, but the coordinator wrote no record: the overlap is not proven"
     elif protocol.run_key(o.prefix, o.run_id, protocol.ABORT) in keys or aborts:
         outcome, reason = ABORTED, f"aborted by {', '.join(aborts) or 'the coordinator'}"
+    elif in_progress:  # its plan stands: its coordinator's lease is alive, the hosts may be frozen now
+        outcome, reason = "in progress", "not decided yet: the run's plan stands (its coordinator is alive)"
     else:
         outcome, reason = "undecided", "neither committed nor aborted: every host thawed on the loss of the plan or its own deadline"
     return {"run": o.run_id, "outcome": outcome, "reason": reason, "aborted_by": aborts[0] if aborts else None,
             "hosts": hosts, "coordinator": {"record": "missing"}}
+
+
+def _json_object(data: bytes) -> dict[str, Any] | None:
+    """data as a JSON object, or None (not JSON, or not an object)."""
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return doc if isinstance(doc, dict) else None

@@ -58,7 +58,9 @@ class KV:
 
 
 def _kv(d: dict[str, Any]) -> KV:
-    return KV(_unb64(d["key"]).decode(), _unb64(d.get("value", "")), int(d.get("create_revision", 0)),
+    # A key is bytes to etcd: one that is not UTF-8 (anyone who can write the range) must not stop a
+    # reader; replaced, it matches no name the protocol uses (protocol.check_name).
+    return KV(_unb64(d["key"]).decode("utf-8", "replace"), _unb64(d.get("value", "")), int(d.get("create_revision", 0)),
               int(d.get("mod_revision", 0)), int(d.get("lease", 0)))
 
 
@@ -86,6 +88,18 @@ def put_op(key: str, value: bytes, lease: int = 0) -> dict[str, Any]:
 def absent(key: str) -> dict[str, Any]:
     """A transaction's compare: key does not exist."""
     return {"key": _b64(key), "target": "VERSION", "result": "EQUAL", "version": 0}
+
+
+def none_under(prefix: str) -> dict[str, Any]:
+    """A transaction's compare: no key starts with prefix (a compare over a range holds for every key
+    in it, and for an empty range it compares a key that does not exist: etcd 3.3 and later)."""
+    return {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix)), "target": "VERSION", "result": "EQUAL",
+            "version": 0}
+
+
+def modified_at(key: str, revision: int) -> dict[str, Any]:
+    """A transaction's compare: key is as it was written at revision (not written since)."""
+    return {"key": _b64(key), "target": "MOD", "result": "EQUAL", "mod_revision": revision}
 
 
 def present(key: str) -> dict[str, Any]:
@@ -332,7 +346,10 @@ class View:
 
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_s):
-            self.refresh(time.monotonic() + self.poll_s)
+            try:
+                self.refresh(time.monotonic() + self.poll_s)
+            except Exception as e:  # noqa: BLE001 - an answer not as expected: this thread is the fallback, it goes on
+                self.error = f"poll: {type(e).__name__}: {e}"
 
     def _watch(self, prefix: str) -> None:
         end = prefix_end(prefix)

@@ -21,6 +21,7 @@ PLAN, GO, COMMITTED, ABORT, RECORD = "plan", "go", "committed", "abort", "record
 # A host's keys for a run (under h/<host>/runs/<id>/): only that host's agent writes them, so an
 # etcd role per host can be one key range (docs/fleet.md, roles).
 READY, FROZEN, HOST_ABORT, REPORT = "ready", "frozen", "abort", "report"
+WORKER = "worker"  # h/<host>/runs/<id>/worker: on the worker's lease from its start (a restarted agent sees it)
 AGENT = "agent"  # h/<host>/agent: the agent's registration, on its lease
 
 LEASE_TTL_S = 3  # coordinator's, agent's and worker's leases; etcd's floor is 1.5 election timeouts
@@ -30,6 +31,11 @@ KEEPALIVE_S = 0.5
 DRIFT = 1e-3
 SELF_THAW_EARLY_NS = 2_000_000  # a worker thaws this long before its guardian's deadline
 COMMIT_SLACK_NS = 1_000_000
+
+# etcd refuses a transaction of more than --max-txn-ops compares (128 by default, etcd 3.4's embed
+# config): the commit compares 3 run keys and 2 per host (no abort, frozen).
+MAX_TXN_OPS = 128
+MAX_HOSTS = (MAX_TXN_OPS - 3) // 2
 
 DEFAULT_QUIESCE_S = 60.0  # how long a group waits for every host to be quiesced
 DEFAULT_FREEZE_S = 10.0   # each host's freeze bound in a group run (the wait for the commit is inside it)
@@ -108,8 +114,8 @@ class Plan:
         if not isinstance(doc, dict):
             raise ValueError("the plan is not a JSON object")  # noqa: TRY004 - a bad value: callers catch ValueError
         hosts = doc.get("hosts")
-        if not isinstance(hosts, list) or not hosts or len(hosts) > 1024:
-            raise ValueError("the plan's hosts must be a non-empty list")
+        if not isinstance(hosts, list) or not hosts or len(hosts) > MAX_HOSTS:
+            raise ValueError(f"the plan's hosts must be a non-empty list of at most {MAX_HOSTS}")
         names = tuple(check_name(h, "a host") for h in hosts)
         if len(set(names)) != len(names):
             raise ValueError("the plan names a host twice")

@@ -43,13 +43,17 @@ class Worker:
         self.decision = ""
         self.snapshot_id = ""
         self.aborted_why = ""
+        self.go_revision = 0
         self.notes: list[str] = []
         p, run, h = cfg.prefix, plan.run, cfg.host
         self.k = {leaf: protocol.run_key(p, run, leaf) for leaf in
                   (protocol.PLAN, protocol.GO, protocol.COMMITTED, protocol.ABORT)}
         self.mine = {leaf: protocol.host_key(p, h, run, leaf) for leaf in
-                     (protocol.READY, protocol.FROZEN, protocol.HOST_ABORT, protocol.REPORT)}
+                     (protocol.READY, protocol.FROZEN, protocol.HOST_ABORT, protocol.REPORT, protocol.WORKER)}
         self.lease = etcd.Lease(client, protocol.LEASE_TTL_S, protocol.KEEPALIVE_S)
+        # Before any pre-script: an agent restarted from now on sees the run taken and starts no second
+        # worker (it would find the filesystems locked by this one and abort the group run).
+        self.put(protocol.WORKER, {"host": cfg.host, "pid": os.getpid()})
         mine = (self.k[protocol.PLAN], protocol.run_key(p, run))
         self.view = etcd.View(client, list(mine), 0, accept=lambda k: k == mine[0] or k.startswith(mine[1]))
 
@@ -63,7 +67,9 @@ class Worker:
         plan = keys.get(self.k[protocol.PLAN])
         if plan is None or plan.create_revision != self.plan_revision:
             return PLAN_LOST
-        if self.k[protocol.GO] in keys:
+        go = keys.get(self.k[protocol.GO])
+        if go is not None:
+            self.go_revision = go.create_revision  # which go this host froze on: said in `frozen`
             return GO
         return None
 
@@ -158,7 +164,8 @@ class Worker:
                 self.abort(f"the snapshot command failed on {self.cfg.host}: {res.detail}")
                 self.decision = ABORTED
                 raise Stop(f"the snapshot command failed: {res.detail}")
-        if not self.put(protocol.FROZEN, {"host": self.cfg.host, "snapshot": self.snapshot_id}):
+        if not self.put(protocol.FROZEN, {"host": self.cfg.host, "snapshot": self.snapshot_id,
+                                          "go_revision": self.go_revision}):
             self.abort("could not say frozen")
         self.stamps["said_frozen"] = self.nat.now_ns()
         st = self.wait((COMMITTED, ABORTED, PLAN_LOST), deadline, cancel.fd)
