@@ -175,6 +175,11 @@ def _alive(pid: int, start: int | None = None) -> bool:
     return state not in (b"Z", b"X") and (start is None or started == start)
 
 
+def is_running(pid: int, start: int) -> bool:
+    """Whether pid runs and is the process that started at start (start_time's ticks)."""
+    return _alive(pid, start)
+
+
 def recover(nat: native.Native | None = None) -> tuple[list[str], list[int], bool]:
     """Thaw what dead runs' journals mark as theirs and put rcu_expedited back:
     (paths thawed, pids still running, whether rcu_expedited was restored).

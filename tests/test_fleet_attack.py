@@ -333,10 +333,6 @@ def test_a_signal_in_any_phase_aborts_thaws_at_once_and_resumes_everyone(whom, w
         f.close()
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: a restarted agent does not adopt the worker of a run in progress, "
-                                       "so a worker killed afterwards leaves its pre-scripts without post-scripts "
-                                       "(see the attack report: the fix needs the worker's phase kept where a new "
-                                       "agent can read it)")
 def test_a_worker_killed_after_its_agent_restarted_still_gets_its_post_scripts(etcd1, tmp_path):
     """Promise: every host whose pre-script started runs its post-script; only SIGKILL of the run's
     own process may skip it, and then its agent runs them.  `systemctl restart pyexec-agent` while

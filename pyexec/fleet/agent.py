@@ -10,14 +10,13 @@ import dataclasses
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 
 import orjson
 
 from pyexec import host, journal, native, signals, steps, waits
-from pyexec.fleet import agentconfig, etcd, protocol
+from pyexec.fleet import agentconfig, etcd, protocol, worker
 
 TICK_S = 0.5  # how often the loop looks at its lease and workers when nothing wakes it
 AGENT_POLL_S = 2.0  # how often the agent reads the plans, besides watching them
@@ -25,28 +24,14 @@ AGENT_POLL_S = 2.0  # how often the agent reads the plans, besides watching them
 
 @dataclasses.dataclass
 class Job:
-    """A worker process and what it has said (its phases, its record)."""
+    """A worker process: this agent's child, or one it adopted (started by the agent before it)."""
 
     run: str
     plan: protocol.Plan
-    proc: subprocess.Popen[bytes]
-    pidfd: int
+    pid: int
+    pidfd: int  # readable once the worker has ended
     started_ns: int
-    phases: list[str] = dataclasses.field(default_factory=list)
-    record: dict[str, object] | None = None
-    reader: threading.Thread | None = None
-
-    def read(self) -> None:
-        """The worker's stdout: `phase X` lines, then its record."""
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith(b"phase "):
-                self.phases.append(line[6:].decode().strip())
-            elif line.startswith(b"{"):
-                try:
-                    self.record = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    pass
+    proc: subprocess.Popen[bytes] | None = None  # None: adopted, not this agent's child to reap
 
 
 class Agent:
@@ -111,8 +96,30 @@ class Agent:
             return False
         return isinstance(doc, dict) and doc.get("pid") == os.getpid() and doc.get("node") == os.uname().nodename
 
+    def adopt(self) -> None:
+        """The workers an earlier agent of this host left (its restart): one still running is
+        watched as this agent's own; one that died since gets what a dead worker gets."""
+        for st in worker.read_states():
+            try:
+                plan = protocol.Plan.loads(str(st["plan"]).encode())
+                pid, start, started_ns = int(st["pid"]), int(st["start"]), int(st["started_ns"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            try:
+                pidfd = os.pidfd_open(pid) if journal.is_running(pid, start) else -1
+            except OSError:
+                pidfd = -1
+            if pidfd >= 0 and journal.is_running(pid, start) and self.job is None:
+                self.say(f"run {plan.run}: adopted its worker (pid {pid}), started by an earlier agent")
+                self.job = Job(plan.run, plan, pid, pidfd, started_ns)
+                continue
+            if pidfd >= 0:
+                os.close(pidfd)
+            self.finished(Job(plan.run, plan, pid, -1, started_ns))
+
     def serve(self, cancel: signals.Cancel) -> int:
         """Until a signal: register, watch, start workers, clean up after dead ones."""
+        self.adopt()
         # A plan seen late only lengthens the quiesce phase, never a window: the idle agent polls slowly.
         view = etcd.View(self.client, [protocol.plans_prefix(self.cfg.prefix)], 0, poll_s=AGENT_POLL_S)
         try:
@@ -128,8 +135,8 @@ class Agent:
                 for run, doc in list(self.unsent.items()):
                     self.report(run, doc)
                 fds = [view.fd] + ([self.job.pidfd] if self.job else [])
-                waits.wait_readable(fds, self.nat.now_ns() + native.ns_from_s(TICK_S), cancel.fd, self.nat)
-                if self.job is not None and self.job.proc.poll() is not None:
+                ready = waits.wait_readable(fds, self.nat.now_ns() + native.ns_from_s(TICK_S), cancel.fd, self.nat)
+                if self.job is not None and self.job.pidfd in ready:
                     self.finished(self.job)
                     self.job = None
         finally:
@@ -189,28 +196,34 @@ class Agent:
         """A worker for the plan, in its own session: a signal to the agent is not one to the run."""
         self.say(f"run {plan.run}: starting ({len(plan.hosts)} hosts)")
         proc = subprocess.Popen([sys.executable, "-m", "pyexec.fleet.worker", self.cfg.path, str(revision)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True, cwd="/")
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True, cwd="/")
         assert proc.stdin is not None
         proc.stdin.write(plan.dumps())
         proc.stdin.close()
-        job = Job(plan.run, plan, proc, os.pidfd_open(proc.pid), self.nat.now_ns())
-        job.reader = threading.Thread(target=job.read, name="worker-out", daemon=True)
-        job.reader.start()
-        self.job = job
+        self.job = Job(plan.run, plan, proc.pid, os.pidfd_open(proc.pid), self.nat.now_ns(), proc)
 
     def finished(self, job: Job) -> None:
-        """A worker ended: done, or dead before its record (then this agent finishes its job)."""
-        if job.reader is not None:
-            job.reader.join(5)
-        os.close(job.pidfd)
-        if job.record is not None:
-            self.say(f"run {job.run}: {job.record.get('decision')}, {job.record.get('outcome')}")
-            if not job.record.get("report_written"):
-                self.report(job.run, dict(job.record, report_written=True))
+        """A worker ended: done (its state file gone, or holding the record etcd did not take), or
+        dead before its record (then this agent finishes its job, whoever started the worker)."""
+        status: object = "?"
+        if job.proc is not None:
+            status = job.proc.wait()
+        if job.pidfd >= 0:
+            os.close(job.pidfd)
+        st = next((s for s in worker.read_states() if s.get("run") == job.run), None)
+        if st is None:
+            self.say(f"run {job.run}: done")
             return
-        self.say(f"run {job.run}: the worker died ({job.proc.returncode}) in phase {job.phases[-1:] or 'start'}")
+        record = st.get("record")
+        if isinstance(record, dict):
+            self.say(f"run {job.run}: {record.get('decision')}, {record.get('outcome')}")
+            self.report(job.run, dict(record, report_written=True))
+            os.unlink(worker.state_path(job.run))
+            return
+        phases = [str(p) for p in st.get("phases", [])]
+        self.say(f"run {job.run}: the worker died ({status}) in phase {phases[-1:] or 'start'}")
         p = self.cfg.prefix
-        aborted = self.host_abort(job.run, f"the run's worker on {self.cfg.host} died ({job.proc.returncode})")
+        aborted = self.host_abort(job.run, f"the run's worker on {self.cfg.host} died ({status})")
         committed = False
         try:
             committed = bool(self.client.get(protocol.run_key(p, job.run, protocol.COMMITTED))[0])
@@ -225,7 +238,7 @@ class Agent:
         post: list[steps.ScriptDict] = []
         # Started pre-scripts get their post-scripts: run again if the worker died while they ran
         # (a post-script killed half way may not have resumed the application).
-        if "pre" in job.phases:
+        if "pre" in phases:
             checked = host.check(self.cfg.host_config)
             try:
                 # A built-in quiescer's session ended with the worker: its server released the lock
@@ -238,10 +251,11 @@ class Agent:
                 checked.close()
         doc: dict[str, object] = {"host": self.cfg.host, "run": job.run, "outcome": "failed", "code": 0,
                "decision": "worker died", "group_decision": "committed" if committed else "aborted" if aborted else "unknown", "ended_on_own_deadline": False, "snapshot_id": "",
-               "detail": f"the worker died ({job.proc.returncode}); the agent aborted={aborted}, "
+               "detail": f"the worker died ({status}); the agent aborted={aborted}, "
                          f"thawed {thawed or 'nothing'}, ran {len(post)} post-script(s)",
-               "post": post, "phases_seen": job.phases}
+               "post": post, "phases_seen": phases}
         self.report(job.run, doc)
+        os.unlink(worker.state_path(job.run))
 
     def report(self, run: str, doc: dict[str, object]) -> None:
         """This host's report of a run it did not (or could not) finish itself."""

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from pyexec import host, native, scripts, signals, waits
+from pyexec import host, journal, native, scripts, signals, waits
 from pyexec.fleet import agentconfig, etcd, protocol
 from pyexec.window import Window
 
@@ -275,20 +275,73 @@ def run(cfg: agentconfig.AgentConfig, plan: protocol.Plan, plan_revision: int,
         w.close()
 
 
+def state_path(run_id: str) -> str:
+    """Where a run's worker keeps its state on this host, for whichever agent outlives it."""
+    return os.path.join(journal.RUN_DIR, f"fleet-{run_id}.worker")
+
+
+def write_state(run_id: str, doc: dict[str, Any]) -> None:
+    """The worker's state, replaced whole (a reader never sees half of it)."""
+    os.makedirs(journal.RUN_DIR, mode=0o700, exist_ok=True)
+    path = state_path(run_id)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, orjson.dumps(doc))
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_states() -> list[dict[str, Any]]:
+    """Every run's worker state on this host: its pid and start time, plan, phases, and its record
+    if etcd did not take it."""
+    out = []
+    try:
+        names = os.listdir(journal.RUN_DIR)
+    except OSError:
+        return []
+    for name in sorted(names):
+        if name.startswith("fleet-") and name.endswith(".worker"):
+            try:
+                with open(os.path.join(journal.RUN_DIR, name), "rb") as f:
+                    doc = orjson.loads(f.read())
+            except (OSError, orjson.JSONDecodeError):
+                continue
+            if isinstance(doc, dict) and isinstance(doc.get("run"), str):
+                out.append(doc)
+    return out
+
+
 def main() -> int:
-    """`python -m pyexec.fleet.worker CONFIG PLAN_REVISION` with the plan on stdin (the agent's)."""
+    """`python -m pyexec.fleet.worker CONFIG PLAN_REVISION` with the plan on stdin (the agent's).
+
+    Its state (pid, phases; its record if etcd did not take it) is kept in the run directory, so
+    that an agent started after the one that started it (restarted) can finish its job if it dies;
+    the file goes once the record is in etcd."""
     cfg = agentconfig.load(sys.argv[1])
     revision = int(sys.argv[2])
-    plan = protocol.Plan.loads(sys.stdin.buffer.read())
+    data = sys.stdin.buffer.read()
+    plan = protocol.Plan.loads(data)
+    state: dict[str, Any] = {"run": plan.run, "pid": os.getpid(), "start": journal.start_time(os.getpid()),
+                             "plan": data.decode(), "revision": revision, "phases": [],
+                             "started_ns": native.default().now_ns()}
+    write_state(plan.run, state)
 
     def say(m: str) -> None:
-        print(f"pyexec-worker: {m}", file=sys.stderr, flush=True)
+        try:
+            print(f"pyexec-worker: {m}", file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass  # the agent that started it is gone: its stderr with it
+
     def phase(p: str) -> None:
-        sys.stdout.buffer.write(f"phase {p}\n".encode())
-        sys.stdout.flush()
+        state["phases"].append(p)
+        write_state(plan.run, state)
     doc = run(cfg, plan, revision, say, phase)
-    sys.stdout.buffer.write(orjson.dumps(doc) + b"\n")
-    sys.stdout.flush()
+    if doc.get("report_written"):
+        os.unlink(state_path(plan.run))
+    else:
+        write_state(plan.run, dict(state, record=doc))
     os._exit(0)  # the etcd threads are daemons, blocked in reads: do not wait for them
 
 
