@@ -108,6 +108,15 @@ int main(int argc, char **argv)
     }
     if (dead) {
         int32_t phase = LOAD(s->phase);
+        if ((LOAD(s->flags) & PX_FREEZE_HOLD) && phase != PX_PHASE_IDLE && phase != PX_PHASE_DONE) {
+            /* Only the deadline ends this window now: sleep to it (no ioctl of the dead controller
+             * is in flight any more, so the thaw below is ours whenever it comes). */
+            for (int64_t d = LOAD(s->deadline_ns); d > 0 && px_now_ns() < d; d = LOAD(s->deadline_ns)) {
+                struct timespec ts;
+                px_left_ts(d, px_now_ns(), &ts);
+                ppoll(NULL, 0, &ts, NULL);
+            }
+        }
         if (phase != PX_PHASE_IDLE && phase != PX_PHASE_DONE) {
             int32_t expected = PX_G_READY;
             __atomic_compare_exchange_n(&s->guardian_state, &expected, PX_G_FIRED_DIED, 0,

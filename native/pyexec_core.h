@@ -31,6 +31,8 @@
 /* px_freeze flags */
 #define PX_FREEZE_EXPEDITE 1 /* rcu_expedited=1 around the FIFREEZE loop */
 #define PX_FREEZE_PRESYNC 2  /* syncfs() each filesystem before the window */
+#define PX_FREEZE_HOLD 4     /* the controller's death does not end the window: the guardian holds it to
+                              * the deadline (a group run's host, whose early thaw a commit could miss) */
 
 /* px_thaw flags */
 #define PX_THAW_GUARDIAN_FDS 1 /* use each mount's guardian_fd (the guardian's own table) */

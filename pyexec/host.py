@@ -224,7 +224,7 @@ def run(host_path: str = config.HOST_CONFIG_PATH, mount_points: Iterable[limits.
         snapshot: Snapshot = None, freeze_timeout: float = limits.DEFAULT_RUN_FREEZE_TIMEOUT, expedite: bool = True, presync: bool = True,
         nat: native.Native | None = None, progress: Callable[[str], object] = lambda msg: None,
         lock_wait: float = limits.DEFAULT_LOCK_WAIT, cancel: signals.Cancel | None = None,
-        gate: Callable[[bool], str | None] | None = None) -> RunReport:
+        gate: Callable[[bool], str | None] | None = None, hold: bool = False) -> RunReport:
     """The whole flow.  Raises ValueError/TypeError for a bad argument (freeze_timeout, snapshot
     command, mount list) before anything runs; every other problem becomes the report's code.
 
@@ -234,7 +234,8 @@ def run(host_path: str = config.HOST_CONFIG_PATH, mount_points: Iterable[limits.
     An exception that is not an outcome is re-raised once the post-scripts have run.
 
     gate (a group run's host): called once the pre-phase is over and before the freeze, with whether
-    everything so far went well; a string it returns is why the run does not freeze (as a failure)."""
+    everything so far went well; a string it returns is why the run does not freeze (as a failure).
+    hold (a group run's host too): this process's death inside the window does not thaw before the bound."""
     nat = nat or native.default()
     freeze_timeout = limits.check_timeout(freeze_timeout, "freeze_timeout")
     lock_wait = limits.check_timeout(lock_wait, "lock_wait", zero_ok=True)
@@ -299,7 +300,7 @@ def run(host_path: str = config.HOST_CONFIG_PATH, mount_points: Iterable[limits.
                 rep.snapshot, rep.snapshot_detail = "failed", "interrupted before the snapshot"
             elif go_on:
                 t = nat.now_ns()
-                reraise = _window(rep, held, action, freeze_timeout, expedite, presync, nat, cancel, say)
+                reraise = _window(rep, held, action, freeze_timeout, expedite, presync, nat, cancel, say, hold)
                 rep.phases_ns["freeze+snapshot"] = nat.now_ns() - t
         except BaseException as e:  # noqa: BLE001 - the post-scripts first, then it goes on up
             reraise = e
@@ -329,7 +330,7 @@ def _quiet(progress: Callable[[str], object]) -> Callable[[str], None]:
 
 def _window(rep: RunReport, held: locks.Held | None, snapshot: _Action, timeout: float, expedite: bool,
             presync: bool, nat: native.Native, cancel: signals.Cancel,
-            progress: Callable[[str], None]) -> BaseException | None:
+            progress: Callable[[str], None], hold: bool = False) -> BaseException | None:
     """Freeze (if held says what), take the snapshot, thaw; the outcome goes into rep.  Returns a
     BaseException of the snapshot action to re-raise after the post-scripts."""
     if held is None:
@@ -338,7 +339,7 @@ def _window(rep: RunReport, held: locks.Held | None, snapshot: _Action, timeout:
     progress(f"freeze: {len(held.mounts)} filesystem(s), snapshot, thaw")
     reraise = None
     try:
-        with window.freeze(held, timeout=timeout, expedite=expedite, presync=presync, backend=nat) as win:
+        with window.freeze(held, timeout=timeout, expedite=expedite, presync=presync, backend=nat, hold=hold) as win:
             rep.window = win
             if win.page == "memory":
                 rep.warnings.append(f"the run directory {journal.RUN_DIR} is not on tmpfs: the journal page was kept "

@@ -125,8 +125,11 @@ class Timeout(errors.FreezeTimeout):
 @contextlib.contextmanager
 def freeze(paths: Iterable[limits.Path] | locks.Held, timeout: float = limits.DEFAULT_TIMEOUT, expedite: bool = True,
            presync: bool = True, guardian: bool = True, backend: native.Native | None = None,
-           lock_wait: float = limits.DEFAULT_LOCK_WAIT) -> Iterator[Window]:
+           lock_wait: float = limits.DEFAULT_LOCK_WAIT, hold: bool = False) -> Iterator[Window]:
     """Freeze paths (mount points, or a Held from hold()) for the body of the with-block.
+
+    hold: if this process dies inside the window, the guardian holds it to `timeout` instead of
+    thawing at once (a group run's host: only a decision or its deadline may end its window).
 
     Raises ValueError/TypeError for a bad timeout or paths; FreezeError (121/123) if the freeze
     cannot be done, with nothing left frozen (123: a mount point no longer the mount planned);
@@ -136,7 +139,7 @@ def freeze(paths: Iterable[limits.Path] | locks.Held, timeout: float = limits.DE
     timeout = limits.check_timeout(timeout)
     with contextlib.ExitStack() as stack:
         held = paths if isinstance(paths, locks.Held) else stack.enter_context(locks.hold(paths, lock_wait))
-        with window(held, timeout, expedite, presync, guardian, backend) as win:
+        with window(held, timeout, expedite, presync, guardian, backend, hold) as win:
             yield win
 
 
@@ -157,7 +160,7 @@ def _open(paths: list[str], stack: contextlib.ExitStack) -> tuple[list[int], lis
 
 @contextlib.contextmanager
 def window(paths: list[str] | locks.Held, timeout: float, expedite: bool = True, presync: bool = True,
-           guardian: bool = True, backend: native.Native | None = None) -> Iterator[Window]:
+           guardian: bool = True, backend: native.Native | None = None, hold: bool = False) -> Iterator[Window]:
     """The window over a Held's mounts (through the fds it opened when planning), or over paths exactly
     in the order given and unlocked: freeze() plans and locks first.  (Tests call it with paths to
     give an order freeze() would refuse.)"""
@@ -202,7 +205,8 @@ def window(paths: list[str] | locks.Held, timeout: float, expedite: bool = True,
             win.thaw_begin_ns = win.thaw_begin_ns or nat.now_ns()
             nat.thaw(page)
         win._thaw = thaw
-        flags = (native.FREEZE_EXPEDITE if expedite else 0) | (native.FREEZE_PRESYNC if presync else 0)
+        flags = (native.FREEZE_EXPEDITE if expedite else 0) | (native.FREEZE_PRESYNC if presync else 0) | \
+            (native.FREEZE_HOLD if hold else 0)
         rc = nat.freeze(page, flags)
         rec = native.read_set(page)
         _fill(win, rec)

@@ -14,7 +14,7 @@ import pytest
 from helpers import needs_root, procs_matching
 from test_config_trust import write_setup
 
-from pyexec import errors, journal, window
+from pyexec import errors, journal, native, window
 from pyexec.demo import loopfs
 
 pytestmark = needs_root
@@ -113,6 +113,42 @@ def test_sigkill_of_controller_inside_window_thaws(nat, mounts, tmp_path):
     while journals() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert journals() == []
+
+
+HOLDING_CONTROLLER = r"""
+import sys, time
+from pyexec import window
+with window.freeze(sys.argv[1:], timeout=3, hold=True) as w:
+    print("frozen", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_sigkill_of_a_holding_controller_leaves_the_window_to_its_deadline(nat, mounts, tmp_path):
+    """hold=True (a group run's host): the controller's death does not thaw; the guardian thaws at the
+    bound, by itself (its stamp is after the deadline), and leaves nothing for recover."""
+    a = mounts.make("ext4")
+    w = mounts.writer(os.path.join(a.mountpoint, "f"))
+    env = {**os.environ, "PYEXEC_RUN_DIR": str(tmp_path / "run"), "PYEXEC_BACKEND": nat.name}
+    ctl = subprocess.Popen([sys.executable, "-c", HOLDING_CONTROLLER, a.mountpoint], stdout=subprocess.PIPE,
+                           env=env, cwd="/")
+    try:
+        assert ctl.stdout.readline().strip() == b"frozen"
+        page = next((tmp_path / "run").glob("window-*.journal")).read_bytes()
+        deadline = native.read_set(page).deadline_ns
+        ctl.kill()
+        ctl.wait()
+        c0 = w.count()
+        time.sleep(0.5)
+        assert w.count() - c0 <= 1, "the controller's death thawed a window that holds"
+        took = writable_within(w, 10)
+        thawed_at = nat.now_ns()
+    finally:
+        ctl.kill()
+        ctl.wait()
+    assert took is not None, "the guardian did not thaw at the deadline"
+    assert thawed_at >= deadline, "thawed before the deadline"
+    print(f"writable {took:.3f}s after the controller's death + 0.5s")
 
 
 DOUBLE_KILL = r"""

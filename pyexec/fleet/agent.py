@@ -20,6 +20,7 @@ from pyexec.fleet import agentconfig, etcd, protocol, worker
 
 TICK_S = 0.5  # how often the loop looks at its lease and workers when nothing wakes it
 AGENT_POLL_S = 2.0  # how often the agent reads the plans, besides watching them
+GUARDIAN_GRACE_S = 5.0  # past a dead worker's bounds, how long its guardian may take to thaw and exit
 
 
 @dataclasses.dataclass
@@ -229,11 +230,14 @@ class Agent:
             committed = bool(self.client.get(protocol.run_key(p, job.run, protocol.COMMITTED))[0])
         except (etcd.Unreachable, RuntimeError):
             pass
-        if not (aborted or committed):
-            # Neither decision is known: thawing now could let a commit count this host frozen.
-            # The guardian thaws at the host's own deadline; wait that long, at most.
-            bound = min(job.plan.quiesce_s, self.cfg.max_quiesce_s) + min(job.plan.freeze_s, self.cfg.max_freeze_s)
-            waits.wait_readable([], job.started_ns + native.ns_from_s(bound), -1, self.nat)
+        # The worker's guardian holds its window to the deadline (host.run's hold): a thaw before it,
+        # in the instant before the abort above was applied, is what a commit could have missed.
+        # Wait for the guardian to thaw and exit (bounded), then sweep what it could not thaw.
+        bound = min(job.plan.quiesce_s, self.cfg.max_quiesce_s) + min(job.plan.freeze_s, self.cfg.max_freeze_s)
+        end = job.started_ns + native.ns_from_s(bound + GUARDIAN_GRACE_S)
+        while self.nat.now_ns() < end and any(running and doc.get("pid") == job.pid
+                                              for _, doc, running in journal.journals()):
+            waits.wait_readable([], min(end, self.nat.now_ns() + native.ns_from_s(TICK_S / 10)), -1, self.nat)
         thawed, _, _ = journal.recover(self.nat)
         post: list[steps.ScriptDict] = []
         # Started pre-scripts get their post-scripts: run again if the worker died while they ran

@@ -256,7 +256,7 @@ def run(cfg: agentconfig.AgentConfig, plan: protocol.Plan, plan_revision: int,
         with signals.Cancel() as cancel:
             rep = host.run(cfg.host_config, list(cfg.mounts) or None,
                            snapshot=lambda win: w.take(win, cancel), freeze_timeout=w.freeze_s,
-                           cancel=cancel, gate=lambda ok: w.gate(ok, cancel),
+                           cancel=cancel, gate=lambda ok: w.gate(ok, cancel), hold=True,
                            progress=lambda m: progress(m))
             w.stamps["post_end"] = nat.now_ns()
             if not w.decision:  # stopped before the gate (a check problem, a signal): make sure no go follows

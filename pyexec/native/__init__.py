@@ -36,13 +36,14 @@ from pyexec.native.structs import (
 # The flags and guardian states pyexec/ passes or reads, under their header names without PX_.
 FREEZE_EXPEDITE = _api.PX_FREEZE_EXPEDITE
 FREEZE_PRESYNC = _api.PX_FREEZE_PRESYNC
+FREEZE_HOLD = _api.PX_FREEZE_HOLD
 THAW_IN_FLIGHT = _api.PX_THAW_IN_FLIGHT
 SPAWN_DIE_WITH_PARENT = _api.PX_SPAWN_DIE_WITH_PARENT  # as cgroup_fd: no cgroup, killed if we die
 G_READY = _api.PX_G_READY
 G_FIRED_DEADLINE = _api.PX_G_FIRED_DEADLINE
 G_LOST = _api.PX_G_LOST
 
-__all__ = ["Binding", "CAP_HALF", "Cancelled", "Captured", "FEATURES", "FREEZE_EXPEDITE", "FREEZE_PRESYNC",
+__all__ = ["Binding", "CAP_HALF", "Cancelled", "Captured", "FEATURES", "FREEZE_EXPEDITE", "FREEZE_HOLD", "FREEZE_PRESYNC",
            "G_FIRED_DEADLINE", "G_LOST", "G_READY", "MOUNT_STATES", "MountRecord", "Native", "PHASES", "Proc",
            "RCU_STATES", "SPAWN_DIE_WITH_PARENT", "SetBuffer", "SetRecord", "SetVersionError", "Status",
            "THAW_IN_FLIGHT", "default", "life_fd", "load", "ns_from_s", "read_capture", "read_set", "set_header",
