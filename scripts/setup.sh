@@ -20,6 +20,26 @@ if ((${#need[@]})); then
     apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+# invoke-rc.d and deb-systemd-invoke ask policy-rc.d(8) first: 101 = "action forbidden", so no
+# package installed between these two starts its service.  A policy the machine already has (a
+# Docker image ships one) is left as it is.
+own_policy=
+forbid_services() {
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        own_policy=1
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+    fi
+}
+allow_services() {
+    if [ -n "$own_policy" ]; then
+        rm -f /usr/sbin/policy-rc.d
+        trap - EXIT
+        own_policy=
+    fi
+}
+
 # The database servers the tests and the demo run as private instances (pyexec/demo/servers.py):
 # the packages' own clusters and services are neither needed nor wanted.
 PG=/usr/lib/postgresql/15/bin
@@ -33,16 +53,7 @@ if ((${#dbneed[@]})); then
     echo "setup: installing ${dbneed[*]}"
     export DEBIAN_FRONTEND=noninteractive
     before=$(online_clusters)
-    # invoke-rc.d and deb-systemd-invoke ask policy-rc.d(8) first: 101 = "action forbidden", so no
-    # package starts its service during this install.  A policy the machine already has (a Docker
-    # image ships one) is left as it is.
-    own_policy=
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        own_policy=1
-        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-        chmod 755 /usr/sbin/policy-rc.d
-    fi
+    forbid_services
     apt-get update -qq
     if [[ " ${dbneed[*]} " == *" postgresql-15 "* ]]; then
         # postgresql-15's postinst creates and starts a "main" cluster unless postgresql-common's
@@ -56,10 +67,7 @@ if ((${#dbneed[@]})); then
         fi
     fi
     apt-get install -y -qq "${dbneed[@]}" >/dev/null
-    if [ -n "$own_policy" ]; then
-        rm -f /usr/sbin/policy-rc.d
-        trap - EXIT
-    fi
+    allow_services
     # Whatever started anyway (an init that ignores policy-rc.d) is stopped: only what this install
     # started, never a cluster that was running before it.
     if [[ " ${dbneed[*]} " == *" mariadb-server "* ]]; then
@@ -85,21 +93,12 @@ command -v openssl >/dev/null || etcdneed+=(openssl)
 if ((${#etcdneed[@]})); then
     echo "setup: installing ${etcdneed[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    own_policy=
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        own_policy=1
-        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-        chmod 755 /usr/sbin/policy-rc.d
-    fi
+    forbid_services
     etcd_was_running=
     [ -d /run/systemd/system ] && systemctl is-active --quiet etcd.service && etcd_was_running=1
     apt-get update -qq
     apt-get install -y -qq "${etcdneed[@]}" >/dev/null
-    if [ -n "$own_policy" ]; then
-        rm -f /usr/sbin/policy-rc.d
-        trap - EXIT
-    fi
+    allow_services
     if [[ " ${etcdneed[*]} " == *" etcd-server "* ]] && [ -z "$etcd_was_running" ] && [ -d /run/systemd/system ]; then
         systemctl stop etcd.service 2>/dev/null || :
     fi
