@@ -318,7 +318,8 @@ class EtcdCluster:
         return {u: self.passwords[u] for u in users}
 
     def fleet_roles(self, hosts: Sequence[str], coordinator: str = "coordinator") -> dict[str, str]:
-        """The fleet's RBAC: host H reads /pyexec/ and writes /pyexec/h/H/; the coordinator writes /pyexec/runs/ and /pyexec/plans/.
+        """The fleet's RBAC: host H reads /pyexec/plans/ and /pyexec/runs/ and writes /pyexec/h/H/; the
+        coordinator reads /pyexec/ and writes /pyexec/runs/ and /pyexec/plans/.
 
         Users are named after the hosts and the coordinator (their certificates' CN); their passwords by name."""
         names = [*hosts, coordinator]
@@ -327,7 +328,9 @@ class EtcdCluster:
         roles: dict[str, list[Grant]] = {}
         users: dict[str, list[str]] = {}
         for h in hosts:
-            roles[f"pyexec-host-{h}"] = [Grant("read", PREFIX), Grant("readwrite", f"{PREFIX}h/{h}/")]
+            # Not the other hosts' keys: their reports hold their scripts' output.
+            roles[f"pyexec-host-{h}"] = [Grant("read", f"{PREFIX}plans/"), Grant("read", f"{PREFIX}runs/"),
+                                         Grant("readwrite", f"{PREFIX}h/{h}/")]
             users[h] = [f"pyexec-host-{h}"]
         roles["pyexec-coordinator"] = [Grant("read", PREFIX), Grant("readwrite", f"{PREFIX}runs/"),
                                        Grant("readwrite", f"{PREFIX}plans/")]
