@@ -183,12 +183,9 @@ class Agent:
 
     def host_abort(self, run: str, why: str) -> bool:
         """Abort the run for this host unless it committed: whether the abort was applied."""
-        p = self.cfg.prefix
         try:
-            ok, _ = self.client.txn([etcd.absent(protocol.run_key(p, run, protocol.COMMITTED))], [etcd.put_op(
-                protocol.host_key(p, self.cfg.host, run, protocol.HOST_ABORT),
-                orjson.dumps({"host": self.cfg.host, "why": why}))], time.monotonic() + 3 * self.client.request_s)
-            return ok
+            return worker.host_abort(self.client, self.cfg.prefix, self.cfg.host, run, why,
+                                     time.monotonic() + 3 * self.client.request_s)
         except (etcd.Unreachable, RuntimeError) as e:
             self.say(f"run {run}: could not write the abort: {e}")
             return False

@@ -30,6 +30,16 @@ class Stop(Exception):
     """The group did not commit: the window thaws (the snapshot failed), the post-scripts run."""
 
 
+def host_abort(client: etcd.Client, prefix: str, host_name: str, run: str, why: str, deadline: float) -> bool:
+    """A host's abort of a run, applied only if the run has not committed (the worker's, or its
+    agent's for a worker that died): True if applied, so no commit can follow it; False if the run
+    committed first.  etcd.Unreachable or RuntimeError if etcd did not answer."""
+    ok, _ = client.txn([etcd.absent(protocol.run_key(prefix, run, protocol.COMMITTED))],
+                       [etcd.put_op(protocol.host_key(prefix, host_name, run, protocol.HOST_ABORT),
+                                    orjson.dumps({"host": host_name, "why": why}))], deadline)
+    return ok
+
+
 class Worker:
     """The state of one host's run: its bounds, its stamps, its view of the run's keys."""
 
@@ -102,14 +112,11 @@ class Worker:
         can follow it), False if the run committed first or etcd could not be reached."""
         self.aborted_why = self.aborted_why or why
         try:
-            ok, _ = self.client.txn(
-                [etcd.absent(self.k[protocol.COMMITTED])],
-                [etcd.put_op(self.mine[protocol.HOST_ABORT], orjson.dumps({"host": self.cfg.host, "why": why}))],
-                time.monotonic() + 2 * self.client.request_s)
+            return host_abort(self.client, self.cfg.prefix, self.cfg.host, self.plan.run, why,
+                              time.monotonic() + 2 * self.client.request_s)
         except (etcd.Unreachable, RuntimeError) as e:
             self.notes.append(f"could not write abort: {e}")
             return False
-        return ok
 
     def gate(self, ok: bool, cancel: signals.Cancel) -> str | None:
         """Between the pre-phase and the freeze: say ready, wait for go (None) or say why not."""
